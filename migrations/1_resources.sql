@@ -1,0 +1,30 @@
+-- The resource store: every version of every resource, one row each.
+--
+-- Why one table with an `is_current` flag rather than current + history tables: a version's body
+-- is written once and never copied, and "latest version with last_updated <= T" is either the
+-- current row or (for the few rows changed after T) one primary-key lookup.
+CREATE TABLE resources (
+    resource_type text        NOT NULL,
+    id            text        NOT NULL,
+    version_id    integer     NOT NULL CHECK (version_id > 0),
+    -- Server clock, microsecond precision, strictly increasing per resource.
+    last_updated  timestamptz NOT NULL,
+    is_current    boolean     NOT NULL,
+    -- Ids of the patients whose compartment holds this version, computed at write time so that
+    -- Patient and Group export select by patient without looking inside the JSON.
+    patient_ids   text[]      NOT NULL DEFAULT '{}',
+    -- The exact JSON text export emits (id, meta.versionId, meta.lastUpdated inside), stored as
+    -- text because export streams it out untouched. NULL marks a delete (a tombstone version).
+    body          text,
+    PRIMARY KEY (resource_type, id, version_id)
+);
+
+-- At most one current version per resource; export pages through it in id order (keyset).
+CREATE UNIQUE INDEX resources_current ON resources (resource_type, id) WHERE is_current;
+
+-- Finds the rows changed after an export's transaction time (they need the history lookup) and
+-- serves `_since` exports.
+CREATE INDEX resources_current_updated ON resources (resource_type, last_updated) WHERE is_current;
+
+-- Patient and Group export: which current rows belong to these patients.
+CREATE INDEX resources_current_patients ON resources USING gin (patient_ids) WHERE is_current;

@@ -1,0 +1,308 @@
+//! Configuration: built-in defaults (the same values as `config/default.toml`), then an optional
+//! TOML file (`--config` or `FHIR_EXPORT_CONFIG`), then environment variables.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database_url: String,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub export: ExportConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Base of every absolute URL the server returns; empty means `http://{listen}`.
+    pub public_url: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    pub workers: usize,
+    pub part_size: u32,
+    pub part_max_bytes: u64,
+    pub stale_after_secs: u64,
+    pub max_attempts: i32,
+    pub max_active_jobs: i64,
+    pub retention_secs: u64,
+    pub range_size: i64,
+    pub poll_interval_ms: u64,
+    pub throttle_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Filesystem,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub kind: StorageKind,
+    pub dir: String,
+    pub default_container: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "postgres://postgres@127.0.0.1:5432/fhir_export".into(),
+            server: ServerConfig::default(),
+            log: LogConfig {
+                format: LogFormat::Text,
+            },
+            export: ExportConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("valid literal"),
+            public_url: String::new(),
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            workers: 4,
+            part_size: 5000,
+            part_max_bytes: 256 * 1024 * 1024,
+            stale_after_secs: 600,
+            max_attempts: 5,
+            max_active_jobs: 16,
+            retention_secs: 24 * 3600,
+            range_size: 100_000,
+            poll_interval_ms: 2000,
+            throttle_ms: 0,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            kind: StorageKind::Filesystem,
+            dir: "./data/exports".into(),
+            default_container: String::new(),
+        }
+    }
+}
+
+/// One environment override: its name and how it sets the config.
+type EnvSetter = fn(&mut Config, &str) -> anyhow::Result<()>;
+
+/// Every environment variable the server reads (the README's config table lists the same).
+pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
+    ("DATABASE_URL", |c, v| {
+        c.database_url = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_LISTEN", |c, v| {
+        c.server.listen = v.parse().context("not a socket address")?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_PUBLIC_URL", |c, v| {
+        c.server.public_url = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_BODY_BYTES", |c, v| {
+        c.server.max_body_bytes = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_LOG_FORMAT", |c, v| {
+        c.log.format = parse_enum(v)?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_WORKERS", |c, v| {
+        c.export.workers = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_PART_SIZE", |c, v| {
+        c.export.part_size = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_PART_MAX_BYTES", |c, v| {
+        c.export.part_max_bytes = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_STALE_AFTER_SECS", |c, v| {
+        c.export.stale_after_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_ATTEMPTS", |c, v| {
+        c.export.max_attempts = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_ACTIVE_JOBS", |c, v| {
+        c.export.max_active_jobs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_RETENTION_SECS", |c, v| {
+        c.export.retention_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_RANGE_SIZE", |c, v| {
+        c.export.range_size = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_POLL_INTERVAL_MS", |c, v| {
+        c.export.poll_interval_ms = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_THROTTLE_MS", |c, v| {
+        c.export.throttle_ms = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_STORAGE", |c, v| {
+        c.storage.kind = parse_enum(v)?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_STORAGE_DIR", |c, v| {
+        c.storage.dir = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_DEFAULT_CONTAINER", |c, v| {
+        c.storage.default_container = v.into();
+        Ok(())
+    }),
+];
+
+fn parse_enum<T: for<'de> Deserialize<'de>>(v: &str) -> anyhow::Result<T> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(v))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        for (name, set) in ENV_OVERRIDES {
+            if let Some(value) = get(name) {
+                set(self, &value).with_context(|| format!("invalid {name}={value:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let e = &self.export;
+        if e.part_size == 0 {
+            bail!("export.part_size must be at least 1");
+        }
+        if e.part_max_bytes < 1024 {
+            bail!("export.part_max_bytes must be at least 1024");
+        }
+        if e.stale_after_secs < 2 {
+            bail!("export.stale_after_secs must be at least 2");
+        }
+        if e.max_attempts < 1 {
+            bail!("export.max_attempts must be at least 1");
+        }
+        if e.range_size < 1 {
+            bail!("export.range_size must be at least 1");
+        }
+        if !self.storage.default_container.is_empty() {
+            crate::storage::validate_container_name(&self.storage.default_container)
+                .map_err(|why| anyhow::anyhow!("storage.default_container: {why}"))?;
+        }
+        Ok(())
+    }
+
+    /// The base of every absolute URL, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if self.server.public_url.is_empty() {
+            format!("http://{}", self.server.listen)
+        } else {
+            self.server.public_url.trim_end_matches('/').to_string()
+        }
+    }
+
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_secs(self.export.stale_after_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_builtin_defaults() {
+        let text = include_str!("../config/default.toml");
+        let from_file: Config = toml::from_str(text).expect("config/default.toml parses");
+        let builtin = Config::default();
+        assert_eq!(format!("{from_file:?}"), format!("{builtin:?}"));
+    }
+
+    #[test]
+    fn env_overrides_apply_and_bad_values_are_named() {
+        let mut c = Config::default();
+        c.apply_env(|n| match n {
+            "FHIR_EXPORT_WORKERS" => Some("0".into()),
+            "FHIR_EXPORT_LOG_FORMAT" => Some("json".into()),
+            "FHIR_EXPORT_LISTEN" => Some("0.0.0.0:9000".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.export.workers, 0);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.public_url(), "http://0.0.0.0:9000");
+
+        let err = Config::default()
+            .apply_env(|n| (n == "FHIR_EXPORT_PART_SIZE").then(|| "many".into()))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("FHIR_EXPORT_PART_SIZE"));
+    }
+}

@@ -1,0 +1,111 @@
+//! Patient compartment membership (R4 CompartmentDefinition `patient`), computed from a
+//! resource's JSON at write time.
+
+use serde_json::{Map, Value};
+
+use super::r4::PATIENT_COMPARTMENT;
+
+/// The ids of the patients whose compartment holds this resource, sorted and unique.
+/// A Patient is in its own compartment.
+pub fn patient_ids(resource_type: &str, id: &str, resource: &Map<String, Value>) -> Vec<String> {
+    let mut ids = Vec::new();
+    if resource_type == "Patient" {
+        ids.push(id.to_string());
+    }
+    if let Ok(i) = PATIENT_COMPARTMENT.binary_search_by(|(t, _)| t.cmp(&resource_type)) {
+        for path in PATIENT_COMPARTMENT[i].1 {
+            let segments: Vec<&str> = path.split('.').collect();
+            collect_references(resource, &segments, &mut ids);
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Walks `segments` through objects and arrays; at the end, reads Reference elements.
+fn collect_references(object: &Map<String, Value>, segments: &[&str], out: &mut Vec<String>) {
+    let Some((first, rest)) = segments.split_first() else {
+        if let Some(Value::String(reference)) = object.get("reference")
+            && let Some(id) = patient_id(reference)
+        {
+            out.push(id.to_string());
+        }
+        return;
+    };
+    let mut visit = |value: &Value| {
+        if let Value::Object(inner) = value {
+            collect_references(inner, rest, out);
+        }
+    };
+    match object.get(*first) {
+        Some(Value::Array(items)) => items.iter().for_each(&mut visit),
+        Some(value) => visit(value),
+        None => {}
+    }
+}
+
+/// `Patient/123`, `Patient/123/_history/2` or `https://host/fhir/Patient/123` → `123`.
+pub fn patient_id(reference: &str) -> Option<&str> {
+    let mut parts = reference.rsplit('/');
+    let last = parts.next()?;
+    let (type_part, id) = if parts.clone().next() == Some("_history") {
+        parts.next();
+        let id = parts.next()?;
+        (parts.next()?, id)
+    } else {
+        (parts.next()?, last)
+    };
+    (type_part == "Patient" && super::resource::is_valid_id(id)).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ids(t: &str, id: &str, v: Value) -> Vec<String> {
+        patient_ids(t, id, v.as_object().unwrap())
+    }
+
+    #[test]
+    fn observation_subject_and_performer() {
+        let obs = json!({"resourceType": "Observation",
+            "subject": {"reference": "Patient/p1"},
+            "performer": [{"reference": "Practitioner/x"}, {"reference": "Patient/p2"}]});
+        assert_eq!(ids("Observation", "o", obs), vec!["p1", "p2"]);
+    }
+
+    #[test]
+    fn nested_paths_and_history_and_absolute_references() {
+        let ap = json!({"participant": [
+            {"actor": {"reference": "http://example.org/fhir/Patient/a/_history/3"}},
+            {"actor": {"reference": "Patient/b"}},
+            {"actor": {"reference": "Location/l"}}]});
+        assert_eq!(ids("Appointment", "x", ap), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn patient_is_in_its_own_compartment_and_groups_via_member() {
+        assert_eq!(ids("Patient", "me", json!({})), vec!["me"]);
+        let g = json!({"member": [{"entity": {"reference": "Patient/a"}},
+                                  {"entity": {"reference": "Patient/a"}}]});
+        assert_eq!(ids("Group", "g", g), vec!["a"]);
+        assert!(
+            ids(
+                "Organization",
+                "o",
+                json!({"partOf": {"reference": "Patient/a"}})
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn unresolved_and_odd_references_are_ignored() {
+        assert_eq!(patient_id("urn:uuid:1234"), None);
+        assert_eq!(patient_id("Patient/"), None);
+        assert_eq!(patient_id("Patient/a b"), None);
+        assert_eq!(patient_id("Patient/a"), Some("a"));
+    }
+}

@@ -1,0 +1,31 @@
+//! FHIR R4 knowledge: resource types, validation, stamping, the Patient compartment,
+//! OperationOutcome, instants. Pure functions; no I/O.
+
+pub mod compartment;
+pub mod instant;
+pub mod outcome;
+#[rustfmt::skip]
+pub mod r4;
+pub mod resource;
+pub mod search_param;
+
+/// Is `name` an R4 resource type?
+pub fn is_resource_type(name: &str) -> bool {
+    r4::RESOURCE_TYPES.binary_search(&name).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resource_types_are_sorted_and_known() {
+        assert!(r4_sorted());
+        assert!(super::is_resource_type("Patient"));
+        assert!(super::is_resource_type("ExplanationOfBenefit"));
+        assert!(!super::is_resource_type("patient"));
+        assert!(!super::is_resource_type("Resource"));
+    }
+
+    fn r4_sorted() -> bool {
+        super::r4::RESOURCE_TYPES.windows(2).all(|w| w[0] < w[1])
+    }
+}

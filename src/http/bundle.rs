@@ -1,0 +1,275 @@
+//! `POST /` with a Bundle: `transaction` (all or nothing, one database transaction, `urn:uuid:`
+//! references resolved) or `batch` (each entry on its own).
+
+use std::collections::{HashMap, HashSet};
+
+use axum::{Router, extract::State, http::StatusCode, response::Response, routing::post};
+use serde_json::{Map, Value, json};
+use sqlx::PgConnection;
+
+use super::{
+    ApiError, ApiResult, AppState, extract::FhirJson, fhir_response, rest::resource_of_type,
+};
+use crate::{
+    db::resources,
+    fhir::{self, instant, resource},
+    store,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/", post(bundle))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Method {
+    // Declaration order is the order FHIR processes a transaction in.
+    Delete,
+    Post,
+    Put,
+}
+
+struct Entry {
+    method: Method,
+    resource_type: String,
+    id: String,
+    resource: Option<Map<String, Value>>,
+}
+
+async fn bundle(State(state): State<AppState>, FhirJson(body): FhirJson) -> ApiResult<Response> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::bad_request("POST to the base URL needs a Bundle"));
+    }
+    let entries = match body.get("entry") {
+        None => Vec::new(),
+        Some(Value::Array(entries)) => entries.clone(),
+        Some(_) => return Err(ApiError::bad_request("Bundle.entry must be an array")),
+    };
+    match body.get("type").and_then(Value::as_str) {
+        Some("transaction") => transaction(&state, entries).await,
+        Some("batch") => batch(&state, entries).await,
+        other => Err(ApiError::bad_request(format!(
+            "Bundle.type must be 'transaction' or 'batch', not {}",
+            other.map_or("(missing)".to_string(), |t| format!("'{t}'"))
+        ))),
+    }
+}
+
+async fn transaction(state: &AppState, raw: Vec<Value>) -> ApiResult<Response> {
+    let mut entries = Vec::with_capacity(raw.len());
+    let mut targets = HashMap::new();
+    for (i, value) in raw.into_iter().enumerate() {
+        let (entry, full_url) = parse_entry(value).map_err(|e| at_entry(i, e))?;
+        if let Some(url) = full_url.filter(|u| u.starts_with("urn:uuid:")) {
+            targets.insert(url, format!("{}/{}", entry.resource_type, entry.id));
+        }
+        entries.push(entry);
+    }
+    let mut seen = HashSet::new();
+    for (i, entry) in entries.iter_mut().enumerate() {
+        if !seen.insert((entry.resource_type.clone(), entry.id.clone())) {
+            return Err(at_entry(
+                i,
+                ApiError::bad_request(format!(
+                    "{}/{} appears more than once in the transaction",
+                    entry.resource_type, entry.id
+                )),
+            ));
+        }
+        if let Some(resource) = entry.resource.take() {
+            let mut value = Value::Object(resource);
+            resource::rewrite_references(&mut value, &targets);
+            if let Value::Object(resource) = value {
+                entry.resource = Some(resource);
+            }
+        }
+    }
+
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| entries[i].method);
+    let mut responses = vec![Value::Null; entries.len()];
+    let mut slots: Vec<Option<Entry>> = entries.into_iter().map(Some).collect();
+    let mut tx = resources::begin_write(&state.pool).await?;
+    for i in order {
+        let entry = slots[i].take().expect("each entry is applied once");
+        responses[i] = apply(&mut tx, entry).await.map_err(|e| at_entry(i, e))?;
+    }
+    tx.commit().await?;
+    Ok(response_bundle("transaction-response", responses))
+}
+
+async fn batch(state: &AppState, raw: Vec<Value>) -> ApiResult<Response> {
+    let mut responses = Vec::with_capacity(raw.len());
+    for value in raw {
+        let result = async {
+            let (entry, _) = parse_entry(value)?;
+            let mut tx = resources::begin_write(&state.pool).await?;
+            let response = apply(&mut tx, entry).await?;
+            tx.commit().await?;
+            Ok::<_, ApiError>(response)
+        }
+        .await;
+        responses.push(result.unwrap_or_else(|e| {
+            let status = e.log();
+            json!({"response": {
+                "status": status_line(status),
+                "outcome": fhir::outcome::operation_outcome(&[e.issue()]),
+            }})
+        }));
+    }
+    Ok(response_bundle("batch-response", responses))
+}
+
+fn at_entry(index: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::Outcome {
+            status,
+            code,
+            message,
+            headers,
+        } => ApiError::Outcome {
+            status,
+            code,
+            message: format!("Bundle.entry[{index}]: {message}"),
+            headers,
+        },
+        internal => internal,
+    }
+}
+
+/// Reads one entry's request and resource; returns it with its `fullUrl`.
+fn parse_entry(value: Value) -> ApiResult<(Entry, Option<String>)> {
+    let Value::Object(mut entry) = value else {
+        return Err(ApiError::bad_request("an entry must be an object"));
+    };
+    let full_url = entry
+        .get("fullUrl")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let request = entry.get("request").and_then(Value::as_object);
+    let text = |key: &str| {
+        request
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let (Some(method), Some(url)) = (text("method"), text("url")) else {
+        return Err(ApiError::bad_request(
+            "request.method and request.url are required",
+        ));
+    };
+    let url = url.as_str();
+    let method = match method.as_str() {
+        "POST" => Method::Post,
+        "PUT" => Method::Put,
+        "DELETE" => Method::Delete,
+        other => {
+            return Err(ApiError::not_supported(format!(
+                "request.method {other} is not supported in a Bundle (POST, PUT, DELETE are)"
+            )));
+        }
+    };
+    if url.contains('?') {
+        return Err(ApiError::not_supported(format!(
+            "conditional request URLs are not supported: '{url}'"
+        )));
+    }
+    let mut parts = url.trim_matches('/').split('/');
+    let (resource_type, url_id) = (parts.next().unwrap_or(""), parts.next());
+    if parts.next().is_some() || !fhir::is_resource_type(resource_type) {
+        return Err(ApiError::bad_request(format!(
+            "request.url '{url}' is not Type or Type/id"
+        )));
+    }
+    let id = match (method, url_id) {
+        // A created resource gets a new server id, whatever the body says.
+        (Method::Post, None) => uuid::Uuid::new_v4().to_string(),
+        (Method::Put | Method::Delete, Some(id)) if resource::is_valid_id(id) => id.to_string(),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "request.url '{url}' does not fit method {method:?} (POST takes Type, PUT and DELETE Type/id)"
+            )));
+        }
+    };
+    let resource = match (method, entry.remove("resource")) {
+        (Method::Delete, _) => None,
+        (_, Some(Value::Object(body))) => {
+            let body = resource_of_type(body, resource_type)?;
+            if method == Method::Put
+                && let Some(body_id) = resource::id(&body)
+                && body_id != id
+            {
+                return Err(ApiError::bad_request(format!(
+                    "the resource's id '{body_id}' does not match request.url '{url}'"
+                )));
+            }
+            Some(body)
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "POST and PUT entries need a resource object",
+            ));
+        }
+    };
+    let resource_type = resource_type.to_string();
+    Ok((
+        Entry {
+            method,
+            resource_type,
+            id,
+            resource,
+        },
+        full_url,
+    ))
+}
+
+async fn apply(tx: &mut PgConnection, entry: Entry) -> ApiResult<Value> {
+    let Entry {
+        method,
+        resource_type,
+        id,
+        resource,
+    } = entry;
+    let location = |v: i32| format!("{resource_type}/{id}/_history/{v}");
+    match (method, resource) {
+        (Method::Delete, _) => Ok(match store::delete(tx, &resource_type, &id).await? {
+            Some(w) => json!({"response": {
+                "status": "204 No Content",
+                "etag": format!("W/\"{}\"", w.version_id),
+                "lastModified": instant::format(w.last_updated),
+            }}),
+            None => json!({"response": {"status": "200 OK"}}),
+        }),
+        (_, Some(resource)) => {
+            let w = store::put(tx, store::Prepared::new(&resource_type, &id, resource)).await?;
+            let status = if w.created { "201 Created" } else { "200 OK" };
+            Ok(json!({
+                "fullUrl": format!("{resource_type}/{id}"),
+                "response": {
+                    "status": status,
+                    "location": location(w.version_id),
+                    "etag": format!("W/\"{}\"", w.version_id),
+                    "lastModified": instant::format(w.last_updated),
+                }
+            }))
+        }
+        (_, None) => Err(ApiError::bad_request("entry has no resource")),
+    }
+}
+
+fn status_line(status: StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}
+
+fn response_bundle(bundle_type: &str, entries: Vec<Value>) -> Response {
+    let body = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "type": bundle_type,
+        "entry": entries,
+    });
+    fhir_response(StatusCode::OK, body.to_string())
+}

@@ -1,0 +1,133 @@
+//! The one error type of the HTTP API. Every error leaves as a FHIR OperationOutcome with a
+//! fitting status; internal errors are logged once and never shown to the client.
+
+use axum::{
+    extract::rejection::{BytesRejection, PathRejection, QueryRejection},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use crate::fhir::outcome::{self, Issue, Severity};
+
+use super::fhir_response;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    Outcome {
+        status: StatusCode,
+        /// R4 IssueType code.
+        code: &'static str,
+        message: String,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Outcome {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+
+    pub fn not_supported(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "not-supported", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not-found", message)
+    }
+
+    pub fn gone(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::GONE, "deleted", message)
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: &str) -> ApiError {
+        if let ApiError::Outcome { headers, .. } = &mut self
+            && let Ok(value) = HeaderValue::from_str(value)
+        {
+            headers.push((name, value));
+        }
+        self
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Outcome { status, .. } => *status,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The issue this error reports (internal details replaced by a generic message).
+    pub fn issue(&self) -> Issue {
+        match self {
+            ApiError::Outcome { code, message, .. } => {
+                Issue::new(Severity::Error, code, message.clone())
+            }
+            ApiError::Internal(_) => Issue::new(
+                Severity::Fatal,
+                "exception",
+                "internal server error; the server log has details",
+            ),
+        }
+    }
+
+    /// Logs internal errors (once, here) and returns the client-facing status.
+    pub fn log(&self) -> StatusCode {
+        if let ApiError::Internal(e) = self {
+            tracing::error!(error = %format!("{e:#}"), "internal error");
+        }
+        self.status_code()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> ApiError {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.log();
+        let body = outcome::operation_outcome(&[self.issue()]);
+        let mut response = fhir_response(status, body.to_string());
+        if let ApiError::Outcome { headers, .. } = self {
+            response.headers_mut().extend(headers);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Axum's own rejections keep their status but speak OperationOutcome.
+macro_rules! from_rejection {
+    ($($rejection:ty),*) => {$(
+        impl From<$rejection> for ApiError {
+            fn from(r: $rejection) -> ApiError {
+                let status = r.status();
+                let code = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
+                    _ => "invalid",
+                };
+                ApiError::new(status, code, r.body_text())
+            }
+        }
+    )*};
+}
+from_rejection!(BytesRejection, PathRejection, QueryRejection);

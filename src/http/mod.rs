@@ -1,0 +1,75 @@
+//! The HTTP API. Each module exposes `router()`; this one merges them, adds the shared layers and
+//! turns unknown routes, wrong methods and panics into OperationOutcomes.
+
+mod bundle;
+pub mod error;
+mod extract;
+mod health;
+mod metadata;
+mod rest;
+
+use std::{any::Any, sync::Arc};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::DefaultBodyLimit,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use sqlx::PgPool;
+use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, trace::TraceLayer};
+
+use crate::config::Config;
+pub use error::{ApiError, ApiResult};
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    /// Base of every absolute URL, without a trailing slash.
+    pub base_url: Arc<str>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    Router::new()
+        .merge(health::router())
+        .merge(metadata::router())
+        .merge(bundle::router())
+        .merge(rest::router())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CompressionLayer::new())
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A response with a FHIR JSON body.
+pub fn fhir_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = (status, body.into()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    response
+}
+
+async fn unknown_route() -> ApiError {
+    ApiError::not_found("no such route on this FHIR server")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        "this method is not supported on this URL",
+    )
+}
+
+fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
+    ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
+}

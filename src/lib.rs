@@ -1,0 +1,112 @@
+//! fhir-export: a FHIR R4 server whose purpose is fast, exact bulk `$export`.
+//! See README.md for the module map.
+
+pub mod config;
+pub mod db;
+pub mod fhir;
+pub mod generate;
+pub mod http;
+pub mod load;
+pub mod storage;
+pub mod store;
+pub mod telemetry;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::Config, http::AppState};
+
+/// A server bound to its address, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Server {
+    /// Connects to the database (creating it if missing), applies migrations and binds.
+    pub async fn build(config: Config) -> anyhow::Result<Server> {
+        let pool = db::connect(&config.database_url, pool_size(&config)).await?;
+        db::migrate(&pool).await?;
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let local_addr = listener.local_addr()?;
+        let base_url = if config.server.public_url.is_empty() {
+            format!("http://{local_addr}")
+        } else {
+            config.public_url()
+        };
+        let state = AppState {
+            pool,
+            config: Arc::new(config),
+            base_url: base_url.into(),
+        };
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.state.base_url
+    }
+
+    /// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server { listener, state } = self;
+        tracing::info!(base_url = %state.base_url, "serving");
+        let router = http::router(state);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("HTTP server failed")
+    }
+}
+
+fn pool_size(config: &Config) -> u32 {
+    // Each worker holds at most one connection at a time; the rest serve the API.
+    (config.export.workers as u32) * 2 + 10
+}
+
+/// `fhir-export serve`: runs until SIGTERM or ctrl-c.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::build(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server.run(shutdown).await
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}
+
+/// `fhir-export migrate`.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database_url, 2).await?;
+    db::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}

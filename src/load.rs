@@ -1,0 +1,405 @@
+//! `fhir-export load PATH…`: bulk loading of ndjson and Bundle/resource JSON files (optionally
+//! gzipped). One thread reads and prepares resources; batches go to Postgres with one COPY per
+//! transaction. Ids in the files are kept, and `urn:uuid:` references are resolved across all
+//! files of the run.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use flate2::read::MultiGzDecoder;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Config,
+    db,
+    fhir::resource,
+    store::{self, Prepared},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Files (.ndjson, .json, each optionally .gz) and directories (searched recursively).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Report and skip invalid lines or resources instead of stopping at the first one.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Resources per database transaction.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+}
+
+/// What a load did.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub per_type: BTreeMap<String, u64>,
+    pub files: usize,
+    pub skipped: u64,
+    /// Resources that were already in the store (they got a new version).
+    pub updated: u64,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    pub fn total(&self) -> u64 {
+        self.per_type.values().sum()
+    }
+}
+
+pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
+    let files = collect_files(&args.paths)?;
+    let pool = db::connect(&config.database_url, 4).await?;
+    db::migrate(&pool).await?;
+    let report = load_files(&pool, files, &args).await?;
+    println!("{:<28} {:>10}", "resource type", "resources");
+    for (resource_type, n) in &report.per_type {
+        println!("{resource_type:<28} {n:>10}");
+    }
+    let secs = report.elapsed.as_secs_f64().max(1e-6);
+    println!(
+        "loaded {} resources from {} files in {:.1}s ({:.0} resources/s); {} were updates, {} skipped",
+        report.total(),
+        report.files,
+        secs,
+        report.total() as f64 / secs,
+        report.updated,
+        report.skipped
+    );
+    Ok(())
+}
+
+/// Every loadable file under `paths`, sorted. Named files must be loadable; directories are
+/// searched recursively and files of other kinds in them are passed over.
+pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        if meta.is_dir() {
+            walk(path, &mut files)?;
+        } else if kind(path).is_some() {
+            files.push(path.clone());
+        } else {
+            bail!(
+                "{}: not a .ndjson or .json file (optionally .gz)",
+                path.display()
+            );
+        }
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            walk(&path, out)?;
+        } else if kind(&path).is_some() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ndjson,
+    Json,
+}
+
+fn kind(path: &Path) -> Option<Kind> {
+    let name = path.file_name()?.to_str()?;
+    let name = name.strip_suffix(".gz").unwrap_or(name);
+    if name.ends_with(".ndjson") {
+        Some(Kind::Ndjson)
+    } else if name.ends_with(".json") {
+        Some(Kind::Json)
+    } else {
+        None
+    }
+}
+
+/// Loads `files` into the store.
+pub async fn load_files(
+    pool: &PgPool,
+    files: Vec<PathBuf>,
+    args: &LoadArgs,
+) -> anyhow::Result<LoadReport> {
+    let started = Instant::now();
+    let total_bytes = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let progress = ProgressBar::new(total_bytes).with_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let (sender, mut receiver) = mpsc::channel::<anyhow::Result<Vec<Prepared>>>(2);
+    let reader = {
+        let (files, args, progress) = (files.clone(), args.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || read_all(&files, &args, &progress, &sender))
+    };
+
+    let mut report = LoadReport {
+        files: files.len(),
+        ..LoadReport::default()
+    };
+    let mut failure = None;
+    while let Some(batch) = receiver.recv().await {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        let counts = count_types(&batch);
+        let mut tx = db::resources::begin_write(pool).await?;
+        report.updated += store::put_many(&mut tx, batch).await? as u64;
+        tx.commit().await?;
+        for (t, n) in counts {
+            *report.per_type.entry(t).or_default() += n;
+        }
+        progress.set_message(format!("{} resources", report.total()));
+    }
+    drop(receiver);
+    report.skipped = reader.await.context("reader thread failed")?;
+    progress.finish_and_clear();
+    if let Some(e) = failure {
+        return Err(e.context(format!("load stopped after {} resources", report.total())));
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+fn count_types(batch: &[Prepared]) -> HashMap<String, u64> {
+    let mut counts = HashMap::new();
+    for p in batch {
+        *counts.entry(p.resource_type.clone()).or_default() += 1;
+    }
+    counts
+}
+
+type Sender = mpsc::Sender<anyhow::Result<Vec<Prepared>>>;
+
+/// Reads every file, sending batches; an invalid resource is sent as an error (and ends the
+/// run) unless `skip_invalid`. Returns how many were skipped.
+fn read_all(files: &[PathBuf], args: &LoadArgs, progress: &ProgressBar, sender: &Sender) -> u64 {
+    let targets = collect_urn_targets(files);
+    let mut batcher = Batcher {
+        batch: Vec::with_capacity(args.batch_size as usize),
+        size: args.batch_size as usize,
+        sender,
+        skip_invalid: args.skip_invalid,
+        skipped: 0,
+        targets: &targets,
+    };
+    for file in files {
+        let result = match kind(file) {
+            Some(Kind::Ndjson) => read_ndjson(file, progress, &mut batcher),
+            _ => read_json(file, progress, &mut batcher),
+        };
+        match result {
+            Ok(true) => {}
+            // The receiver stopped: the load failed on the database side.
+            Ok(false) => return batcher.skipped,
+            Err(e) => {
+                let _ = sender.blocking_send(Err(e));
+                return batcher.skipped;
+            }
+        }
+    }
+    batcher.flush();
+    batcher.skipped
+}
+
+struct Batcher<'a> {
+    batch: Vec<Prepared>,
+    size: usize,
+    sender: &'a Sender,
+    skip_invalid: bool,
+    skipped: u64,
+    targets: &'a HashMap<String, String>,
+}
+
+impl Batcher<'_> {
+    /// Adds one resource (as parsed JSON, with its `fullUrl` if any). `Ok(false)` means stop.
+    fn push(&mut self, value: Value, full_url: Option<&str>, place: &str) -> anyhow::Result<bool> {
+        match prepare(value, full_url, self.targets) {
+            Ok(prepared) => self.batch.push(prepared),
+            Err(why) if self.skip_invalid => {
+                tracing::warn!("{place}: skipped: {why}");
+                self.skipped += 1;
+            }
+            Err(why) => bail!("{place}: {why}"),
+        }
+        if self.batch.len() >= self.size {
+            return Ok(self.flush());
+        }
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.size));
+        self.sender.blocking_send(Ok(batch)).is_ok()
+    }
+
+    fn skip_or_fail(&mut self, place: &str, why: &str) -> anyhow::Result<()> {
+        if self.skip_invalid {
+            tracing::warn!("{place}: skipped: {why}");
+            self.skipped += 1;
+            Ok(())
+        } else {
+            bail!("{place}: {why}")
+        }
+    }
+}
+
+/// Validates a resource, settles its id and resolves `urn:uuid:` references.
+fn prepare(
+    value: Value,
+    full_url: Option<&str>,
+    targets: &HashMap<String, String>,
+) -> Result<Prepared, String> {
+    let mut value = value;
+    if !targets.is_empty() {
+        resource::rewrite_references(&mut value, targets);
+    }
+    let resource = resource::into_resource(value)?;
+    let id = match resource::id(&resource) {
+        Some(id) => id.to_string(),
+        None => id_from_full_url(full_url).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+    };
+    let resource_type = resource::resource_type(&resource).to_string();
+    Ok(Prepared::new(&resource_type, &id, resource))
+}
+
+/// `urn:uuid:X` → `X`, the id a resource without one takes.
+fn id_from_full_url(full_url: Option<&str>) -> Option<String> {
+    let uuid = full_url?.strip_prefix("urn:uuid:")?;
+    resource::is_valid_id(uuid).then(|| uuid.to_string())
+}
+
+fn open(file: &Path, progress: &ProgressBar) -> anyhow::Result<Box<dyn Read>> {
+    let raw = File::open(file).with_context(|| format!("{}", file.display()))?;
+    let counted = progress.wrap_read(raw);
+    let gz = file.extension().is_some_and(|e| e == "gz");
+    Ok(if gz {
+        Box::new(MultiGzDecoder::new(counted))
+    } else {
+        Box::new(counted)
+    })
+}
+
+fn read_ndjson(file: &Path, progress: &ProgressBar, out: &mut Batcher) -> anyhow::Result<bool> {
+    let mut reader = BufReader::with_capacity(1 << 20, open(file, progress)?);
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{}: reading line {}", file.display(), number + 1))?;
+        if n == 0 {
+            return Ok(true);
+        }
+        number += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let place = format!("{}:{number}", file.display());
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(value) => {
+                if !out.push(value, None, &place)? {
+                    return Ok(false);
+                }
+            }
+            Err(e) => out.skip_or_fail(&place, &format!("not valid JSON: {e}"))?,
+        }
+    }
+}
+
+fn read_json_value(file: &Path, progress: &ProgressBar) -> anyhow::Result<Value> {
+    let mut text = Vec::new();
+    open(file, progress)?
+        .read_to_end(&mut text)
+        .with_context(|| format!("{}", file.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", file.display()))
+}
+
+/// A `.json` file: a Bundle (its entries' resources) or a single resource.
+fn read_json(file: &Path, progress: &ProgressBar, out: &mut Batcher) -> anyhow::Result<bool> {
+    let place = file.display().to_string();
+    let value = match read_json_value(file, progress) {
+        Ok(v) => v,
+        Err(e) => {
+            out.skip_or_fail(&place, &format!("{:#}", e.root_cause()))?;
+            return Ok(true);
+        }
+    };
+    if value.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return out.push(value, None, &place);
+    }
+    let Some(Value::Array(entries)) = value.get("entry") else {
+        return Ok(true);
+    };
+    for (i, entry) in entries.iter().enumerate() {
+        let place = format!("{place}: entry[{i}]");
+        let Some(resource) = entry.get("resource") else {
+            out.skip_or_fail(&place, "entry has no resource")?;
+            continue;
+        };
+        let full_url = entry.get("fullUrl").and_then(Value::as_str);
+        if !out.push(resource.clone(), full_url, &place)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// First pass over the Bundles: every `urn:uuid:` fullUrl and the `Type/id` it stands for, so
+/// references resolve whatever order the files come in.
+fn collect_urn_targets(files: &[PathBuf]) -> HashMap<String, String> {
+    let mut targets = HashMap::new();
+    let hidden = ProgressBar::hidden();
+    for file in files.iter().filter(|f| kind(f) == Some(Kind::Json)) {
+        let Ok(value) = read_json_value(file, &hidden) else {
+            continue; // reported by the second pass
+        };
+        let Some(Value::Array(entries)) = value.get("entry") else {
+            continue;
+        };
+        for entry in entries {
+            let full_url = entry.get("fullUrl").and_then(Value::as_str);
+            let Some(url) = full_url.filter(|u| u.starts_with("urn:uuid:")) else {
+                continue;
+            };
+            let Some(Value::Object(r)) = entry.get("resource") else {
+                continue;
+            };
+            let id = resource::id(r)
+                .map(str::to_string)
+                .or_else(|| id_from_full_url(full_url));
+            if let (Some(t), Some(id)) = (r.get("resourceType").and_then(Value::as_str), id) {
+                targets.insert(url.to_string(), format!("{t}/{id}"));
+            }
+        }
+    }
+    targets
+}

@@ -1,0 +1,155 @@
+//! Writing resources: version numbers, server timestamps, stamped JSON and compartment
+//! membership. Shared by the FHIR REST API, transaction Bundles and `load`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Map, Value};
+use sqlx::PgConnection;
+
+use crate::{
+    db::resources::{self, Head, NewVersion, ResourceKey},
+    fhir::{compartment, instant, resource::Template},
+};
+
+/// What a write did.
+#[derive(Debug)]
+pub struct Written {
+    pub version_id: i32,
+    pub last_updated: DateTime<Utc>,
+    /// No live version existed before (never written, or deleted).
+    pub created: bool,
+    /// The stored text (`None` for a delete).
+    pub body: Option<String>,
+}
+
+/// A validated resource, rendered up to its version number and timestamp.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub resource_type: String,
+    pub id: String,
+    patient_ids: Vec<String>,
+    template: Template,
+}
+
+impl Prepared {
+    pub fn new(resource_type: &str, id: &str, resource: Map<String, Value>) -> Prepared {
+        Prepared {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            patient_ids: compartment::patient_ids(resource_type, id, &resource),
+            template: Template::new(resource, id),
+        }
+    }
+
+    fn key(&self) -> ResourceKey {
+        (self.resource_type.clone(), self.id.clone())
+    }
+
+    fn version(self, version_id: i32, last_updated: DateTime<Utc>, is_current: bool) -> NewVersion {
+        let body = self
+            .template
+            .fill(version_id, &instant::format(last_updated));
+        NewVersion {
+            resource_type: self.resource_type,
+            id: self.id,
+            version_id,
+            last_updated,
+            is_current,
+            patient_ids: self.patient_ids,
+            body: Some(body),
+        }
+    }
+}
+
+/// Creates or updates one resource inside a write transaction (`db::resources::begin_write`).
+pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Written> {
+    let head = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
+    let last_updated = resources::next_timestamp(tx, head.map(|h| h.last_updated)).await?;
+    let version_id = head.map_or(1, |h| h.version_id + 1);
+    let version = prepared.version(version_id, last_updated, true);
+    replace_current(tx, head, &version).await?;
+    Ok(Written {
+        version_id,
+        last_updated,
+        created: head.is_none_or(|h| h.deleted),
+        body: version.body,
+    })
+}
+
+/// Creates or updates many resources in one write transaction with a single COPY. A resource
+/// that appears several times gets one version per appearance; the last one is current.
+/// Returns how many resources already existed.
+pub async fn put_many(tx: &mut PgConnection, batch: Vec<Prepared>) -> sqlx::Result<usize> {
+    let mut last_index: HashMap<ResourceKey, usize> = HashMap::with_capacity(batch.len());
+    for (i, p) in batch.iter().enumerate() {
+        last_index.insert(p.key(), i);
+    }
+    let keys: Vec<ResourceKey> = last_index.keys().cloned().collect();
+    let heads = resources::lock_current_many(tx, &keys).await?;
+    let base = resources::next_timestamp(tx, None).await?;
+    // Per resource: the last version number and timestamp given out so far.
+    let mut latest: HashMap<ResourceKey, (i32, DateTime<Utc>)> = heads
+        .iter()
+        .map(|(k, h)| (k.clone(), (h.version_id, h.last_updated)))
+        .collect();
+    let mut rows = Vec::with_capacity(batch.len());
+    for (i, prepared) in batch.into_iter().enumerate() {
+        let key = prepared.key();
+        let own_clock = base + TimeDelta::microseconds(i as i64);
+        let (version_id, last_updated) = match latest.get(&key) {
+            Some(&(v, t)) => (v + 1, own_clock.max(t + TimeDelta::microseconds(1))),
+            None => (1, own_clock),
+        };
+        let is_current = last_index[&key] == i;
+        latest.insert(key, (version_id, last_updated));
+        rows.push(prepared.version(version_id, last_updated, is_current));
+    }
+    let existing: Vec<ResourceKey> = heads.into_keys().collect();
+    resources::retire_current(tx, &existing).await?;
+    resources::copy_versions(tx, &rows).await?;
+    Ok(existing.len())
+}
+
+/// Deletes a resource (adds a tombstone version). `None` when there was nothing live to delete.
+pub async fn delete(
+    tx: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+) -> sqlx::Result<Option<Written>> {
+    let Some(head) = resources::lock_current(tx, resource_type, id).await? else {
+        return Ok(None);
+    };
+    if head.deleted {
+        return Ok(None);
+    }
+    let last_updated = resources::next_timestamp(tx, Some(head.last_updated)).await?;
+    let tombstone = NewVersion {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        version_id: head.version_id + 1,
+        last_updated,
+        is_current: true,
+        patient_ids: Vec::new(),
+        body: None,
+    };
+    replace_current(tx, Some(head), &tombstone).await?;
+    Ok(Some(Written {
+        version_id: tombstone.version_id,
+        last_updated,
+        created: false,
+        body: None,
+    }))
+}
+
+async fn replace_current(
+    tx: &mut PgConnection,
+    head: Option<Head>,
+    version: &NewVersion,
+) -> sqlx::Result<()> {
+    if head.is_some() {
+        let key = (version.resource_type.clone(), version.id.clone());
+        resources::retire_current(tx, std::slice::from_ref(&key)).await?;
+    }
+    resources::insert_version(tx, version).await
+}
