@@ -1,0 +1,179 @@
+//! Test harness: a fresh database per test and the real server on a free port.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::{path::PathBuf, time::Duration};
+
+use fhir_export::{Server, config::Config};
+use reqwest::{Client, Response};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+/// The server that creates test databases: `DATABASE_URL`, else the local default.
+pub fn admin_url() -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    with_database(&base, "postgres")
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let host_part = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    format!("{host_part}/{name}{query}")
+}
+
+/// A database that exists for one test and is dropped after it.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("fhir_export_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("Postgres must answer at DATABASE_URL (scripts/test starts one)");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+        TestDb { url: with_database(&admin_url(), &name), name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(&sql).execute(&mut admin).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A running server with its own database and storage folder.
+pub struct TestApp {
+    pub base: String,
+    pub client: Client,
+    pub pool: PgPool,
+    pub config: Config,
+    pub storage: TempDir,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    // Last: dropped after the server stopped.
+    pub db: TestDb,
+}
+
+pub fn test_config(db_url: &str, storage: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.database_url = db_url.to_string();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.export.workers = 2;
+    config.export.poll_interval_ms = 200;
+    config.storage.dir = storage.display().to_string();
+    config
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::new().await;
+        let storage = tempfile::tempdir().unwrap();
+        let mut config = test_config(&db.url, storage.path());
+        adjust(&mut config);
+        let server = Server::build(config.clone()).await.expect("server builds");
+        let base = server.base_url().to_string();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        let client = Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        TestApp { base, client, pool, config, storage, shutdown, task: Some(task), db }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.send_json(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn put_json(&self, path: &str, body: &Value) -> Response {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> Response {
+        self.client
+            .request(method, self.url(path))
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the server and waits until it has finished.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Asserts an OperationOutcome with `status`, returning its first diagnostics text.
+pub async fn assert_outcome(response: Response, status: u16) -> String {
+    let got = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = response.text().await.unwrap();
+    assert_eq!(got, status, "unexpected status; body: {text}");
+    assert!(content_type.starts_with("application/fhir+json"), "content-type {content_type}");
+    let body: Value = serde_json::from_str(&text).expect("an OperationOutcome is JSON");
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    body["issue"][0]["diagnostics"].as_str().unwrap_or_default().to_string()
+}
+
+pub async fn json(response: Response) -> Value {
+    let text = response.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// The path of the built `fhir-export` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fhir-export"))
+}

@@ -1,0 +1,208 @@
+//! FHIR REST interactions, validation and error responses, over real HTTP and Postgres.
+
+mod common;
+
+use common::{TestApp, assert_outcome, json};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn patient(id: Option<&str>) -> Value {
+    let mut p = json!({"resourceType": "Patient", "name": [{"family": "Test"}], "active": true});
+    if let Some(id) = id {
+        p["id"] = json!(id);
+    }
+    p
+}
+
+#[tokio::test]
+async fn create_assigns_id_version_and_location() {
+    let app = TestApp::spawn().await;
+    let response = app.post_json("/Patient", &patient(Some("ignored"))).await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["etag"], "W/\"1\"");
+    assert!(response.headers().contains_key("last-modified"));
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let body = json(response).await;
+    let id = body["id"].as_str().unwrap().to_string();
+    assert_ne!(id, "ignored");
+    assert_eq!(location, app.url(&format!("/Patient/{id}/_history/1")));
+    assert_eq!(body["meta"]["versionId"], "1");
+    assert!(body["meta"]["lastUpdated"].as_str().unwrap().ends_with('Z'));
+
+    let read = app.get(&format!("/Patient/{id}")).await;
+    assert_eq!(read.status(), 200);
+    assert_eq!(read.headers()["content-type"], "application/fhir+json");
+    assert_eq!(json(read).await, body);
+}
+
+#[tokio::test]
+async fn update_creates_then_versions_with_increasing_timestamps() {
+    let app = TestApp::spawn().await;
+    let first = app.put_json("/Patient/p1", &patient(Some("p1"))).await;
+    assert_eq!(first.status(), 201);
+    let first = json(first).await;
+    let second = app.put_json("/Patient/p1", &patient(Some("p1"))).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["etag"], "W/\"2\"");
+    let second = json(second).await;
+    assert_eq!(second["meta"]["versionId"], "2");
+    let t1 = first["meta"]["lastUpdated"].as_str().unwrap();
+    let t2 = second["meta"]["lastUpdated"].as_str().unwrap();
+    assert!(t2 > t1, "{t2} must be after {t1}");
+
+    let v1 = json(app.get("/Patient/p1/_history/1").await).await;
+    assert_eq!(v1, first);
+    assert_eq!(json(app.get("/Patient/p1").await).await, second);
+}
+
+#[tokio::test]
+async fn delete_leaves_a_tombstone_and_history() {
+    let app = TestApp::spawn().await;
+    app.put_json("/Patient/p1", &patient(Some("p1"))).await;
+    let deleted = app.delete("/Patient/p1").await;
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(deleted.headers()["etag"], "W/\"2\"");
+    assert_outcome(app.get("/Patient/p1").await, 410).await;
+    assert_outcome(app.get("/Patient/p1/_history/2").await, 410).await;
+    assert_eq!(app.get("/Patient/p1/_history/1").await.status(), 200);
+
+    // Deleting again, or deleting what never existed, deletes nothing.
+    assert_outcome(app.delete("/Patient/p1").await, 200).await;
+    assert_outcome(app.delete("/Patient/never").await, 200).await;
+
+    // Re-creating after a delete is a create, with the next version number.
+    let again = app.put_json("/Patient/p1", &patient(Some("p1"))).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(json(again).await["meta"]["versionId"], "3");
+}
+
+#[tokio::test]
+async fn reads_of_unknown_things_are_404_or_400() {
+    let app = TestApp::spawn().await;
+    assert_outcome(app.get("/Patient/nope").await, 404).await;
+    assert_outcome(app.get("/Patient/nope/_history/1").await, 404).await;
+    app.put_json("/Patient/p1", &patient(Some("p1"))).await;
+    assert_outcome(app.get("/Patient/p1/_history/9").await, 404).await;
+    assert_outcome(app.get("/Patient/p1/_history/abc").await, 400).await;
+    assert_outcome(app.get("/Patient/p1/_history/0").await, 400).await;
+    assert_outcome(app.get("/Patient/bad_id!").await, 400).await;
+    assert_outcome(app.get("/Unicorn/1").await, 404).await;
+    assert_outcome(app.get("/no/such/route/here").await, 404).await;
+}
+
+#[tokio::test]
+async fn invalid_bodies_are_rejected_with_operation_outcomes() {
+    let app = TestApp::spawn().await;
+    let wrong_type = app.post_json("/Patient", &json!({"resourceType": "Observation"})).await;
+    assert!(assert_outcome(wrong_type, 400).await.contains("does not match"));
+    let unknown_type = app.post_json("/Patient", &json!({"resourceType": "Unicorn"})).await;
+    assert!(assert_outcome(unknown_type, 400).await.contains("not an R4 resource type"));
+    let missing = app.post_json("/Patient", &json!({"name": []})).await;
+    assert!(assert_outcome(missing, 400).await.contains("resourceType"));
+    assert_outcome(app.post_json("/Patient", &json!([1, 2])).await, 400).await;
+    assert_outcome(app.post_json("/Unicorn", &json!({"resourceType": "Unicorn"})).await, 404)
+        .await;
+    let bad_id = app.put_json("/Patient/a", &patient(Some("a b"))).await;
+    assert!(assert_outcome(bad_id, 400).await.contains("id"));
+    let long_id = "x".repeat(65);
+    let long = app.put_json(&format!("/Patient/{long_id}"), &patient(Some(&long_id))).await;
+    assert_outcome(long, 400).await;
+    let mismatch = app.put_json("/Patient/a", &patient(Some("b"))).await;
+    assert!(assert_outcome(mismatch, 400).await.contains("does not match"));
+    let no_id = app.put_json("/Patient/a", &patient(None)).await;
+    assert_outcome(no_id, 400).await;
+
+    let malformed = app
+        .client
+        .post(app.url("/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body("{\"resourceType\": ")
+        .send()
+        .await
+        .unwrap();
+    assert!(assert_outcome(malformed, 400).await.contains("not valid JSON"));
+
+    let xml = app
+        .client
+        .post(app.url("/Patient"))
+        .header("content-type", "application/fhir+xml")
+        .body("<Patient/>")
+        .send()
+        .await
+        .unwrap();
+    assert_outcome(xml, 415).await;
+    let none = app.client.post(app.url("/Patient")).body("{}").send().await.unwrap();
+    assert_outcome(none, 415).await;
+
+    // Nothing of the above was stored.
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413() {
+    let app = TestApp::spawn_with(|c| c.server.max_body_bytes = 2048).await;
+    let mut big = patient(Some("big"));
+    big["text"] = json!({"status": "generated", "div": "x".repeat(4096)});
+    assert_outcome(app.put_json("/Patient/big", &big).await, 413).await;
+    assert_eq!(app.put_json("/Patient/small", &patient(Some("small"))).await.status(), 201);
+}
+
+#[tokio::test]
+async fn wrong_methods_get_405() {
+    let app = TestApp::spawn().await;
+    let patch = app.send_json(Method::PATCH, "/Patient/a", &patient(Some("a"))).await;
+    assert_outcome(patch, 405).await;
+    assert_outcome(app.delete("/metadata").await, 405).await;
+}
+
+#[tokio::test]
+async fn metadata_is_an_r4_capability_statement() {
+    let app = TestApp::spawn().await;
+    let response = app.get("/metadata").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/fhir+json");
+    let cs = json(response).await;
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["fhirVersion"], "4.0.1");
+    let resources = cs["rest"][0]["resource"].as_array().unwrap();
+    let patient = resources.iter().find(|r| r["type"] == "Patient").unwrap();
+    let codes: Vec<&str> =
+        patient["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    for code in ["read", "vread", "create", "update", "delete"] {
+        assert!(codes.contains(&code), "{code} missing");
+    }
+}
+
+#[tokio::test]
+async fn health_follows_the_database() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.get("/health").await.status(), 200);
+    // Take the database away under the running server.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&common::admin_url())
+        .await
+        .unwrap();
+    app.pool.close().await;
+    let name = app.db.url.rsplit('/').next().unwrap().to_string();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&mut admin).await.unwrap();
+    assert_eq!(app.get("/health").await.status(), 503);
+}
+
+#[tokio::test]
+async fn compartment_membership_is_stored_with_each_version() {
+    let app = TestApp::spawn().await;
+    let obs = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "Patient/p1"},
+        "performer": [{"reference": "Patient/p2"}, {"reference": "Practitioner/d"}]});
+    assert_eq!(app.put_json("/Observation/o1", &obs).await.status(), 201);
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT patient_ids FROM resources WHERE resource_type = 'Observation' AND id = 'o1'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ids, vec!["p1", "p2"]);
+}
