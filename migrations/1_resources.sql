@@ -3,9 +3,12 @@
 -- Why one table with an `is_current` flag rather than current + history tables: a version's body
 -- is written once and never copied, and "latest version with last_updated <= T" is either the
 -- current row or (for the few rows changed after T) one primary-key lookup.
+--
+-- Types and ids use the "C" collation: byte order is cheap to compare and makes keyset
+-- pagination bounds (e.g. '~' sorts after every valid id) mean the same everywhere.
 CREATE TABLE resources (
-    resource_type text        NOT NULL,
-    id            text        NOT NULL,
+    resource_type text COLLATE "C" NOT NULL,
+    id            text COLLATE "C" NOT NULL,
     version_id    integer     NOT NULL CHECK (version_id > 0),
     -- Server clock, microsecond precision, strictly increasing per resource.
     last_updated  timestamptz NOT NULL,

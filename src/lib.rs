@@ -10,6 +10,7 @@ pub mod load;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod worker;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -39,9 +40,15 @@ impl Server {
         } else {
             config.public_url()
         };
+        let storage = storage::from_config(&config.storage)?;
+        storage
+            .check()
+            .await
+            .context("the export storage is not usable")?;
         let state = AppState {
             pool,
             config: Arc::new(config),
+            storage,
             base_url: base_url.into(),
         };
         Ok(Server { listener, state })
@@ -57,15 +64,25 @@ impl Server {
         &self.state.base_url
     }
 
-    /// Serves until `shutdown` is cancelled, then finishes in-flight requests.
+    /// Serves and runs the export workers until `shutdown` is cancelled, then finishes
+    /// in-flight requests and gives running tasks back to the queue.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Server { listener, state } = self;
-        tracing::info!(base_url = %state.base_url, "serving");
+        tracing::info!(base_url = %state.base_url, workers = state.config.export.workers, "serving");
+        let context = worker::Context::new(
+            state.pool.clone(),
+            state.storage.clone(),
+            state.config.clone(),
+        );
+        let mut workers = worker::spawn(context, shutdown.clone());
         let router = http::router(state);
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
-            .context("HTTP server failed")
+            .context("HTTP server failed");
+        shutdown.cancel();
+        while workers.join_next().await.is_some() {}
+        served
     }
 }
 

@@ -69,7 +69,10 @@ async fn generated_data_is_deterministic_realistic_and_consistent() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for dir in [&a, &b] {
         let out = dir.path().to_str().unwrap();
-        ok(run(&db, &["generate", "--patients", "4", "--seed", "42", "--out", out]));
+        ok(run(
+            &db,
+            &["generate", "--patients", "4", "--seed", "42", "--out", out],
+        ));
     }
     let mut ids = HashSet::new();
     let mut references = Vec::new();
@@ -82,21 +85,50 @@ async fn generated_data_is_deterministic_realistic_and_consistent() {
         for line in text.lines() {
             let r: Value = serde_json::from_str(line).unwrap();
             total += 1;
-            ids.insert(format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap()));
+            ids.insert(format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            ));
             collect_references(&r, &mut references);
         }
     }
-    for t in ["Patient", "Encounter", "Observation", "Condition", "MedicationRequest", "Procedure",
-        "Immunization", "DiagnosticReport", "AllergyIntolerance", "Organization", "Practitioner",
-        "Group"] {
+    for t in [
+        "Patient",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "MedicationRequest",
+        "Procedure",
+        "Immunization",
+        "DiagnosticReport",
+        "AllergyIntolerance",
+        "Organization",
+        "Practitioner",
+        "Group",
+    ] {
         assert!(a.path().join(format!("{t}.ndjson")).exists(), "{t} missing");
     }
-    assert!((4 * 300..=4 * 520).contains(&total), "{total} resources for 4 patients");
+    assert!(
+        (4 * 300..=4 * 520).contains(&total),
+        "{total} resources for 4 patients"
+    );
     for r in &references {
         assert!(ids.contains(r), "dangling reference {r}");
     }
     let other = tempfile::tempdir().unwrap();
-    ok(run(&db, &["generate", "--patients", "4", "--seed", "43", "--out", other.path().to_str().unwrap()]));
+    ok(run(
+        &db,
+        &[
+            "generate",
+            "--patients",
+            "4",
+            "--seed",
+            "43",
+            "--out",
+            other.path().to_str().unwrap(),
+        ],
+    ));
     assert_ne!(
         std::fs::read(a.path().join("Patient.ndjson")).unwrap(),
         std::fs::read(other.path().join("Patient.ndjson")).unwrap()
@@ -126,7 +158,10 @@ async fn loads_generated_ndjson_with_exact_counts() {
     ok(run(&db, &["generate", "--patients", "3", "--out", out]));
     // Gzip one file to cover .ndjson.gz.
     let obs = data.path().join("Observation.ndjson");
-    gzip(&data.path().join("Observation.ndjson.gz"), &std::fs::read_to_string(&obs).unwrap());
+    gzip(
+        &data.path().join("Observation.ndjson.gz"),
+        &std::fs::read_to_string(&obs).unwrap(),
+    );
     std::fs::remove_file(&obs).unwrap();
 
     let stdout = ok(run(&db, &["load", "--batch-size", "100", out]));
@@ -139,7 +174,11 @@ async fn loads_generated_ndjson_with_exact_counts() {
         let name = path.file_name().unwrap().to_str().unwrap().to_string();
         let t = name.split('.').next().unwrap().to_string();
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap()), &mut text).ok();
+        std::io::Read::read_to_string(
+            &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&path).unwrap()),
+            &mut text,
+        )
+        .ok();
         if text.is_empty() {
             text = std::fs::read_to_string(&path).unwrap();
         }
@@ -164,7 +203,11 @@ async fn resolves_urn_uuid_references_across_files_in_any_order() {
     // The Group's file sorts (and loads) before the Bundle that defines its members.
     let group = json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
         "member": [{"entity": {"reference": "urn:uuid:5e2a1c6e-0000-4000-8000-000000000001"}}]});
-    std::fs::write(data.path().join("a-group.json"), serde_json::to_string_pretty(&group).unwrap()).unwrap();
+    std::fs::write(
+        data.path().join("a-group.json"),
+        serde_json::to_string_pretty(&group).unwrap(),
+    )
+    .unwrap();
     let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:5e2a1c6e-0000-4000-8000-000000000001",
          "resource": {"resourceType": "Patient", "name": [{"family": "NoId"}]},
@@ -174,14 +217,20 @@ async fn resolves_urn_uuid_references_across_files_in_any_order() {
                       "code": {"text": "x"},
                       "subject": {"reference": "urn:uuid:5e2a1c6e-0000-4000-8000-000000000001"}},
          "request": {"method": "POST", "url": "Observation"}}]});
-    gzip(&data.path().join("b-bundle.json.gz"), &serde_json::to_string_pretty(&bundle).unwrap());
+    gzip(
+        &data.path().join("b-bundle.json.gz"),
+        &serde_json::to_string_pretty(&bundle).unwrap(),
+    );
     std::fs::write(data.path().join("README.txt"), "not data").unwrap();
 
     ok(run(&db, &["load", data.path().to_str().unwrap()]));
     let pool = PgPool::connect(&db.url).await.unwrap();
     let patient_id = "5e2a1c6e-0000-4000-8000-000000000001";
     let g = current_body(&pool, "Group", "g").await.unwrap();
-    assert_eq!(g["member"][0]["entity"]["reference"], format!("Patient/{patient_id}"));
+    assert_eq!(
+        g["member"][0]["entity"]["reference"],
+        format!("Patient/{patient_id}")
+    );
     let obs = current_body(&pool, "Observation", "obs-1").await.unwrap();
     assert_eq!(obs["subject"]["reference"], format!("Patient/{patient_id}"));
     assert!(current_body(&pool, "Patient", patient_id).await.is_some());
@@ -205,7 +254,10 @@ async fn duplicate_ids_become_versions_and_the_last_wins() {
     std::fs::write(data.path().join("a.ndjson"), &text).unwrap();
     std::fs::write(
         data.path().join("b.ndjson"),
-        format!("{}\n", json!({"resourceType": "Organization", "id": "o", "name": "third"})),
+        format!(
+            "{}\n",
+            json!({"resourceType": "Organization", "id": "o", "name": "third"})
+        ),
     )
     .unwrap();
     ok(run(&db, &["load", data.path().to_str().unwrap()]));
@@ -213,12 +265,11 @@ async fn duplicate_ids_become_versions_and_the_last_wins() {
     let current = current_body(&pool, "Organization", "o").await.unwrap();
     assert_eq!(current["name"], "third");
     assert_eq!(current["meta"]["versionId"], "3");
-    let times: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-        "SELECT last_updated FROM resources WHERE id = 'o' ORDER BY version_id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let times: Vec<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_updated FROM resources WHERE id = 'o' ORDER BY version_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
 }
 
@@ -226,8 +277,19 @@ async fn duplicate_ids_become_versions_and_the_last_wins() {
 async fn a_bad_line_names_file_and_line_and_stops_its_batch() {
     let db = TestDb::new().await;
     let data = tempfile::tempdir().unwrap();
-    let good = |i: u32| format!("{}\n", json!({"resourceType": "Patient", "id": format!("p{i}")}));
-    let text = format!("{}{}{}{{\"resourceType\": \"Patient\", \"id\": \n{}", good(1), good(2), good(3), good(5));
+    let good = |i: u32| {
+        format!(
+            "{}\n",
+            json!({"resourceType": "Patient", "id": format!("p{i}")})
+        )
+    };
+    let text = format!(
+        "{}{}{}{{\"resourceType\": \"Patient\", \"id\": \n{}",
+        good(1),
+        good(2),
+        good(3),
+        good(5)
+    );
     let file = data.path().join("patients.ndjson");
     std::fs::write(&file, text).unwrap();
 
@@ -240,12 +302,24 @@ async fn a_bad_line_names_file_and_line_and_stops_its_batch() {
     assert_eq!(current_counts(&pool).await.get("Patient"), Some(&2));
 
     let wrong_type = data.path().join("wrong.ndjson");
-    std::fs::write(&wrong_type, format!("{}{}", good(7), "{\"resourceType\": \"Nope\"}\n")).unwrap();
+    std::fs::write(
+        &wrong_type,
+        format!("{}{}", good(7), "{\"resourceType\": \"Nope\"}\n"),
+    )
+    .unwrap();
     let output = run(&db, &["load", wrong_type.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("wrong.ndjson:2"));
     assert_eq!(current_counts(&pool).await.get("Patient"), Some(&2));
 
-    let output = run(&db, &["load", "--skip-invalid", file.to_str().unwrap(), wrong_type.to_str().unwrap()]);
+    let output = run(
+        &db,
+        &[
+            "load",
+            "--skip-invalid",
+            file.to_str().unwrap(),
+            wrong_type.to_str().unwrap(),
+        ],
+    );
     let stdout = ok(output);
     assert!(stdout.contains("2 skipped"), "{stdout}");
     assert_eq!(current_counts(&pool).await.get("Patient"), Some(&5));

@@ -93,22 +93,44 @@ async fn reads_of_unknown_things_are_404_or_400() {
 #[tokio::test]
 async fn invalid_bodies_are_rejected_with_operation_outcomes() {
     let app = TestApp::spawn().await;
-    let wrong_type = app.post_json("/Patient", &json!({"resourceType": "Observation"})).await;
-    assert!(assert_outcome(wrong_type, 400).await.contains("does not match"));
-    let unknown_type = app.post_json("/Patient", &json!({"resourceType": "Unicorn"})).await;
-    assert!(assert_outcome(unknown_type, 400).await.contains("not an R4 resource type"));
+    let wrong_type = app
+        .post_json("/Patient", &json!({"resourceType": "Observation"}))
+        .await;
+    assert!(
+        assert_outcome(wrong_type, 400)
+            .await
+            .contains("does not match")
+    );
+    let unknown_type = app
+        .post_json("/Patient", &json!({"resourceType": "Unicorn"}))
+        .await;
+    assert!(
+        assert_outcome(unknown_type, 400)
+            .await
+            .contains("not an R4 resource type")
+    );
     let missing = app.post_json("/Patient", &json!({"name": []})).await;
     assert!(assert_outcome(missing, 400).await.contains("resourceType"));
     assert_outcome(app.post_json("/Patient", &json!([1, 2])).await, 400).await;
-    assert_outcome(app.post_json("/Unicorn", &json!({"resourceType": "Unicorn"})).await, 404)
-        .await;
+    assert_outcome(
+        app.post_json("/Unicorn", &json!({"resourceType": "Unicorn"}))
+            .await,
+        404,
+    )
+    .await;
     let bad_id = app.put_json("/Patient/a", &patient(Some("a b"))).await;
     assert!(assert_outcome(bad_id, 400).await.contains("id"));
     let long_id = "x".repeat(65);
-    let long = app.put_json(&format!("/Patient/{long_id}"), &patient(Some(&long_id))).await;
+    let long = app
+        .put_json(&format!("/Patient/{long_id}"), &patient(Some(&long_id)))
+        .await;
     assert_outcome(long, 400).await;
     let mismatch = app.put_json("/Patient/a", &patient(Some("b"))).await;
-    assert!(assert_outcome(mismatch, 400).await.contains("does not match"));
+    assert!(
+        assert_outcome(mismatch, 400)
+            .await
+            .contains("does not match")
+    );
     let no_id = app.put_json("/Patient/a", &patient(None)).await;
     assert_outcome(no_id, 400).await;
 
@@ -120,7 +142,11 @@ async fn invalid_bodies_are_rejected_with_operation_outcomes() {
         .send()
         .await
         .unwrap();
-    assert!(assert_outcome(malformed, 400).await.contains("not valid JSON"));
+    assert!(
+        assert_outcome(malformed, 400)
+            .await
+            .contains("not valid JSON")
+    );
 
     let xml = app
         .client
@@ -131,7 +157,13 @@ async fn invalid_bodies_are_rejected_with_operation_outcomes() {
         .await
         .unwrap();
     assert_outcome(xml, 415).await;
-    let none = app.client.post(app.url("/Patient")).body("{}").send().await.unwrap();
+    let none = app
+        .client
+        .post(app.url("/Patient"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_outcome(none, 415).await;
 
     // Nothing of the above was stored.
@@ -148,13 +180,20 @@ async fn oversize_bodies_get_413() {
     let mut big = patient(Some("big"));
     big["text"] = json!({"status": "generated", "div": "x".repeat(4096)});
     assert_outcome(app.put_json("/Patient/big", &big).await, 413).await;
-    assert_eq!(app.put_json("/Patient/small", &patient(Some("small"))).await.status(), 201);
+    assert_eq!(
+        app.put_json("/Patient/small", &patient(Some("small")))
+            .await
+            .status(),
+        201
+    );
 }
 
 #[tokio::test]
 async fn wrong_methods_get_405() {
     let app = TestApp::spawn().await;
-    let patch = app.send_json(Method::PATCH, "/Patient/a", &patient(Some("a"))).await;
+    let patch = app
+        .send_json(Method::PATCH, "/Patient/a", &patient(Some("a")))
+        .await;
     assert_outcome(patch, 405).await;
     assert_outcome(app.delete("/metadata").await, 405).await;
 }
@@ -170,8 +209,12 @@ async fn metadata_is_an_r4_capability_statement() {
     assert_eq!(cs["fhirVersion"], "4.0.1");
     let resources = cs["rest"][0]["resource"].as_array().unwrap();
     let patient = resources.iter().find(|r| r["type"] == "Patient").unwrap();
-    let codes: Vec<&str> =
-        patient["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+    let codes: Vec<&str> = patient["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["code"].as_str().unwrap())
+        .collect();
     for code in ["read", "vread", "create", "update", "delete"] {
         assert!(codes.contains(&code), "{code} missing");
     }
@@ -187,7 +230,10 @@ async fn health_follows_the_database() {
         .unwrap();
     app.pool.close().await;
     let name = app.db.url.rsplit('/').next().unwrap().to_string();
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     assert_eq!(app.get("/health").await.status(), 503);
 }
 

@@ -248,6 +248,143 @@ fn version_from_row(row: sqlx::postgres::PgRow) -> Version {
     }
 }
 
+/// Which patients' compartments an export reads.
+#[derive(Debug, Clone, Copy)]
+pub enum PatientFilter<'a> {
+    /// Every resource (system export).
+    None,
+    /// Resources in any patient's compartment (Patient export).
+    AnyPatient,
+    /// Resources in these patients' compartments (Group export).
+    Patients(&'a [String]),
+}
+
+/// What one export task reads: one type, an id range, a snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct Selection<'a> {
+    pub resource_type: &'a str,
+    /// Inclusive upper id bound ('~' for none).
+    pub range_end: &'a str,
+    pub transaction_time: DateTime<Utc>,
+    pub since: Option<DateTime<Utc>>,
+    pub patients: PatientFilter<'a>,
+    pub excluded_ids: &'a [String],
+}
+
+/// The snapshot page query. Most rows come straight from their current version (first
+/// branch); rows changed after the transaction time take their latest version at that time
+/// from the history (second branch, few rows, found through `resources_current_updated`).
+/// Parameters: $1 type, $2 after id, $3 last id, $4 transaction time, $5 since, $6 limit,
+/// $7 excluded ids, $8 patient ids.
+fn snapshot_sql(patients: PatientFilter) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+        let filters = [
+            ("", ""),
+            (
+                "AND cardinality(patient_ids) > 0",
+                "AND cardinality(h.patient_ids) > 0",
+            ),
+            (
+                "AND patient_ids && $8::text[]",
+                "AND h.patient_ids && $8::text[]",
+            ),
+        ];
+        filters.map(|(current, history)| {
+            format!(
+                "SELECT id, body FROM (
+                   (SELECT id, body FROM resources
+                    WHERE is_current AND resource_type = $1 AND id > $2 AND id <= $3
+                      AND last_updated <= $4 AND body IS NOT NULL
+                      AND ($5::timestamptz IS NULL OR last_updated > $5)
+                      AND NOT (id = ANY($7::text[])) {current}
+                    ORDER BY id LIMIT $6)
+                   UNION ALL
+                   (SELECT c.id, h.body FROM resources c
+                    CROSS JOIN LATERAL (
+                        SELECT v.body, v.last_updated, v.patient_ids FROM resources v
+                        WHERE v.resource_type = c.resource_type AND v.id = c.id
+                          AND v.last_updated <= $4
+                        ORDER BY v.version_id DESC LIMIT 1) h
+                    WHERE c.is_current AND c.resource_type = $1 AND c.id > $2 AND c.id <= $3
+                      AND c.last_updated > $4 AND h.body IS NOT NULL
+                      AND ($5::timestamptz IS NULL OR h.last_updated > $5)
+                      AND NOT (c.id = ANY($7::text[])) {history}
+                    ORDER BY c.id LIMIT $6)
+                 ) page ORDER BY id LIMIT $6"
+            )
+        })
+    });
+    match patients {
+        PatientFilter::None => &SQL[0],
+        PatientFilter::AnyPatient => &SQL[1],
+        PatientFilter::Patients(_) => &SQL[2],
+    }
+}
+
+/// Streams up to `limit` rows `(id, body)` of the snapshot after id `after`, in id order.
+pub fn snapshot_page<'c>(
+    conn: &'c mut PgConnection,
+    selection: &Selection<'c>,
+    after: &'c str,
+    limit: i64,
+) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
+    // Not a persistent statement: each page is planned with its real bounds, so Postgres
+    // picks the index that fits this snapshot instead of one generic plan for all.
+    let mut query = sqlx::query(snapshot_sql(selection.patients))
+        .persistent(false)
+        .bind(selection.resource_type)
+        .bind(after)
+        .bind(selection.range_end)
+        .bind(selection.transaction_time)
+        .bind(selection.since)
+        .bind(limit)
+        .bind(selection.excluded_ids);
+    if let PatientFilter::Patients(ids) = selection.patients {
+        query = query.bind(ids);
+    }
+    query.fetch(conn)
+}
+
+/// The types among `candidates` that have any stored version.
+pub async fn types_with_data(pool: &PgPool, candidates: &[&str]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT t FROM unnest($1::text[]) AS t
+         WHERE EXISTS (SELECT 1 FROM resources r WHERE r.resource_type = t) ORDER BY t",
+    )
+    .bind(candidates)
+    .fetch_all(pool)
+    .await
+}
+
+/// Current rows per type (an upper bound of what a snapshot of the type holds).
+pub async fn count_current(pool: &PgPool, types: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT resource_type, count(*) FROM resources
+         WHERE is_current AND resource_type = ANY($1) GROUP BY 1 ORDER BY 1",
+    )
+    .bind(types)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every `step`-th current id of a type, in order: the boundaries of its export ranges.
+pub async fn range_boundaries(
+    pool: &PgPool,
+    resource_type: &str,
+    step: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT id FROM (
+            SELECT id, row_number() OVER (ORDER BY id) AS n FROM resources
+            WHERE is_current AND resource_type = $1) s
+         WHERE n % $2 = 0 ORDER BY id",
+    )
+    .bind(resource_type)
+    .bind(step)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

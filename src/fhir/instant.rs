@@ -21,9 +21,88 @@ pub fn parse(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| format!("'{s}' is not a FHIR instant: {e}"))
 }
 
+/// The instants a FHIR `date`/`dateTime`/`instant` value covers, as `[start, end)`: `2020`
+/// is all of 2020, `2020-03-04T10:00:00Z` is that second (or finer, as written).
+pub fn range(s: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    use chrono::{Datelike, Months, NaiveDate, TimeDelta, TimeZone};
+    let midnight = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("valid"));
+    let date = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
+    match s.len() {
+        4 => {
+            let start = date(s.parse().ok()?, 1, 1)?;
+            Some((
+                midnight(start),
+                midnight(start.with_year(start.year() + 1)?),
+            ))
+        }
+        7 => {
+            let start = date(s[..4].parse().ok()?, s[5..].parse().ok()?, 1)?;
+            (s.as_bytes()[4] == b'-').then_some(())?;
+            Some((
+                midnight(start),
+                midnight(start.checked_add_months(Months::new(1))?),
+            ))
+        }
+        10 => {
+            let start = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+            Some((midnight(start), midnight(start.succ_opt()?)))
+        }
+        _ => {
+            let t = parse(s).ok()?;
+            // The precision written decides the width: seconds, or the fraction's digits.
+            let fraction = s[19..]
+                .strip_prefix('.')
+                .map_or(0, |f| f.bytes().take_while(u8::is_ascii_digit).count());
+            let width = TimeDelta::nanoseconds(10i64.pow(9 - fraction.min(9) as u32));
+            Some((t, t + width))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_follow_the_written_precision() {
+        let (s, e) = range("2020").unwrap();
+        assert_eq!(
+            (format(s), format(e)),
+            (
+                "2020-01-01T00:00:00.000000Z".into(),
+                "2021-01-01T00:00:00.000000Z".into()
+            )
+        );
+        let (s, e) = range("2020-12").unwrap();
+        assert_eq!(
+            (format(s), format(e)),
+            (
+                "2020-12-01T00:00:00.000000Z".into(),
+                "2021-01-01T00:00:00.000000Z".into()
+            )
+        );
+        let (s, e) = range("2020-02-29").unwrap();
+        assert_eq!(
+            (format(s), format(e)),
+            (
+                "2020-02-29T00:00:00.000000Z".into(),
+                "2020-03-01T00:00:00.000000Z".into()
+            )
+        );
+        let (s, e) = range("2020-02-29T10:00:00+02:00").unwrap();
+        assert_eq!(
+            (format(s), format(e)),
+            (
+                "2020-02-29T08:00:00.000000Z".into(),
+                "2020-02-29T08:00:01.000000Z".into()
+            )
+        );
+        let (_, e) = range("2020-02-29T10:00:00.25Z").unwrap();
+        assert_eq!(format(e), "2020-02-29T10:00:00.260000Z");
+        assert!(range("2020-13").is_none());
+        assert!(range("20x0").is_none());
+        assert!(range("2020-02-30").is_none());
+    }
 
     #[test]
     fn parses_instants_and_rejects_dates() {

@@ -1,7 +1,9 @@
 //! FHIR R4 knowledge: resource types, validation, stamping, the Patient compartment,
 //! OperationOutcome, instants. Pure functions; no I/O.
 
+pub mod bulk;
 pub mod compartment;
+pub mod group;
 pub mod instant;
 pub mod outcome;
 #[rustfmt::skip]

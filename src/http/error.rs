@@ -2,7 +2,7 @@
 //! fitting status; internal errors are logged once and never shown to the client.
 
 use axum::{
-    extract::rejection::{BytesRejection, PathRejection, QueryRejection},
+    extract::rejection::{BytesRejection, PathRejection},
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -130,4 +130,4 @@ macro_rules! from_rejection {
         }
     )*};
 }
-from_rejection!(BytesRejection, PathRejection, QueryRejection);
+from_rejection!(BytesRejection, PathRejection);

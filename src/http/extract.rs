@@ -14,11 +14,6 @@ use super::ApiError;
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct Path<T>(pub T);
 
-/// `axum::extract::Query` with OperationOutcome rejections.
-#[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
-pub struct Query<T>(pub T);
-
 /// A FHIR JSON request body that is a JSON object (not yet checked to be a resource).
 pub struct FhirJson(pub Map<String, Value>);
 

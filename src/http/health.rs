@@ -1,4 +1,4 @@
-//! `GET /health`: 200 when the database answers, 503 otherwise.
+//! `GET /health`.
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::{Value, json};

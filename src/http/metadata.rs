@@ -22,16 +22,23 @@ fn capability_statement(base_url: &str) -> Value {
         {"code": "read"}, {"code": "vread"}, {"code": "create"}, {"code": "update"},
         {"code": "delete"}
     ]);
+    let operation = |name: &str, definition: &str| json!({"name": name, "definition": format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}")});
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .map(|t| {
-            json!({
+            let mut resource = json!({
                 "type": t,
                 "interaction": interactions,
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
-            })
+            });
+            match *t {
+                "Patient" => resource["operation"] = json!([operation("export", "patient-export")]),
+                "Group" => resource["operation"] = json!([operation("export", "group-export")]),
+                _ => {}
+            }
+            resource
         })
         .collect();
     json!({
@@ -39,6 +46,7 @@ fn capability_statement(base_url: &str) -> Value {
         "status": "active",
         "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
         "kind": "instance",
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "software": {"name": "fhir-export", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "fhir-export bulk data server", "url": base_url},
         "fhirVersion": "4.0.1",
@@ -47,6 +55,7 @@ fn capability_statement(base_url: &str) -> Value {
             "mode": "server",
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [operation("export", "export")],
         }],
     })
 }

@@ -3,8 +3,10 @@
 
 mod bundle;
 pub mod error;
+mod export;
 mod extract;
 mod health;
+mod jobs;
 mod metadata;
 mod rest;
 
@@ -20,7 +22,7 @@ use axum::{
 use sqlx::PgPool;
 use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, trace::TraceLayer};
 
-use crate::config::Config;
+use crate::{config::Config, storage::Storage};
 pub use error::{ApiError, ApiResult};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -29,6 +31,7 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
+    pub storage: Arc<dyn Storage>,
     /// Base of every absolute URL, without a trailing slash.
     pub base_url: Arc<str>,
 }
@@ -39,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(metadata::router())
         .merge(bundle::router())
+        .merge(export::router())
+        .merge(jobs::router())
         .merge(rest::router())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)

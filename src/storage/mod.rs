@@ -1,4 +1,73 @@
-//! Where export files go.
+//! Where export files go: the `Storage` trait and its backends. Layout everywhere:
+//! `{container}/{folder}/{Type}-{n}.ndjson`.
+
+mod filesystem;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{future::BoxFuture, stream::BoxStream};
+
+pub use filesystem::FilesystemStorage;
+
+use crate::config::{StorageConfig, StorageKind};
+
+/// Checked just before a written file becomes visible; `false` drops the file instead.
+pub type Fence<'a> = BoxFuture<'a, anyhow::Result<bool>>;
+
+/// The bytes of a stored file.
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Starts a file `name` (may contain `/`) in `container`, creating the container if needed.
+    /// Nothing is visible until `commit`.
+    async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>>;
+
+    /// Streams a committed file; `None` if there is no such file.
+    async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>>;
+
+    /// Deletes every file under `folder` in `container`.
+    async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()>;
+
+    /// Deletes a container and everything in it.
+    async fn delete_container(&self, container: &str) -> anyhow::Result<()>;
+
+    /// Checks that files can be written, with a message that says what is wrong if not.
+    async fn check(&self) -> anyhow::Result<()>;
+}
+
+/// A file being written. Memory stays bounded: bytes go out as they come.
+#[async_trait]
+pub trait PartWriter: Send {
+    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
+
+    /// Makes the file visible in one step, replacing a file of the same name, if `fence` still
+    /// holds. Returns whether it did.
+    async fn commit(self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool>;
+}
+
+/// Deletes an export's files: its container when it had one of its own, else its folder.
+pub async fn delete_export(
+    storage: &dyn Storage,
+    container: &str,
+    folder: &str,
+    own_container: bool,
+) -> anyhow::Result<()> {
+    if own_container {
+        storage.delete_container(container).await
+    } else {
+        storage.delete_folder(container, folder).await
+    }
+}
+
+/// The configured backend.
+pub fn from_config(config: &StorageConfig) -> anyhow::Result<Arc<dyn Storage>> {
+    match config.kind {
+        StorageKind::Filesystem => Ok(Arc::new(FilesystemStorage::new(&config.dir))),
+    }
+}
 
 /// Azure container naming rules (used for every backend so exports can move between them):
 /// 3–63 characters of lowercase letters, digits and single hyphens, starting and ending with a

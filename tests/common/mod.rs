@@ -43,8 +43,14 @@ impl TestDb {
         let mut admin = PgConnection::connect(&admin_url())
             .await
             .expect("Postgres must answer at DATABASE_URL (scripts/test starts one)");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
-        TestDb { url: with_database(&admin_url(), &name), name }
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        TestDb {
+            url: with_database(&admin_url(), &name),
+            name,
+        }
     }
 }
 
@@ -53,7 +59,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime: use a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
                     let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
@@ -103,8 +112,20 @@ impl TestApp {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         let pool = PgPool::connect(&db.url).await.unwrap();
-        let client = Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-        TestApp { base, client, pool, config, storage, shutdown, task: Some(task), db }
+        let client = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        TestApp {
+            base,
+            client,
+            pool,
+            config,
+            storage,
+            shutdown,
+            task: Some(task),
+            db,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -162,10 +183,16 @@ pub async fn assert_outcome(response: Response, status: u16) -> String {
         .unwrap_or_default();
     let text = response.text().await.unwrap();
     assert_eq!(got, status, "unexpected status; body: {text}");
-    assert!(content_type.starts_with("application/fhir+json"), "content-type {content_type}");
+    assert!(
+        content_type.starts_with("application/fhir+json"),
+        "content-type {content_type}"
+    );
     let body: Value = serde_json::from_str(&text).expect("an OperationOutcome is JSON");
     assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
-    body["issue"][0]["diagnostics"].as_str().unwrap_or_default().to_string()
+    body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 pub async fn json(response: Response) -> Value {

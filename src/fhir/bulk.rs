@@ -1,0 +1,336 @@
+//! Bulk Data `$export` kick-off parameters (HL7 Bulk Data Access IG v2.0.0): parsing and
+//! validation, whether they came from a query string or a `Parameters` body.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::{instant, is_resource_type};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    System,
+    Patient,
+    Group,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::System => "system",
+            Level::Patient => "patient",
+            Level::Group => "group",
+        }
+    }
+}
+
+/// Output formats the server writes (all are ndjson).
+pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// IG parameters this server does not implement (yet): refused, or ignored when lenient.
+const UNSUPPORTED: &[&str] = &[
+    "_typeFilter",
+    "_elements",
+    "patient",
+    "includeAssociatedData",
+    "organizeOutputBy",
+    "allowPartialManifests",
+    "_until",
+];
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportParams {
+    /// Requested types, unique, in request order; empty means all.
+    pub types: Vec<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub till: Option<DateTime<Utc>>,
+    pub container: Option<String>,
+    /// What a lenient kick-off ignored, one sentence each.
+    pub ignored: Vec<String>,
+}
+
+/// Reads the parameters of a kick-off. `now` bounds `_till`.
+pub fn parse(
+    params: &[(String, String)],
+    level: Level,
+    lenient: bool,
+    now: DateTime<Utc>,
+) -> Result<ExportParams, String> {
+    let mut out = ExportParams::default();
+    let ignore = |out: &mut ExportParams, why: String| -> Result<(), String> {
+        if lenient {
+            out.ignored.push(why);
+            Ok(())
+        } else {
+            Err(why)
+        }
+    };
+    for (name, value) in params {
+        match name.as_str() {
+            "_outputFormat" => {
+                if !OUTPUT_FORMATS.contains(&value.as_str()) {
+                    return Err(format!(
+                        "_outputFormat '{value}' is not supported; use one of {}",
+                        OUTPUT_FORMATS.join(", ")
+                    ));
+                }
+            }
+            "_type" => {
+                for t in value.split(',').map(str::trim) {
+                    if !is_resource_type(t) {
+                        ignore(&mut out, format!("_type '{t}' is not an R4 resource type"))?;
+                    } else if !out.types.iter().any(|x| x == t) {
+                        out.types.push(t.to_string());
+                    }
+                }
+            }
+            "_since" => set_once(&mut out.since, name, instant::parse(value)?)?,
+            "_till" => {
+                if level != Level::System {
+                    return Err("_till is only supported for system-level export (/$export)".into());
+                }
+                let till = instant::parse(value)?;
+                if till > now {
+                    return Err(format!("_till {value} is in the future"));
+                }
+                set_once(&mut out.till, name, till)?;
+            }
+            // Its naming rules belong to the storage; the caller checks them.
+            "_container" => set_once(&mut out.container, name, value.clone())?,
+            n if UNSUPPORTED.contains(&n) => {
+                ignore(
+                    &mut out,
+                    format!("parameter {n} is not supported by this server"),
+                )?;
+            }
+            n => ignore(&mut out, format!("unknown parameter '{n}'"))?,
+        }
+    }
+    if let (Some(since), Some(till)) = (out.since, out.till)
+        && since >= till
+    {
+        return Err("_since must be before _till".into());
+    }
+    Ok(out)
+}
+
+fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
+    if slot.is_some() {
+        return Err(format!("{name} may be given only once"));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+/// The (name, value) pairs of a `Parameters` resource, values as their string form.
+pub fn parameters_pairs(body: &Value) -> Result<Vec<(String, String)>, String> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err("a POST kick-off body must be a Parameters resource".into());
+    }
+    let Some(list) = body.get("parameter") else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(list) = list else {
+        return Err("Parameters.parameter must be an array".into());
+    };
+    let mut pairs = Vec::with_capacity(list.len());
+    for p in list {
+        let name = p
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("every parameter needs a name")?;
+        let value = p
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(k, _)| k.starts_with("value"))
+            .map(|(_, v)| v);
+        let text = match value {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Bool(b)) => b.to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Object(o)) => match o.get("reference").and_then(Value::as_str) {
+                Some(r) => r.to_string(),
+                None => {
+                    return Err(format!(
+                        "parameter {name} has a value this server cannot read"
+                    ));
+                }
+            },
+            _ => return Err(format!("parameter {name} has no value")),
+        };
+        pairs.push((name.to_string(), text));
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn now() -> DateTime<Utc> {
+        instant::parse("2026-01-01T00:00:00Z").unwrap()
+    }
+
+    #[test]
+    fn types_from_repeats_and_comma_lists() {
+        let r = parse(
+            &p(&[
+                ("_type", "Patient,Observation"),
+                ("_type", "Patient"),
+                ("_type", "Condition"),
+            ]),
+            Level::System,
+            false,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.types, vec!["Patient", "Observation", "Condition"]);
+        assert!(
+            parse(
+                &p(&[("_type", "Patient,Nope")]),
+                Level::System,
+                false,
+                now()
+            )
+            .unwrap_err()
+            .contains("Nope")
+        );
+        let lenient = parse(&p(&[("_type", "Patient,Nope")]), Level::System, true, now()).unwrap();
+        assert_eq!(lenient.types, vec!["Patient"]);
+        assert_eq!(lenient.ignored.len(), 1);
+    }
+
+    #[test]
+    fn output_formats() {
+        for f in OUTPUT_FORMATS {
+            assert!(parse(&p(&[("_outputFormat", f)]), Level::System, false, now()).is_ok());
+        }
+        assert!(
+            parse(
+                &p(&[("_outputFormat", "text/csv")]),
+                Level::System,
+                true,
+                now()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn since_till_and_container() {
+        let r = parse(
+            &p(&[
+                ("_since", "2025-01-01T00:00:00Z"),
+                ("_till", "2025-06-01T00:00:00Z"),
+                ("_container", "my-exports"),
+            ]),
+            Level::System,
+            false,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.container.as_deref(), Some("my-exports"));
+        assert!(r.since.unwrap() < r.till.unwrap());
+        assert!(parse(&p(&[("_since", "2025-01-01")]), Level::System, false, now()).is_err());
+        assert!(
+            parse(
+                &p(&[
+                    ("_since", "2025-01-01T00:00:00Z"),
+                    ("_since", "2025-01-01T00:00:00Z")
+                ]),
+                Level::System,
+                false,
+                now()
+            )
+            .is_err()
+        );
+        assert!(
+            parse(
+                &p(&[("_till", "2025-01-01T00:00:00Z")]),
+                Level::Patient,
+                false,
+                now()
+            )
+            .unwrap_err()
+            .contains("system")
+        );
+        assert!(
+            parse(
+                &p(&[("_till", "2027-01-01T00:00:00Z")]),
+                Level::System,
+                false,
+                now()
+            )
+            .unwrap_err()
+            .contains("future")
+        );
+        assert!(
+            parse(
+                &p(&[
+                    ("_since", "2025-06-01T00:00:00Z"),
+                    ("_till", "2025-01-01T00:00:00Z")
+                ]),
+                Level::System,
+                false,
+                now()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn unknown_and_unsupported_parameters() {
+        assert!(
+            parse(&p(&[("foo", "1")]), Level::System, false, now())
+                .unwrap_err()
+                .contains("foo")
+        );
+        assert!(
+            parse(
+                &p(&[("_typeFilter", "Patient?active=true")]),
+                Level::System,
+                false,
+                now()
+            )
+            .unwrap_err()
+            .contains("not supported")
+        );
+        let r = parse(
+            &p(&[("foo", "1"), ("_typeFilter", "x")]),
+            Level::System,
+            true,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.ignored.len(), 2);
+    }
+
+    #[test]
+    fn parameters_resource() {
+        let body = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Patient"},
+            {"name": "_since", "valueInstant": "2025-01-01T00:00:00Z"},
+            {"name": "patient", "valueReference": {"reference": "Patient/a"}}]});
+        assert_eq!(
+            parameters_pairs(&body).unwrap(),
+            p(&[
+                ("_type", "Patient"),
+                ("_since", "2025-01-01T00:00:00Z"),
+                ("patient", "Patient/a")
+            ])
+        );
+        assert!(parameters_pairs(&json!({"resourceType": "Patient"})).is_err());
+        assert!(
+            parameters_pairs(&json!({"resourceType": "Parameters", "parameter": [{"name": "x"}]}))
+                .is_err()
+        );
+    }
+}

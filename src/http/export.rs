@@ -1,0 +1,242 @@
+//! `$export` kick-off at system, Patient and Group level (GET with a query string, POST with a
+//! `Parameters` body), per the HL7 Bulk Data Access IG v2.0.0.
+
+use std::collections::HashSet;
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    response::Response,
+    routing::get,
+};
+use chrono::Utc;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{
+    ApiError, ApiResult, AppState,
+    extract::{Path, require_json_content_type},
+    fhir_response,
+};
+use crate::{
+    db::{jobs, resources},
+    fhir::{
+        bulk::{self, Level},
+        group,
+        outcome::{self, Issue, Severity},
+    },
+    storage,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/$export", get(system).post(system))
+        .route("/Patient/$export", get(patient).post(patient))
+        .route("/Group/{id}/$export", get(group_export).post(group_export))
+}
+
+/// How long a client is asked to wait before polling again, or retrying after a 429.
+pub const RETRY_AFTER_SECS: u64 = 2;
+const BUSY_RETRY_AFTER_SECS: u64 = 30;
+
+async fn system(
+    State(s): State<AppState>,
+    m: Method,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    kick_off(&s, Level::System, None, m, uri, h, body).await
+}
+
+async fn patient(
+    State(s): State<AppState>,
+    m: Method,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    kick_off(&s, Level::Patient, None, m, uri, h, body).await
+}
+
+async fn group_export(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    m: Method,
+    uri: Uri,
+    h: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    kick_off(&s, Level::Group, Some(id), m, uri, h, body).await
+}
+
+async fn kick_off(
+    state: &AppState,
+    level: Level,
+    group_id: Option<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let lenient = check_headers(&headers)?;
+    let mut pairs: Vec<(String, String)> = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    if method == Method::POST && !body.is_empty() {
+        require_json_content_type(&headers)?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        pairs.extend(bulk::parameters_pairs(&value).map_err(ApiError::bad_request)?);
+    }
+    let params = bulk::parse(&pairs, level, lenient, Utc::now()).map_err(ApiError::bad_request)?;
+    if let Some(container) = &params.container {
+        storage::validate_container_name(container).map_err(ApiError::bad_request)?;
+    }
+
+    if jobs::count_active(&state.pool).await? >= state.config.export.max_active_jobs {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            "too many exports are queued or running; try again later",
+        )
+        .with_header(header::RETRY_AFTER, &BUSY_RETRY_AFTER_SECS.to_string()));
+    }
+
+    let (patient_ids, excluded_groups) = match &group_id {
+        Some(id) => {
+            let (patients, groups) = group_members(state, id).await?;
+            (Some(patients), groups)
+        }
+        None => (None, Vec::new()),
+    };
+    let transaction_time = match params.till {
+        Some(till) => till,
+        None => jobs::now(&state.pool).await?,
+    };
+    let id = Uuid::new_v4();
+    let default_container = &state.config.storage.default_container;
+    let (container, own_container) = match (&params.container, default_container.is_empty()) {
+        (Some(c), _) => (c.clone(), false),
+        (None, false) => (default_container.clone(), false),
+        (None, true) => (format!("export-{}", id.simple()), true),
+    };
+    let job = jobs::NewJob {
+        id,
+        level: level.as_str(),
+        request_url: format!(
+            "{}{}",
+            state.base_url,
+            uri.path_and_query().map_or("", |p| p.as_str())
+        ),
+        transaction_time,
+        since: params.since,
+        types: params.types,
+        patient_ids,
+        excluded_groups,
+        container,
+        own_container,
+        folder: format!(
+            "{}-{}",
+            transaction_time.format("%Y%m%dT%H%M%S"),
+            id.simple()
+        ),
+    };
+    jobs::create(&state.pool, &job).await?;
+    tracing::info!(job = %id, level = level.as_str(), "export accepted");
+
+    let mut issues = vec![Issue::new(
+        Severity::Information,
+        "informational",
+        "export accepted",
+    )];
+    issues.extend(params.ignored.into_iter().map(|why| {
+        Issue::new(
+            Severity::Warning,
+            "not-supported",
+            format!("ignored: {why}"),
+        )
+    }));
+    let mut response = fhir_response(
+        StatusCode::ACCEPTED,
+        outcome::operation_outcome(&issues).to_string(),
+    );
+    let location = format!("{}/export/{id}", state.base_url);
+    response.headers_mut().insert(
+        header::CONTENT_LOCATION,
+        HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    Ok(response)
+}
+
+/// `Accept: application/fhir+json` and `Prefer: respond-async` are required. Returns whether
+/// the client asked for `handling=lenient`.
+fn check_headers(headers: &HeaderMap) -> ApiResult<bool> {
+    let values = |name: header::HeaderName| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .collect()
+    };
+    if !values(header::ACCEPT)
+        .iter()
+        .any(|a| a == "application/fhir+json")
+    {
+        return Err(ApiError::bad_request(
+            "the Accept header must be application/fhir+json",
+        ));
+    }
+    let prefer = values(header::HeaderName::from_static("prefer"));
+    if !prefer.iter().any(|p| p == "respond-async") {
+        return Err(ApiError::bad_request(
+            "the Prefer header must include respond-async",
+        ));
+    }
+    Ok(prefer
+        .iter()
+        .any(|p| p.replace(' ', "") == "handling=lenient"))
+}
+
+/// The active member patients of a Group, following nested Groups (each once), and the Groups
+/// walked. An unknown Group is a 404.
+async fn group_members(state: &AppState, id: &str) -> ApiResult<(Vec<String>, Vec<String>)> {
+    let now = Utc::now();
+    let mut patients = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut pending = vec![id.to_string()];
+    let mut walked = Vec::new();
+    while let Some(group_id) = pending.pop() {
+        if !seen.insert(group_id.clone()) {
+            continue; // a cycle, or a Group reached twice
+        }
+        let body = resources::read_current(&state.pool, "Group", &group_id)
+            .await?
+            .and_then(|v| v.body);
+        let Some(body) = body else {
+            if group_id == id {
+                return Err(ApiError::not_found(format!("Group/{id} is not known")));
+            }
+            continue; // a nested Group that does not exist has no members
+        };
+        let value: Value = serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.into()))?;
+        let members = group::active_members(&value, now);
+        patients.extend(members.patients);
+        pending.extend(members.groups);
+        walked.push(group_id);
+    }
+    patients.sort();
+    patients.dedup();
+    Ok((patients, walked))
+}

@@ -1,0 +1,185 @@
+//! The status URL of an export (`GET` polls, `DELETE` cancels) and its output files.
+
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{
+    ApiError, ApiResult, AppState, export::RETRY_AFTER_SECS, extract::Path, fhir_response,
+};
+use crate::{
+    db::jobs::{self, Job},
+    fhir::{instant, outcome},
+    storage,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/export/{id}", get(status).delete(cancel))
+        .route("/export/{id}/{file}", get(download))
+}
+
+fn job_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no export job {id} (it may have been cancelled or expired)"
+    ))
+}
+
+async fn visible_job(state: &AppState, id: &str) -> ApiResult<Job> {
+    let uuid = Uuid::parse_str(id).map_err(|_| job_not_found(id))?;
+    jobs::visible(&state.pool, uuid)
+        .await?
+        .ok_or_else(|| job_not_found(id))
+}
+
+fn http_date(t: DateTime<Utc>) -> String {
+    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+async fn status(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let job = visible_job(&state, &id).await?;
+    match job.status.as_str() {
+        "completed" => manifest(&state, &job).await,
+        "failed" => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            format!(
+                "the export failed: {}",
+                job.error.as_deref().unwrap_or("unknown error")
+            ),
+        )),
+        _ => {
+            let progress = jobs::progress(&state.pool, job.id).await?;
+            let mut response = StatusCode::ACCEPTED.into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                "x-progress",
+                HeaderValue::from_str(&progress_text(&job, &progress))
+                    .map_err(|e| ApiError::Internal(e.into()))?,
+            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            Ok(response)
+        }
+    }
+}
+
+/// A short progress line (IG: under 100 characters).
+fn progress_text(job: &Job, p: &jobs::Progress) -> String {
+    if job.status == "queued" {
+        return "queued".into();
+    }
+    if p.tasks == 0 {
+        return "planning".into();
+    }
+    let percent = if p.estimate > 0 {
+        (p.resources_done * 100 / p.estimate).min(99)
+    } else {
+        0
+    };
+    let mut text = format!("{percent}%, {} files written", p.parts);
+    if !p.running_types.is_empty() {
+        text.push_str(&format!("; exporting {}", p.running_types.join(", ")));
+    }
+    if text.len() > 99 {
+        let cut = (0..=96)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
+    let parts = jobs::parts(&state.pool, job.id).await?;
+    let output: Vec<_> = parts
+        .iter()
+        .map(|p| {
+            json!({
+                "type": p.resource_type,
+                "url": format!("{}/export/{}/{}-{}.ndjson", state.base_url, job.id, p.resource_type, p.part_no),
+                "count": p.resources,
+            })
+        })
+        .collect();
+    let body = json!({
+        "transactionTime": instant::format(job.transaction_time),
+        "request": job.request_url,
+        "requiresAccessToken": false,
+        "output": output,
+        "error": [],
+    });
+    let mut response = (StatusCode::OK, body.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(expires) = job.expires_at
+        && let Ok(v) = HeaderValue::from_str(&http_date(expires))
+    {
+        headers.insert(header::EXPIRES, v);
+    }
+    Ok(response)
+}
+
+async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let uuid = Uuid::parse_str(&id).map_err(|_| job_not_found(&id))?;
+    // Files are swept once more after a stale period, for a worker cut off mid-write.
+    let files = jobs::cancel(&state.pool, uuid, state.config.stale_after())
+        .await?
+        .ok_or_else(|| job_not_found(&id))?;
+    storage::delete_export(
+        &*state.storage,
+        &files.container,
+        &files.folder,
+        files.own_container,
+    )
+    .await?;
+    tracing::info!(job = %uuid, "export cancelled");
+    let body = outcome::single(
+        outcome::Severity::Information,
+        "informational",
+        "export cancelled; its files are deleted",
+    );
+    Ok(fhir_response(StatusCode::ACCEPTED, body.to_string()))
+}
+
+async fn download(
+    State(state): State<AppState>,
+    Path((id, file)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let job = visible_job(&state, &id).await?;
+    let no_file = || ApiError::not_found(format!("export {id} has no file '{file}'"));
+    let (resource_type, part_no) = file
+        .strip_suffix(".ndjson")
+        .and_then(|stem| stem.rsplit_once('-'))
+        .and_then(|(t, n)| Some((t, n.parse::<i32>().ok()?)))
+        .ok_or_else(no_file)?;
+    if job.status != "completed"
+        || !jobs::has_part(&state.pool, job.id, resource_type, part_no).await?
+    {
+        return Err(no_file());
+    }
+    let name = format!("{}/{file}", job.folder);
+    let stream = state
+        .storage
+        .read(&job.container, &name)
+        .await?
+        .ok_or_else(no_file)?;
+    let mut response = Body::from_stream(stream).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    Ok(response)
+}

@@ -1,0 +1,143 @@
+//! Filesystem storage rooted at one folder. A file is written to a temporary name beside its
+//! final one, synced, then renamed into place: readers never see a torn file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::{fs, io::AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use super::{ByteStream, Fence, PartWriter, Storage};
+
+pub struct FilesystemStorage {
+    root: PathBuf,
+}
+
+impl FilesystemStorage {
+    pub fn new(root: impl Into<PathBuf>) -> FilesystemStorage {
+        FilesystemStorage { root: root.into() }
+    }
+
+    fn path(&self, container: &str, name: &str) -> anyhow::Result<PathBuf> {
+        // Names are built by the server, but never let one climb out of the root.
+        let safe =
+            |s: &str| !s.is_empty() && s.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+        anyhow::ensure!(
+            safe(container) && !container.contains('/') && safe(name),
+            "invalid storage path {container}/{name}"
+        );
+        Ok(self.root.join(container).join(name))
+    }
+}
+
+#[async_trait]
+impl Storage for FilesystemStorage {
+    async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>> {
+        let path = self.path(container, name)?;
+        let dir = path.parent().expect("a file path has a parent");
+        fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let file_name = path.file_name().expect("has a name").to_string_lossy();
+        let temp = dir.join(format!(
+            ".{file_name}.{}.tmp",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = fs::File::create(&temp)
+            .await
+            .with_context(|| format!("creating {}", temp.display()))?;
+        Ok(Box::new(FilesystemWriter {
+            file: Some(tokio::io::BufWriter::with_capacity(256 * 1024, file)),
+            temp,
+            path,
+        }))
+    }
+
+    async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>> {
+        let path = self.path(container, name)?;
+        match fs::File::open(&path).await {
+            Ok(file) => Ok(Some(ReaderStream::with_capacity(file, 64 * 1024).boxed())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
+        }
+    }
+
+    async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()> {
+        remove_dir(&self.path(container, folder)?).await
+    }
+
+    async fn delete_container(&self, container: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !container.contains('/') && !container.starts_with('.'),
+            "invalid container"
+        );
+        remove_dir(&self.root.join(container)).await
+    }
+
+    async fn check(&self) -> anyhow::Result<()> {
+        fs::create_dir_all(&self.root)
+            .await
+            .with_context(|| format!("cannot create the storage folder {}", self.root.display()))?;
+        let probe = self
+            .root
+            .join(format!(".probe-{}", uuid::Uuid::new_v4().simple()));
+        fs::write(&probe, b"ok").await.with_context(|| {
+            format!("cannot write to the storage folder {}", self.root.display())
+        })?;
+        fs::remove_file(&probe).await.ok();
+        Ok(())
+    }
+}
+
+async fn remove_dir(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("deleting {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+struct FilesystemWriter {
+    file: Option<tokio::io::BufWriter<fs::File>>,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+#[async_trait]
+impl PartWriter for FilesystemWriter {
+    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let file = self.file.as_mut().expect("written before commit");
+        file.write_all(bytes)
+            .await
+            .with_context(|| format!("writing {}", self.temp.display()))
+    }
+
+    async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool> {
+        let mut file = self.file.take().expect("committed once");
+        file.flush().await?;
+        file.get_ref()
+            .sync_all()
+            .await
+            .with_context(|| format!("syncing {}", self.temp.display()))?;
+        drop(file);
+        if !fence.await? {
+            return Ok(false); // Drop removes the temporary file.
+        }
+        fs::rename(&self.temp, &self.path)
+            .await
+            .with_context(|| format!("renaming into {}", self.path.display()))?;
+        Ok(true)
+    }
+}
+
+impl Drop for FilesystemWriter {
+    fn drop(&mut self) {
+        // Not committed (error, lost lease): leave nothing half-written behind.
+        if self.temp.exists() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}

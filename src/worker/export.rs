@@ -1,0 +1,148 @@
+//! An export task: pages its type (and id range) out of the snapshot into ndjson parts.
+//!
+//! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
+//! reserve the file's number, commit the file if the lease still holds, then checkpoint.
+//! A retried task resumes at its checkpoint and rewrites the same file names with the same
+//! content, so a crash at any instant yields neither duplicates nor gaps.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::TryStreamExt;
+use sqlx::Row;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, Ended, lease::Lease};
+use crate::db::{
+    jobs::{self, Job, Task},
+    resources::{self, PatientFilter, Selection},
+};
+
+enum Part {
+    /// Nothing left in the range.
+    Empty,
+    Written {
+        last_id: String,
+    },
+    LeaseLost,
+}
+
+pub async fn run(
+    context: &Arc<Context>,
+    job: &Job,
+    task: &Task,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Ended> {
+    let resource_type = task.resource_type.as_deref().unwrap_or_default();
+    let patients = match (job.level.as_str(), &job.patient_ids) {
+        ("group", Some(ids)) => PatientFilter::Patients(ids),
+        ("system", _) => PatientFilter::None,
+        _ => PatientFilter::AnyPatient,
+    };
+    let excluded: &[String] = if resource_type == "Group" {
+        &job.excluded_groups
+    } else {
+        &[]
+    };
+    let selection = Selection {
+        resource_type,
+        range_end: &task.range_end,
+        transaction_time: job.transaction_time,
+        since: job.since,
+        patients,
+        excluded_ids: excluded,
+    };
+    // The checkpoint is the last id written; a fresh task starts at its range's lower bound.
+    let mut after = if task.parts_done == 0 {
+        task.range_start.clone()
+    } else {
+        task.checkpoint_id.clone()
+    };
+    let mut seq = task.parts_done;
+    let throttle = Duration::from_millis(context.config.export.throttle_ms);
+    loop {
+        if lease.is_lost() {
+            return Ok(Ended::LeaseLost);
+        }
+        if shutdown.is_cancelled() {
+            jobs::release(&context.pool, task).await?;
+            return Ok(Ended::Released);
+        }
+        match write_part(context, job, task, &selection, &after, seq).await? {
+            Part::Empty => break,
+            Part::LeaseLost => return Ok(Ended::LeaseLost),
+            Part::Written { last_id } => {
+                after = last_id;
+                seq += 1;
+            }
+        }
+        if !throttle.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(throttle) => {}
+                _ = lease.lost() => return Ok(Ended::LeaseLost),
+            }
+        }
+    }
+    if jobs::finish_task(&context.pool, task, context.retention()).await? {
+        Ok(Ended::Done)
+    } else {
+        Ok(Ended::LeaseLost)
+    }
+}
+
+async fn write_part(
+    context: &Context,
+    job: &Job,
+    task: &Task,
+    selection: &Selection<'_>,
+    after: &str,
+    seq: i32,
+) -> anyhow::Result<Part> {
+    let config = &context.config.export;
+    let mut conn = context.pool.acquire().await?;
+    let mut rows = resources::snapshot_page(&mut conn, selection, after, config.part_size as i64);
+    let Some(first) = rows.try_next().await? else {
+        return Ok(Part::Empty);
+    };
+    let Some(part_no) =
+        jobs::reserve_part(&context.pool, task, selection.resource_type, seq).await?
+    else {
+        return Ok(Part::LeaseLost);
+    };
+    let name = format!(
+        "{}/{}-{part_no}.ndjson",
+        job.folder, selection.resource_type
+    );
+    let mut writer = context.storage.create(&job.container, &name).await?;
+    let (mut count, mut bytes) = (0i32, 0u64);
+    let mut last_written = None;
+    let mut next = Some(first);
+    while let Some(row) = next.take() {
+        let body: &str = row.try_get(1)?;
+        let size = body.len() as u64 + 1;
+        // One resource always fits; past that the byte cap ends the part early.
+        if count > 0 && bytes + size > config.part_max_bytes {
+            break;
+        }
+        writer.write(body.as_bytes()).await?;
+        writer.write(b"\n").await?;
+        count += 1;
+        bytes += size;
+        last_written = Some(row);
+        next = rows.try_next().await?;
+    }
+    drop(rows);
+    drop(conn);
+    let last_id: String = last_written
+        .expect("the first row is always written")
+        .try_get(0)?;
+    let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
+    let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
+    if !writer.commit(fence).await? {
+        return Ok(Part::LeaseLost);
+    }
+    if !jobs::checkpoint(&context.pool, task, seq, &last_id, count, bytes as i64).await? {
+        return Ok(Part::LeaseLost);
+    }
+    Ok(Part::Written { last_id })
+}

@@ -1,0 +1,86 @@
+//! The plan task: waits until the snapshot is complete, then splits the job into export tasks
+//! (one per type; large types into id ranges that run in parallel).
+
+use std::{sync::Arc, time::Duration};
+
+use super::{Context, Ended, lease::Lease};
+use crate::{
+    db::{jobs, resources},
+    fhir::r4::{PATIENT_COMPARTMENT, RESOURCE_TYPES},
+};
+
+pub async fn run(
+    context: &Arc<Context>,
+    job: &jobs::Job,
+    task: &jobs::Task,
+    lease: &Lease,
+) -> anyhow::Result<Ended> {
+    let pool = &context.pool;
+    // Every write with last_updated <= transaction_time must be committed before we read.
+    // Writes are short; a transaction left open elsewhere must not hold the export forever.
+    let deadline = tokio::time::Instant::now() + context.lease_duration();
+    while jobs::in_flight_remaining(pool, job.id).await? > 0 {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(job = %job.id, "transactions open since kick-off are still running; exporting without them");
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = lease.lost() => return Ok(Ended::LeaseLost),
+        }
+    }
+    let types = if job.types.is_empty() {
+        let candidates: Vec<&str> = match job.level.as_str() {
+            "system" => RESOURCE_TYPES.to_vec(),
+            _ => compartment_types(),
+        };
+        resources::types_with_data(pool, &candidates).await?
+    } else {
+        job.types.clone()
+    };
+    let step = context.config.export.range_size;
+    let mut planned = Vec::new();
+    for (resource_type, count) in resources::count_current(pool, &types).await? {
+        // Each boundary closes a range of exactly `step` current rows.
+        let boundaries = if count > step {
+            resources::range_boundaries(pool, &resource_type, step).await?
+        } else {
+            Vec::new()
+        };
+        let rest = count - step * boundaries.len() as i64;
+        let mut start = String::new();
+        for end in boundaries {
+            planned.push(jobs::PlannedTask {
+                resource_type: resource_type.clone(),
+                range_start: std::mem::replace(&mut start, end.clone()),
+                range_end: end,
+                estimate: step,
+            });
+        }
+        // Resources that matter to the snapshot all have a current row by now, so a range
+        // without current rows has nothing to export.
+        if rest > 0 {
+            planned.push(jobs::PlannedTask {
+                resource_type,
+                range_start: start,
+                range_end: "~".into(),
+                estimate: rest,
+            });
+        }
+    }
+    if jobs::finish_plan(pool, task, &planned, context.retention()).await? {
+        tracing::info!(job = %job.id, tasks = planned.len(), "planned");
+        Ok(Ended::Done)
+    } else {
+        Ok(Ended::LeaseLost)
+    }
+}
+
+/// Types that can be in a patient's compartment (Patient and Group export read only these).
+fn compartment_types() -> Vec<&'static str> {
+    let mut types: Vec<&str> = PATIENT_COMPARTMENT.iter().map(|(t, _)| *t).collect();
+    if !types.contains(&"Patient") {
+        types.push("Patient");
+    }
+    types
+}
