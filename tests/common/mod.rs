@@ -204,3 +204,134 @@ pub async fn json(response: Response) -> Value {
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fhir-export"))
 }
+
+/// Kicks off an export (GET) and returns the status URL.
+pub async fn kick_off(app: &TestApp, path_and_query: &str) -> String {
+    let response = app
+        .client
+        .get(app.url(path_and_query))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let location = response.headers().get("content-location").map(|v| v.to_str().unwrap().to_string());
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 202, "kick-off {path_and_query} failed: {body}");
+    location.expect("a kick-off answers with Content-Location")
+}
+
+/// Polls a status URL until the manifest is there (or the export failed).
+pub async fn wait_manifest(app: &TestApp, status_url: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = app.client.get(status_url).send().await.unwrap();
+        match response.status().as_u16() {
+            202 => {
+                let progress = response.headers().get("x-progress").unwrap().to_str().unwrap();
+                assert!(progress.len() < 100, "X-Progress too long: {progress}");
+                assert!(response.headers().contains_key("retry-after"));
+            }
+            200 => {
+                assert_eq!(response.headers()["content-type"], "application/json");
+                assert!(response.headers().contains_key("expires"));
+                return json(response).await;
+            }
+            other => panic!("status {other}: {}", response.text().await.unwrap()),
+        }
+        assert!(std::time::Instant::now() < deadline, "export did not finish in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One downloaded output file.
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    pub resource_type: String,
+    pub name: String,
+    pub count: u64,
+    pub text: String,
+}
+
+/// Downloads every output file of a manifest through the server.
+pub async fn download_all(app: &TestApp, manifest: &Value) -> Vec<OutputFile> {
+    let mut files = Vec::new();
+    for entry in manifest["output"].as_array().unwrap() {
+        let url = entry["url"].as_str().unwrap();
+        assert!(url.starts_with(&app.base), "{url} is not absolute on this server");
+        let response = app.client.get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(response.headers()["content-type"], "application/fhir+ndjson");
+        files.push(OutputFile {
+            resource_type: entry["type"].as_str().unwrap().to_string(),
+            name: url.rsplit('/').next().unwrap().to_string(),
+            count: entry["count"].as_u64().unwrap(),
+            text: response.text().await.unwrap(),
+        });
+    }
+    files
+}
+
+/// `Type/id` → resource, over all files; panics on a duplicate.
+pub fn resources_by_key(files: &[OutputFile]) -> std::collections::BTreeMap<String, Value> {
+    let mut all = std::collections::BTreeMap::new();
+    for f in files {
+        for line in f.text.lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(r["resourceType"], f.resource_type.as_str(), "{} holds another type", f.name);
+            let key = format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
+            assert!(all.insert(key.clone(), r).is_none(), "{key} exported twice");
+        }
+    }
+    all
+}
+
+/// Generates `patients` patients and loads them into the app's database; returns the lines of
+/// each generated file by type.
+pub async fn load_generated(app: &TestApp, patients: u32) -> std::collections::BTreeMap<String, Vec<Value>> {
+    use fhir_export::{generate, load};
+    let dir = tempfile::tempdir().unwrap();
+    generate::generate(&generate::GenerateArgs { patients, seed: 7, out: dir.path().to_path_buf() }).unwrap();
+    let files = load::collect_files(&[dir.path().to_path_buf()]).unwrap();
+    let args = load::LoadArgs { paths: vec![], skip_invalid: false, batch_size: 1000 };
+    load::load_files(&app.pool, files.clone(), &args).await.unwrap();
+    let mut by_type = std::collections::BTreeMap::new();
+    for f in files {
+        let t = f.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().to_string();
+        let lines: Vec<Value> = std::fs::read_to_string(&f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        by_type.insert(t, lines);
+    }
+    by_type
+}
+
+/// Runs `fhir-export serve` as a separate process on the same database and storage.
+pub fn spawn_process(app: &TestApp, env: &[(&str, &str)]) -> std::process::Child {
+    let mut command = std::process::Command::new(binary());
+    command
+        .arg("serve")
+        .env("DATABASE_URL", &app.db.url)
+        .env("FHIR_EXPORT_LISTEN", "127.0.0.1:0")
+        .env("FHIR_EXPORT_STORAGE_DIR", app.storage.path())
+        .env_remove("FHIR_EXPORT_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().unwrap()
+}
+
+impl TestApp {
+    /// Starts another server (in this process) on the same database and storage, e.g. to add
+    /// workers to an API-only app. It stops when the returned token is cancelled.
+    pub async fn spawn_sibling(&self, adjust: impl FnOnce(&mut Config)) -> CancellationToken {
+        let mut config = self.config.clone();
+        config.export.workers = 2;
+        adjust(&mut config);
+        let server = Server::build(config).await.expect("sibling builds");
+        let token = CancellationToken::new();
+        tokio::spawn(server.run(token.clone()));
+        token
+    }
+}
