@@ -1,0 +1,159 @@
+//! Crashes and freezes: a worker killed mid-export, and one frozen past its lease and then
+//! resumed. The output must stay exact either way.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::*;
+use sqlx::PgPool;
+
+const SLOW_WORKER: &[(&str, &str)] = &[
+    ("FHIR_EXPORT_WORKERS", "1"),
+    ("FHIR_EXPORT_PART_SIZE", "20"),
+    ("FHIR_EXPORT_THROTTLE_MS", "250"),
+    ("FHIR_EXPORT_STALE_AFTER_SECS", "2"),
+    ("FHIR_EXPORT_POLL_INTERVAL_MS", "200"),
+    ("FHIR_EXPORT_RANGE_SIZE", "150"),
+];
+
+async fn committed_parts(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for_parts(pool: &PgPool, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while committed_parts(pool).await < n {
+        assert!(std::time::Instant::now() < deadline, "the worker process wrote no parts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+fn assert_exact(files: &[OutputFile], loaded: &BTreeMap<String, Vec<serde_json::Value>>, types: &[&str]) {
+    let got = resources_by_key(files); // panics on duplicates
+    for t in types {
+        let expected: Vec<String> = loaded[*t].iter().map(|r| format!("{t}/{}", r["id"].as_str().unwrap())).collect();
+        let exported: Vec<&String> = got.keys().filter(|k| k.starts_with(&format!("{t}/"))).collect();
+        assert_eq!(exported.len(), expected.len(), "{t}: missing or extra resources");
+        for key in &expected {
+            assert!(got.contains_key(key), "{key} missing");
+        }
+        let mut numbers: Vec<u32> = files
+            .iter()
+            .filter(|f| f.resource_type == *t)
+            .map(|f| f.name.trim_end_matches(".ndjson").rsplit_once('-').unwrap().1.parse().unwrap())
+            .collect();
+        numbers.sort();
+        assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>(), "{t} numbering");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_export_is_rescued_with_exact_output() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.stale_after_secs = 2;
+        c.export.part_size = 20;
+    })
+    .await;
+    let loaded = load_generated(&app, 2).await;
+    let status_url = kick_off(&app, "/$export?_type=Observation,Patient").await;
+
+    let mut doomed = spawn_process(&app, SLOW_WORKER);
+    wait_for_parts(&app.pool, 3).await;
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let before = committed_parts(&app.pool).await;
+
+    let _rescuer = app.spawn_sibling(|_| {}).await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let files = download_all(&app, &manifest).await;
+    assert_exact(&files, &loaded, &["Observation", "Patient"]);
+    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(rescued, 1, "the killed task was rescued once");
+    assert!(committed_parts(&app.pool).await > before);
+}
+
+#[tokio::test]
+async fn a_frozen_worker_that_resumes_changes_nothing() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.stale_after_secs = 2;
+        c.export.part_size = 20;
+    })
+    .await;
+    let loaded = load_generated(&app, 2).await;
+    let status_url = kick_off(&app, "/$export?_type=Observation").await;
+
+    let mut frozen = spawn_process(&app, SLOW_WORKER);
+    wait_for_parts(&app.pool, 2).await;
+    signal(&frozen, "-STOP");
+
+    let rescuer = app.spawn_sibling(|_| {}).await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    rescuer.cancel();
+    let files = download_all(&app, &manifest).await;
+    assert_exact(&files, &loaded, &["Observation"]);
+    let snapshot = || async {
+        let mut on_disk = BTreeMap::new();
+        for entry in walk(app.storage.path()) {
+            let meta = std::fs::metadata(&entry).unwrap();
+            on_disk.insert(entry.clone(), (std::fs::read(&entry).unwrap(), meta.modified().unwrap()));
+        }
+        let rows: Vec<(String, i32, Option<i32>)> = sqlx::query_as(
+            "SELECT resource_type, part_no, resources FROM export_parts ORDER BY 1, 2",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        let tasks: Vec<(i64, String, i32, String)> =
+            sqlx::query_as("SELECT id, status, parts_done, checkpoint_id FROM export_tasks ORDER BY id")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        (on_disk, rows, tasks)
+    };
+    let before = snapshot().await;
+    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(rescued, 1, "the frozen worker's task was rescued");
+
+    signal(&frozen, "-CONT");
+    // Long enough for its heartbeat, its next part and its next claim.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = snapshot().await;
+    frozen.kill().unwrap();
+    frozen.wait().unwrap();
+
+    assert_eq!(before.1, after.1, "export_parts changed");
+    assert_eq!(before.2, after.2, "export_tasks changed");
+    let final_files = |s: &BTreeMap<std::path::PathBuf, _>| -> Vec<std::path::PathBuf> {
+        s.keys().filter(|p| p.extension().is_some_and(|e| e == "ndjson")).cloned().collect()
+    };
+    assert_eq!(final_files(&before.0), final_files(&after.0), "files appeared or vanished");
+    for path in final_files(&after.0) {
+        assert!(before.0[&path] == after.0[&path], "{} was rewritten", path.display());
+    }
+    let job_status: String = sqlx::query_scalar("SELECT status FROM export_jobs").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(job_status, "completed");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
