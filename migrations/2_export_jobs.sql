@@ -37,12 +37,12 @@ CREATE INDEX export_jobs_expiring ON export_jobs (expires_at) WHERE expires_at I
 CREATE TABLE export_tasks (
     id             bigserial   PRIMARY KEY,
     job_id         uuid        NOT NULL REFERENCES export_jobs (id) ON DELETE CASCADE,
-    -- 'plan' splits a job into 'export' tasks (one per type, or per id range of a large type).
+    -- 'plan' splits a job into 'export' tasks (one per type, or per seq range of a large type).
     kind           text        NOT NULL CHECK (kind IN ('plan', 'export')),
     resource_type  text COLLATE "C",
-    -- Id range (range_start, range_end]; '' and '~' stand for open ends.
-    range_start    text COLLATE "C" NOT NULL DEFAULT '',
-    range_end      text COLLATE "C" NOT NULL DEFAULT '~',
+    -- The resources with seq in (range_start, range_end].
+    range_start    bigint      NOT NULL DEFAULT 0,
+    range_end      bigint      NOT NULL DEFAULT 0,
     status         text        NOT NULL DEFAULT 'queued'
                    CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
     -- Fencing token: bumped by every claim. Each write of a worker names the attempt it holds;
@@ -52,8 +52,8 @@ CREATE TABLE export_tasks (
     failures       integer     NOT NULL DEFAULT 0,
     leased_until   timestamptz,
     worker         text,
-    -- Checkpoint: the last id written to a committed part, and how many parts were written.
-    checkpoint_id  text COLLATE "C" NOT NULL DEFAULT '',
+    -- Checkpoint: the seq of the last resource in a committed part, and how many parts.
+    checkpoint_seq bigint      NOT NULL DEFAULT 0,
     parts_done     integer     NOT NULL DEFAULT 0,
     resources_done bigint      NOT NULL DEFAULT 0,
     estimate       bigint      NOT NULL DEFAULT 0,

@@ -109,7 +109,7 @@ impl Default for ExportConfig {
             max_attempts: 5,
             max_active_jobs: 16,
             retention_secs: 24 * 3600,
-            range_size: 100_000,
+            range_size: 20_000,
             poll_interval_ms: 2000,
             throttle_ms: 0,
         }

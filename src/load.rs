@@ -168,7 +168,7 @@ pub async fn load_files(
         };
         let counts = count_types(&batch);
         let mut tx = db::resources::begin_write(pool).await?;
-        report.updated += store::put_many(&mut tx, batch).await? as u64;
+        report.updated += store::put_many(&mut tx, &batch).await? as u64;
         tx.commit().await?;
         for (t, n) in counts {
             *report.per_type.entry(t).or_default() += n;

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
 use crate::{
-    db::resources::{self, Head, NewVersion, ResourceKey},
+    db::resources::{self, CopyRow, CopyWriter, Head, NewVersion, ResourceKey},
     fhir::{compartment, instant, resource::Template},
 };
 
@@ -45,29 +45,28 @@ impl Prepared {
     fn key(&self) -> ResourceKey {
         (self.resource_type.clone(), self.id.clone())
     }
-
-    fn version(self, version_id: i32, last_updated: DateTime<Utc>, is_current: bool) -> NewVersion {
-        let body = self
-            .template
-            .fill(version_id, &instant::format(last_updated));
-        NewVersion {
-            resource_type: self.resource_type,
-            id: self.id,
-            version_id,
-            last_updated,
-            is_current,
-            patient_ids: self.patient_ids,
-            body: Some(body),
-        }
-    }
 }
 
 /// Creates or updates one resource inside a write transaction (`db::resources::begin_write`).
 pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Written> {
     let head = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
     let last_updated = resources::next_timestamp(tx, head.map(|h| h.last_updated)).await?;
+    let seq = match head {
+        Some(h) => h.seq,
+        None => resources::next_seqs(tx, 1).await?[0],
+    };
     let version_id = head.map_or(1, |h| h.version_id + 1);
-    let version = prepared.version(version_id, last_updated, true);
+    let body = prepared.template.fill(version_id, &instant::format(last_updated));
+    let version = NewVersion {
+        resource_type: prepared.resource_type,
+        id: prepared.id,
+        version_id,
+        seq,
+        last_updated,
+        is_current: true,
+        patient_ids: prepared.patient_ids,
+        body: Some(body),
+    };
     replace_current(tx, head, &version).await?;
     Ok(Written {
         version_id,
@@ -80,34 +79,44 @@ pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Writ
 /// Creates or updates many resources in one write transaction with a single COPY. A resource
 /// that appears several times gets one version per appearance; the last one is current.
 /// Returns how many resources already existed.
-pub async fn put_many(tx: &mut PgConnection, batch: Vec<Prepared>) -> sqlx::Result<usize> {
+pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result<usize> {
     let mut last_index: HashMap<ResourceKey, usize> = HashMap::with_capacity(batch.len());
     for (i, p) in batch.iter().enumerate() {
         last_index.insert(p.key(), i);
     }
     let keys: Vec<ResourceKey> = last_index.keys().cloned().collect();
     let heads = resources::lock_current_many(tx, &keys).await?;
+    let mut fresh_seqs = resources::next_seqs(tx, keys.len() - heads.len()).await?.into_iter();
     let base = resources::next_timestamp(tx, None).await?;
-    // Per resource: the last version number and timestamp given out so far.
-    let mut latest: HashMap<ResourceKey, (i32, DateTime<Utc>)> = heads
-        .iter()
-        .map(|(k, h)| (k.clone(), (h.version_id, h.last_updated)))
-        .collect();
-    let mut rows = Vec::with_capacity(batch.len());
-    for (i, prepared) in batch.into_iter().enumerate() {
-        let key = prepared.key();
-        let own_clock = base + TimeDelta::microseconds(i as i64);
-        let (version_id, last_updated) = match latest.get(&key) {
-            Some(&(v, t)) => (v + 1, own_clock.max(t + TimeDelta::microseconds(1))),
-            None => (1, own_clock),
-        };
-        let is_current = last_index[&key] == i;
-        latest.insert(key, (version_id, last_updated));
-        rows.push(prepared.version(version_id, last_updated, is_current));
-    }
+    // Per resource: seq, and the last version number and timestamp given out so far.
+    let mut latest: HashMap<ResourceKey, (i64, i32, DateTime<Utc>)> =
+        heads.iter().map(|(k, h)| (k.clone(), (h.seq, h.version_id, h.last_updated))).collect();
     let existing: Vec<ResourceKey> = heads.into_keys().collect();
     resources::retire_current(tx, &existing).await?;
-    resources::copy_versions(tx, &rows).await?;
+
+    let mut copy = CopyWriter::start(tx).await?;
+    for (i, prepared) in batch.iter().enumerate() {
+        let key = prepared.key();
+        let own_clock = base + TimeDelta::microseconds(i as i64);
+        let (seq, version_id, last_updated) = match latest.get(&key) {
+            Some(&(seq, v, t)) => (seq, v + 1, own_clock.max(t + TimeDelta::microseconds(1))),
+            None => (fresh_seqs.next().expect("one seq per new resource"), 1, own_clock),
+        };
+        let (version_text, time_text) = (version_id.to_string(), instant::format(last_updated));
+        copy.row(&CopyRow {
+            resource_type: &prepared.resource_type,
+            id: &prepared.id,
+            version_id,
+            seq,
+            last_updated: &time_text,
+            is_current: last_index[&key] == i,
+            patient_ids: &prepared.patient_ids,
+            body: Some(prepared.template.pieces(&version_text, &time_text)),
+        })
+        .await?;
+        latest.insert(key, (seq, version_id, last_updated));
+    }
+    copy.finish().await?;
     Ok(existing.len())
 }
 
@@ -128,6 +137,7 @@ pub async fn delete(
         resource_type: resource_type.to_string(),
         id: id.to_string(),
         version_id: head.version_id + 1,
+        seq: head.seq,
         last_updated,
         is_current: true,
         patient_ids: Vec::new(),

@@ -114,8 +114,8 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
         .fetch_all(&app.pool)
         .await
         .unwrap();
-        let tasks: Vec<(i64, String, i32, String)> =
-            sqlx::query_as("SELECT id, status, parts_done, checkpoint_id FROM export_tasks ORDER BY id")
+        let tasks: Vec<(i64, String, i32, i64)> =
+            sqlx::query_as("SELECT id, status, parts_done, checkpoint_seq FROM export_tasks ORDER BY id")
                 .fetch_all(&app.pool)
                 .await
                 .unwrap();

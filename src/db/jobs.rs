@@ -53,10 +53,10 @@ pub struct Task {
     pub job_id: Uuid,
     pub kind: String,
     pub resource_type: Option<String>,
-    pub range_start: String,
-    pub range_end: String,
+    pub range_start: i64,
+    pub range_end: i64,
     pub attempt: i32,
-    pub checkpoint_id: String,
+    pub checkpoint_seq: i64,
     pub parts_done: i32,
 }
 
@@ -64,8 +64,8 @@ pub struct Task {
 #[derive(Debug, Clone)]
 pub struct PlannedTask {
     pub resource_type: String,
-    pub range_start: String,
-    pub range_end: String,
+    pub range_start: i64,
+    pub range_end: i64,
     pub estimate: i64,
 }
 
@@ -262,7 +262,7 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result
              leased_until = now() + make_interval(secs => $2), updated_at = now()
          FROM next WHERE t.id = next.id
          RETURNING t.id, t.job_id, t.kind, t.resource_type, t.range_start, t.range_end,
-                   t.attempt, t.checkpoint_id, t.parts_done",
+                   t.attempt, t.checkpoint_seq, t.parts_done",
     )
     .bind(worker)
     .bind(secs(lease))
@@ -344,14 +344,14 @@ pub async fn finish_plan(
     let (mut types, mut starts, mut ends, mut estimates) = (vec![], vec![], vec![], vec![]);
     for p in planned {
         types.push(p.resource_type.as_str());
-        starts.push(p.range_start.as_str());
-        ends.push(p.range_end.as_str());
+        starts.push(p.range_start);
+        ends.push(p.range_end);
         estimates.push(p.estimate);
     }
     sqlx::query(
         "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
          SELECT $1, 'export', t, s, e, n
-         FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS p(t, s, e, n)",
+         FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS p(t, s, e, n)",
     )
     .bind(task.job_id)
     .bind(&types)
@@ -449,13 +449,13 @@ pub async fn checkpoint(
     pool: &PgPool,
     task: &Task,
     seq: i32,
-    last_id: &str,
+    last_seq: i64,
     resources: i32,
     bytes: i64,
 ) -> sqlx::Result<bool> {
     sqlx::query(
         "WITH t AS (
-            UPDATE export_tasks SET checkpoint_id = $4, parts_done = $3 + 1,
+            UPDATE export_tasks SET checkpoint_seq = $4, parts_done = $3 + 1,
                    resources_done = resources_done + $5, updated_at = now()
             WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()
               AND parts_done = $3
@@ -466,7 +466,7 @@ pub async fn checkpoint(
     .bind(task.id)
     .bind(task.attempt)
     .bind(seq)
-    .bind(last_id)
+    .bind(last_seq)
     .bind(resources)
     .bind(bytes)
     .execute(pool)

@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 #[derive(Debug, Clone, Copy)]
 pub struct Head {
     pub version_id: i32,
+    pub seq: i64,
     pub last_updated: DateTime<Utc>,
     pub deleted: bool,
 }
@@ -27,6 +28,7 @@ pub struct NewVersion {
     pub resource_type: String,
     pub id: String,
     pub version_id: i32,
+    pub seq: i64,
     pub last_updated: DateTime<Utc>,
     pub is_current: bool,
     pub patient_ids: Vec<String>,
@@ -55,7 +57,7 @@ pub async fn lock_current(
     id: &str,
 ) -> sqlx::Result<Option<Head>> {
     let row = sqlx::query(
-        "SELECT version_id, last_updated, body IS NULL AS deleted FROM resources
+        "SELECT version_id, seq, last_updated, body IS NULL AS deleted FROM resources
          WHERE resource_type = $1 AND id = $2 AND is_current FOR UPDATE",
     )
     .bind(resource_type)
@@ -64,8 +66,9 @@ pub async fn lock_current(
     .await?;
     Ok(row.map(|r| Head {
         version_id: r.get(0),
-        last_updated: r.get(1),
-        deleted: r.get(2),
+        seq: r.get(1),
+        last_updated: r.get(2),
+        deleted: r.get(3),
     }))
 }
 
@@ -77,7 +80,7 @@ pub async fn lock_current_many(
     let (types, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT r.resource_type, r.id, r.version_id, r.last_updated, r.body IS NULL
+        "SELECT r.resource_type, r.id, r.version_id, r.seq, r.last_updated, r.body IS NULL
          FROM resources r JOIN unnest($1::text[], $2::text[]) AS k(t, i)
            ON r.resource_type = k.t AND r.id = k.i
          WHERE r.is_current FOR UPDATE OF r",
@@ -91,8 +94,9 @@ pub async fn lock_current_many(
         .map(|r| {
             let head = Head {
                 version_id: r.get(2),
-                last_updated: r.get(3),
-                deleted: r.get(4),
+                seq: r.get(3),
+                last_updated: r.get(4),
+                deleted: r.get(5),
             };
             ((r.get(0), r.get(1)), head)
         })
@@ -111,6 +115,17 @@ pub async fn next_timestamp(
     .bind(after)
     .fetch_one(tx)
     .await
+}
+
+/// `n` new resource numbers (see `resource_seq` in the migrations).
+pub async fn next_seqs(tx: &mut PgConnection, n: usize) -> sqlx::Result<Vec<i64>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar("SELECT nextval('resource_seq') FROM generate_series(1, $1)")
+        .bind(n as i64)
+        .fetch_all(tx)
+        .await
 }
 
 /// Marks the current versions of these resources as no longer current.
@@ -136,12 +151,13 @@ pub async fn retire_current(tx: &mut PgConnection, keys: &[ResourceKey]) -> sqlx
 pub async fn insert_version(tx: &mut PgConnection, v: &NewVersion) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO resources
-           (resource_type, id, version_id, last_updated, is_current, patient_ids, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+           (resource_type, id, version_id, seq, last_updated, is_current, patient_ids, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&v.resource_type)
     .bind(&v.id)
     .bind(v.version_id)
+    .bind(v.seq)
     .bind(v.last_updated)
     .bind(v.is_current)
     .bind(&v.patient_ids)
@@ -151,57 +167,96 @@ pub async fn insert_version(tx: &mut PgConnection, v: &NewVersion) -> sqlx::Resu
     Ok(())
 }
 
-/// Inserts many versions with one COPY.
-pub async fn copy_versions(tx: &mut PgConnection, rows: &[NewVersion]) -> sqlx::Result<()> {
-    let mut copy = tx
-        .copy_in_raw(
-            "COPY resources (resource_type, id, version_id, last_updated, is_current, \
-             patient_ids, body) FROM STDIN",
-        )
-        .await?;
-    let mut buf = Vec::with_capacity(1 << 20);
-    for row in rows {
-        encode_copy_row(&mut buf, row);
-        if buf.len() >= 1 << 20 {
-            copy.send(std::mem::take(&mut buf)).await?;
-            buf.reserve(1 << 20);
-        }
-    }
-    if !buf.is_empty() {
-        copy.send(buf).await?;
-    }
-    copy.finish().await?;
-    Ok(())
+/// A version as COPY writes it; the body comes in pieces written one after the other
+/// (`None` for a delete).
+pub struct CopyRow<'a> {
+    pub resource_type: &'a str,
+    pub id: &'a str,
+    pub version_id: i32,
+    pub seq: i64,
+    /// An ISO 8601 instant, e.g. `2024-01-01T00:00:00.000001Z`.
+    pub last_updated: &'a str,
+    pub is_current: bool,
+    pub patient_ids: &'a [String],
+    pub body: Option<[&'a str; 5]>,
 }
 
-/// One row of COPY text format. Types and ids are plain ASCII (validated), bodies are escaped.
-fn encode_copy_row(buf: &mut Vec<u8>, row: &NewVersion) {
+/// Streams versions into `resources` with COPY, sending a megabyte at a time.
+pub struct CopyWriter<'c> {
+    copy: sqlx::postgres::PgCopyIn<&'c mut PgConnection>,
+    buf: Vec<u8>,
+}
+
+const COPY_CHUNK: usize = 1 << 20;
+
+impl<'c> CopyWriter<'c> {
+    pub async fn start(tx: &'c mut PgConnection) -> sqlx::Result<CopyWriter<'c>> {
+        let copy = tx
+            .copy_in_raw(
+                "COPY resources (resource_type, id, version_id, seq, last_updated, is_current, \
+                 patient_ids, body) FROM STDIN",
+            )
+            .await?;
+        Ok(CopyWriter { copy, buf: Vec::with_capacity(COPY_CHUNK + 64 * 1024) })
+    }
+
+    pub async fn row(&mut self, row: &CopyRow<'_>) -> sqlx::Result<()> {
+        encode_copy_row(&mut self.buf, row);
+        if self.buf.len() >= COPY_CHUNK {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_CHUNK + 64 * 1024));
+            self.copy.send(full).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn finish(mut self) -> sqlx::Result<()> {
+        if !self.buf.is_empty() {
+            self.copy.send(std::mem::take(&mut self.buf)).await?;
+        }
+        self.copy.finish().await?;
+        Ok(())
+    }
+}
+
+/// One row of COPY text format. Types, ids and instants are plain ASCII; bodies are escaped.
+fn encode_copy_row(buf: &mut Vec<u8>, row: &CopyRow) {
     use std::io::Write;
-    let ts = row.last_updated.format("%Y-%m-%d %H:%M:%S%.6f+00");
     let current = if row.is_current { 't' } else { 'f' };
     let _ = write!(
         buf,
-        "{}\t{}\t{}\t{ts}\t{current}\t{{{}}}\t",
-        row.resource_type,
-        row.id,
-        row.version_id,
-        row.patient_ids.join(",")
+        "{}\t{}\t{}\t{}\t{}\t{current}\t{{",
+        row.resource_type, row.id, row.version_id, row.seq, row.last_updated
     );
+    for (i, p) in row.patient_ids.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(p.as_bytes());
+    }
+    buf.extend_from_slice(b"}\t");
     match &row.body {
         None => buf.extend_from_slice(b"\\N"),
-        Some(body) => {
-            for &b in body.as_bytes() {
-                match b {
-                    b'\\' => buf.extend_from_slice(b"\\\\"),
-                    b'\n' => buf.extend_from_slice(b"\\n"),
-                    b'\r' => buf.extend_from_slice(b"\\r"),
-                    b'\t' => buf.extend_from_slice(b"\\t"),
-                    _ => buf.push(b),
-                }
-            }
-        }
+        Some(pieces) => pieces.iter().for_each(|p| push_escaped(buf, p)),
     }
     buf.push(b'\n');
+}
+
+/// COPY text escaping: backslash, newline, carriage return and tab.
+fn push_escaped(buf: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    while let Some(offset) = bytes[start..].iter().position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+        let at = start + offset;
+        buf.extend_from_slice(&bytes[start..at]);
+        buf.extend_from_slice(match bytes[at] {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            _ => b"\\t",
+        });
+        start = at + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
 }
 
 /// The current version of a resource.
@@ -259,12 +314,12 @@ pub enum PatientFilter<'a> {
     Patients(&'a [String]),
 }
 
-/// What one export task reads: one type, an id range, a snapshot.
+/// What one export task reads: one type, a seq range, a snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct Selection<'a> {
     pub resource_type: &'a str,
-    /// Inclusive upper id bound ('~' for none).
-    pub range_end: &'a str,
+    /// Inclusive upper seq bound.
+    pub range_end: i64,
     pub transaction_time: DateTime<Utc>,
     pub since: Option<DateTime<Utc>>,
     pub patients: PatientFilter<'a>,
@@ -274,8 +329,8 @@ pub struct Selection<'a> {
 /// The snapshot page query. Most rows come straight from their current version (first
 /// branch); rows changed after the transaction time take their latest version at that time
 /// from the history (second branch, few rows, found through `resources_current_updated`).
-/// Parameters: $1 type, $2 after id, $3 last id, $4 transaction time, $5 since, $6 limit,
-/// $7 excluded ids, $8 patient ids.
+/// Pages follow `seq` (creation order, see the migration). Parameters: $1 type, $2 after seq,
+/// $3 last seq, $4 transaction time, $5 since, $6 limit, $7 excluded ids, $8 patient ids.
 fn snapshot_sql(patients: PatientFilter) -> &'static str {
     static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
         let filters = [
@@ -291,26 +346,26 @@ fn snapshot_sql(patients: PatientFilter) -> &'static str {
         ];
         filters.map(|(current, history)| {
             format!(
-                "SELECT id, body FROM (
-                   (SELECT id, body FROM resources
-                    WHERE is_current AND resource_type = $1 AND id > $2 AND id <= $3
+                "SELECT seq, body FROM (
+                   (SELECT seq, body FROM resources
+                    WHERE is_current AND resource_type = $1 AND seq > $2 AND seq <= $3
                       AND last_updated <= $4 AND body IS NOT NULL
                       AND ($5::timestamptz IS NULL OR last_updated > $5)
                       AND NOT (id = ANY($7::text[])) {current}
-                    ORDER BY id LIMIT $6)
+                    ORDER BY seq LIMIT $6)
                    UNION ALL
-                   (SELECT c.id, h.body FROM resources c
+                   (SELECT c.seq, h.body FROM resources c
                     CROSS JOIN LATERAL (
                         SELECT v.body, v.last_updated, v.patient_ids FROM resources v
                         WHERE v.resource_type = c.resource_type AND v.id = c.id
                           AND v.last_updated <= $4
                         ORDER BY v.version_id DESC LIMIT 1) h
-                    WHERE c.is_current AND c.resource_type = $1 AND c.id > $2 AND c.id <= $3
+                    WHERE c.is_current AND c.resource_type = $1 AND c.seq > $2 AND c.seq <= $3
                       AND c.last_updated > $4 AND h.body IS NOT NULL
                       AND ($5::timestamptz IS NULL OR h.last_updated > $5)
                       AND NOT (c.id = ANY($7::text[])) {history}
-                    ORDER BY c.id LIMIT $6)
-                 ) page ORDER BY id LIMIT $6"
+                    ORDER BY c.seq LIMIT $6)
+                 ) page ORDER BY seq LIMIT $6"
             )
         })
     });
@@ -321,11 +376,11 @@ fn snapshot_sql(patients: PatientFilter) -> &'static str {
     }
 }
 
-/// Streams up to `limit` rows `(id, body)` of the snapshot after id `after`, in id order.
+/// Streams up to `limit` rows `(seq, body)` of the snapshot after `after`, in seq order.
 pub fn snapshot_page<'c>(
     conn: &'c mut PgConnection,
     selection: &Selection<'c>,
-    after: &'c str,
+    after: i64,
     limit: i64,
 ) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
     // Not a persistent statement: each page is planned with its real bounds, so Postgres
@@ -356,32 +411,22 @@ pub async fn types_with_data(pool: &PgPool, candidates: &[&str]) -> sqlx::Result
     .await
 }
 
-/// Current rows per type (an upper bound of what a snapshot of the type holds).
-pub async fn count_current(pool: &PgPool, types: &[String]) -> sqlx::Result<Vec<(String, i64)>> {
-    sqlx::query_as(
-        "SELECT resource_type, count(*) FROM resources
-         WHERE is_current AND resource_type = ANY($1) GROUP BY 1 ORDER BY 1",
-    )
-    .bind(types)
-    .fetch_all(pool)
-    .await
+/// A type's current rows: how many, and their lowest and highest seq.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct TypeSpan {
+    pub count: i64,
+    pub min_seq: i64,
+    pub max_seq: i64,
 }
 
-/// Every `step`-th current id of a type, in order: the boundaries of its export ranges.
-pub async fn range_boundaries(
-    pool: &PgPool,
-    resource_type: &str,
-    step: i64,
-) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT id FROM (
-            SELECT id, row_number() OVER (ORDER BY id) AS n FROM resources
-            WHERE is_current AND resource_type = $1) s
-         WHERE n % $2 = 0 ORDER BY id",
+/// The span of a type's current rows (an upper bound of what a snapshot of it holds).
+pub async fn type_span(pool: &PgPool, resource_type: &str) -> sqlx::Result<Option<TypeSpan>> {
+    sqlx::query_as(
+        "SELECT count(*) AS count, min(seq) AS min_seq, max(seq) AS max_seq FROM resources
+         WHERE is_current AND resource_type = $1 HAVING count(*) > 0",
     )
     .bind(resource_type)
-    .bind(step)
-    .fetch_all(pool)
+    .fetch_optional(pool)
     .await
 }
 
@@ -391,22 +436,27 @@ mod tests {
 
     #[test]
     fn copy_rows_escape_bodies() {
-        let row = NewVersion {
-            resource_type: "Patient".into(),
-            id: "a".into(),
+        let pids = vec!["a".to_string(), "b".to_string()];
+        let row = CopyRow {
+            resource_type: "Patient",
+            id: "a",
             version_id: 2,
-            last_updated: DateTime::from_timestamp_micros(1_700_000_000_000_001).unwrap(),
+            seq: 7,
+            last_updated: "2023-11-14T22:13:20.000001Z",
             is_current: true,
-            patient_ids: vec!["a".into()],
-            body: Some(r#"{"x":"a\"b\\n"}"#.into()),
+            patient_ids: &pids,
+            body: Some([r#"{"x":"a\"b"#, "\\n", "\t", "\n\r", "}"]),
         };
         let mut buf = Vec::new();
         encode_copy_row(&mut buf, &row);
         let expected = concat!(
-            "Patient\ta\t2\t2023-11-14 22:13:20.000001+00\tt\t{a}\t",
-            r#"{"x":"a\\"b\\\\n"}"#,
+            "Patient\ta\t2\t7\t2023-11-14T22:13:20.000001Z\tt\t{a,b}\t",
+            r#"{"x":"a\\"b\\n\t\n\r}"#,
             "\n"
         );
         assert_eq!(String::from_utf8(buf).unwrap(), expected);
+        let mut tombstone = Vec::new();
+        encode_copy_row(&mut tombstone, &CopyRow { body: None, is_current: false, ..row });
+        assert!(tombstone.ends_with(b"\tf\t{a,b}\t\\N\n"));
     }
 }

@@ -1,10 +1,22 @@
 //! FHIR `instant` values: parsing client input and formatting server timestamps.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 
 /// Formats a server timestamp with microsecond precision, e.g. `2026-11-26T03:35:56.123456Z`.
+/// (Postgres reads the same text as a timestamptz.)
 pub fn format(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    use chrono::{Datelike, Timelike};
+    // Written out by hand: it runs twice per loaded resource, and chrono's formatter is slow.
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.timestamp_subsec_micros().min(999_999)
+    )
 }
 
 /// Parses a FHIR instant: date, time to the second, optional fraction and a required zone.

@@ -105,15 +105,14 @@ impl Template {
         Template { head, tail }
     }
 
-    /// The stored text of this version.
+    /// The stored text of a version, in pieces to be written one after the other.
+    pub fn pieces<'a>(&'a self, version_id: &'a str, last_updated: &'a str) -> [&'a str; 5] {
+        [&self.head, version_id, "\",\"lastUpdated\":\"", last_updated, &self.tail]
+    }
+
+    /// The stored text of a version.
     pub fn fill(&self, version_id: i32, last_updated: &str) -> String {
-        let mut out = String::with_capacity(self.head.len() + self.tail.len() + 64);
-        out.push_str(&self.head);
-        out.push_str(&version_id.to_string());
-        out.push_str("\",\"lastUpdated\":\"");
-        out.push_str(last_updated);
-        out.push_str(&self.tail);
-        out
+        self.pieces(&version_id.to_string(), last_updated).concat()
     }
 }
 

@@ -94,6 +94,14 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
+        // Two requests creating the same new resource at once both try version 1.
+        if e.as_database_error().and_then(|d| d.constraint()) == Some("resources_pkey") {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "another request wrote this resource at the same moment; retry",
+            );
+        }
         ApiError::Internal(e.into())
     }
 }

@@ -21,7 +21,7 @@ enum Part {
     /// Nothing left in the range.
     Empty,
     Written {
-        last_id: String,
+        last_seq: i64,
     },
     LeaseLost,
 }
@@ -46,17 +46,17 @@ pub async fn run(
     };
     let selection = Selection {
         resource_type,
-        range_end: &task.range_end,
+        range_end: task.range_end,
         transaction_time: job.transaction_time,
         since: job.since,
         patients,
         excluded_ids: excluded,
     };
-    // The checkpoint is the last id written; a fresh task starts at its range's lower bound.
+    // The checkpoint is the last seq written; a fresh task starts at its range's lower bound.
     let mut after = if task.parts_done == 0 {
-        task.range_start.clone()
+        task.range_start
     } else {
-        task.checkpoint_id.clone()
+        task.checkpoint_seq
     };
     let mut seq = task.parts_done;
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
@@ -68,11 +68,11 @@ pub async fn run(
             jobs::release(&context.pool, task).await?;
             return Ok(Ended::Released);
         }
-        match write_part(context, job, task, &selection, &after, seq).await? {
+        match write_part(context, job, task, &selection, after, seq).await? {
             Part::Empty => break,
             Part::LeaseLost => return Ok(Ended::LeaseLost),
-            Part::Written { last_id } => {
-                after = last_id;
+            Part::Written { last_seq } => {
+                after = last_seq;
                 seq += 1;
             }
         }
@@ -95,10 +95,11 @@ async fn write_part(
     job: &Job,
     task: &Task,
     selection: &Selection<'_>,
-    after: &str,
+    after: i64,
     seq: i32,
 ) -> anyhow::Result<Part> {
     let config = &context.config.export;
+    let started = std::time::Instant::now();
     let mut conn = context.pool.acquire().await?;
     let mut rows = resources::snapshot_page(&mut conn, selection, after, config.part_size as i64);
     let Some(first) = rows.try_next().await? else {
@@ -133,7 +134,7 @@ async fn write_part(
     }
     drop(rows);
     drop(conn);
-    let last_id: String = last_written
+    let last_seq: i64 = last_written
         .expect("the first row is always written")
         .try_get(0)?;
     let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
@@ -141,8 +142,9 @@ async fn write_part(
     if !writer.commit(fence).await? {
         return Ok(Part::LeaseLost);
     }
-    if !jobs::checkpoint(&context.pool, task, seq, &last_id, count, bytes as i64).await? {
+    if !jobs::checkpoint(&context.pool, task, seq, last_seq, count, bytes as i64).await? {
         return Ok(Part::LeaseLost);
     }
-    Ok(Part::Written { last_id })
+    tracing::debug!(file = %name, resources = count, bytes, ms = started.elapsed().as_millis() as u64, "part written");
+    Ok(Part::Written { last_seq })
 }

@@ -40,32 +40,24 @@ pub async fn run(
     };
     let step = context.config.export.range_size;
     let mut planned = Vec::new();
-    for (resource_type, count) in resources::count_current(pool, &types).await? {
-        // Each boundary closes a range of exactly `step` current rows.
-        let boundaries = if count > step {
-            resources::range_boundaries(pool, &resource_type, step).await?
-        } else {
-            Vec::new()
+    for resource_type in types {
+        let Some(span) = resources::type_span(pool, &resource_type).await? else {
+            continue;
         };
-        let rest = count - step * boundaries.len() as i64;
-        let mut start = String::new();
-        for end in boundaries {
+        // Equal slices of the seq span, about `step` resources each. Resources that matter to
+        // the snapshot all have a current row by now, so the span covers them.
+        let slices = (span.count + step - 1) / step;
+        let width = (span.max_seq - span.min_seq + 1 + slices - 1) / slices;
+        let mut start = span.min_seq - 1;
+        while start < span.max_seq {
+            let end = (start + width).min(span.max_seq);
             planned.push(jobs::PlannedTask {
                 resource_type: resource_type.clone(),
-                range_start: std::mem::replace(&mut start, end.clone()),
-                range_end: end,
-                estimate: step,
-            });
-        }
-        // Resources that matter to the snapshot all have a current row by now, so a range
-        // without current rows has nothing to export.
-        if rest > 0 {
-            planned.push(jobs::PlannedTask {
-                resource_type,
                 range_start: start,
-                range_end: "~".into(),
-                estimate: rest,
+                range_end: end,
+                estimate: span.count / slices,
             });
+            start = end;
         }
     }
     if jobs::finish_plan(pool, task, &planned, context.retention()).await? {
