@@ -65,7 +65,7 @@ for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null &&
 t0=$(now)
 STATUS=$(curl -sf -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
   "http://127.0.0.1:$PORT/\$export" | tr -d '\r' | awk 'tolower($1) == "content-location:" { print $2 }')
-until [ "$(curl -s -o "$OUT/manifest.json" -w '%{http_code}' "$STATUS")" = 200 ]; do sleep 0.05; done
+until [ "$(curl -s -o "$OUT/manifest.json" -w "%{http_code}" "$STATUS")" = 200 ]; do sleep 0.1; done
 t1=$(now)
 EXPORT_SECS=$(secs "$t0" "$t1")
 EXPORTED=$(python3 -c "import json; print(sum(o['count'] for o in json.load(open('$OUT/manifest.json'))['output']))")

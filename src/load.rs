@@ -6,8 +6,13 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
+    hash::{Hash, Hasher},
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -34,8 +39,11 @@ pub struct LoadArgs {
     #[arg(long)]
     pub skip_invalid: bool,
     /// Resources per database transaction.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
+    /// Database connections writing in parallel.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub writers: u32,
 }
 
 /// What a load did.
@@ -130,6 +138,10 @@ fn kind(path: &Path) -> Option<Kind> {
 }
 
 /// Loads `files` into the store.
+///
+/// One thread reads and prepares resources; `writers` tasks write batches, each on its own
+/// connection. A resource always goes to the same writer (by a hash of its type and id), so
+/// its versions are written in input order.
 pub async fn load_files(
     pool: &PgPool,
     files: Vec<PathBuf>,
@@ -147,10 +159,22 @@ pub async fn load_files(
         )
         .expect("valid template"),
     );
-    let (sender, mut receiver) = mpsc::channel::<anyhow::Result<Vec<Prepared>>>(2);
+    let loaded = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..args.writers {
+        let (sender, receiver) = mpsc::channel::<Vec<Prepared>>(2);
+        senders.push(sender);
+        writers.spawn(write_batches(
+            pool.clone(),
+            receiver,
+            loaded.clone(),
+            progress.clone(),
+        ));
+    }
     let reader = {
         let (files, args, progress) = (files.clone(), args.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || read_all(&files, &args, &progress, &sender))
+        tokio::task::spawn_blocking(move || read_all(&files, &args, &progress, senders))
     };
 
     let mut report = LoadReport {
@@ -158,51 +182,66 @@ pub async fn load_files(
         ..LoadReport::default()
     };
     let mut failure = None;
-    while let Some(batch) = receiver.recv().await {
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                failure = Some(e);
-                break;
+    while let Some(result) = writers.join_next().await {
+        match result.context("a writer task failed")? {
+            Ok(part) => {
+                report.updated += part.updated;
+                for (t, n) in part.per_type {
+                    *report.per_type.entry(t).or_default() += n;
+                }
             }
-        };
-        let counts = count_types(&batch);
-        let mut tx = db::resources::begin_write(pool).await?;
-        report.updated += store::put_many(&mut tx, &batch).await? as u64;
-        tx.commit().await?;
-        for (t, n) in counts {
-            *report.per_type.entry(t).or_default() += n;
+            // The first failure wins; the other writers stop as their channels close.
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
         }
-        progress.set_message(format!("{} resources", report.total()));
     }
-    drop(receiver);
-    report.skipped = reader.await.context("reader thread failed")?;
+    let (skipped, read_error) = reader.await.context("reader thread failed")?;
     progress.finish_and_clear();
-    if let Some(e) = failure {
+    if let Some(e) = read_error.or(failure) {
         return Err(e.context(format!("load stopped after {} resources", report.total())));
     }
+    report.skipped = skipped;
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-fn count_types(batch: &[Prepared]) -> HashMap<String, u64> {
-    let mut counts = HashMap::new();
-    for p in batch {
-        *counts.entry(p.resource_type.clone()).or_default() += 1;
+/// One writer: each batch in one transaction with one COPY.
+async fn write_batches(
+    pool: PgPool,
+    mut batches: mpsc::Receiver<Vec<Prepared>>,
+    loaded: Arc<AtomicU64>,
+    progress: ProgressBar,
+) -> anyhow::Result<LoadReport> {
+    let mut report = LoadReport::default();
+    while let Some(batch) = batches.recv().await {
+        let mut tx = db::resources::begin_write(&pool).await?;
+        report.updated += store::put_many(&mut tx, &batch).await? as u64;
+        tx.commit().await?;
+        for p in &batch {
+            *report.per_type.entry(p.resource_type.clone()).or_default() += 1;
+        }
+        let total = loaded.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
+        progress.set_message(format!("{total} resources"));
     }
-    counts
+    Ok(report)
 }
 
-type Sender = mpsc::Sender<anyhow::Result<Vec<Prepared>>>;
-
-/// Reads every file, sending batches; an invalid resource is sent as an error (and ends the
-/// run) unless `skip_invalid`. Returns how many were skipped.
-fn read_all(files: &[PathBuf], args: &LoadArgs, progress: &ProgressBar, sender: &Sender) -> u64 {
+/// Reads every file, sending full batches to the writers. An invalid resource ends the run
+/// (unless `skip_invalid`): the batches it belongs to are never sent. Returns how many were
+/// skipped and the error that ended the run, if any.
+fn read_all(
+    files: &[PathBuf],
+    args: &LoadArgs,
+    progress: &ProgressBar,
+    senders: Vec<mpsc::Sender<Vec<Prepared>>>,
+) -> (u64, Option<anyhow::Error>) {
     let targets = collect_urn_targets(files);
+    let size = args.batch_size as usize;
     let mut batcher = Batcher {
-        batch: Vec::with_capacity(args.batch_size as usize),
-        size: args.batch_size as usize,
-        sender,
+        batches: senders.iter().map(|_| Vec::with_capacity(size)).collect(),
+        senders,
+        size,
         skip_invalid: args.skip_invalid,
         skipped: 0,
         targets: &targets,
@@ -214,22 +253,19 @@ fn read_all(files: &[PathBuf], args: &LoadArgs, progress: &ProgressBar, sender: 
         };
         match result {
             Ok(true) => {}
-            // The receiver stopped: the load failed on the database side.
-            Ok(false) => return batcher.skipped,
-            Err(e) => {
-                let _ = sender.blocking_send(Err(e));
-                return batcher.skipped;
-            }
+            // A writer stopped: the load failed on the database side, which reports it.
+            Ok(false) => return (batcher.skipped, None),
+            Err(e) => return (batcher.skipped, Some(e)),
         }
     }
-    batcher.flush();
-    batcher.skipped
+    batcher.flush_all();
+    (batcher.skipped, None)
 }
 
 struct Batcher<'a> {
-    batch: Vec<Prepared>,
+    batches: Vec<Vec<Prepared>>,
+    senders: Vec<mpsc::Sender<Vec<Prepared>>>,
     size: usize,
-    sender: &'a Sender,
     skip_invalid: bool,
     skipped: u64,
     targets: &'a HashMap<String, String>,
@@ -239,25 +275,29 @@ impl Batcher<'_> {
     /// Adds one resource (as parsed JSON, with its `fullUrl` if any). `Ok(false)` means stop.
     fn push(&mut self, value: Value, full_url: Option<&str>, place: &str) -> anyhow::Result<bool> {
         match prepare(value, full_url, self.targets) {
-            Ok(prepared) => self.batch.push(prepared),
-            Err(why) if self.skip_invalid => {
-                tracing::warn!("{place}: skipped: {why}");
-                self.skipped += 1;
-            }
-            Err(why) => bail!("{place}: {why}"),
+            Ok(prepared) => Ok(self.add(prepared)),
+            Err(why) => self.skip_or_fail(place, &why).map(|()| true),
         }
-        if self.batch.len() >= self.size {
-            return Ok(self.flush());
-        }
-        Ok(true)
     }
 
-    fn flush(&mut self) -> bool {
-        if self.batch.is_empty() {
-            return true;
+    /// Adds a prepared resource to its writer's batch. `false` means stop.
+    fn add(&mut self, prepared: Prepared) -> bool {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&prepared.resource_type, &prepared.id).hash(&mut hasher);
+        let writer = (hasher.finish() % self.senders.len() as u64) as usize;
+        self.batches[writer].push(prepared);
+        self.batches[writer].len() < self.size || self.flush(writer)
+    }
+
+    fn flush(&mut self, writer: usize) -> bool {
+        let batch = std::mem::replace(&mut self.batches[writer], Vec::with_capacity(self.size));
+        batch.is_empty() || self.senders[writer].blocking_send(batch).is_ok()
+    }
+
+    fn flush_all(&mut self) {
+        for writer in 0..self.senders.len() {
+            self.flush(writer);
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.size));
-        self.sender.blocking_send(Ok(batch)).is_ok()
     }
 
     fn skip_or_fail(&mut self, place: &str, why: &str) -> anyhow::Result<()> {
@@ -288,6 +328,51 @@ fn prepare(
     };
     let resource_type = resource::resource_type(&resource).to_string();
     Ok(Prepared::new(&resource_type, &id, resource))
+}
+
+/// The fast path for an ndjson line: top-level elements are kept as the raw JSON text of the
+/// line (one line, so no newlines inside) instead of being parsed and written again; only
+/// `resourceType`, `id`, `meta` and the elements compartment membership reads are parsed.
+/// `None` sends the line down the full path (which also reports what is wrong with it).
+fn prepare_line_fast(line: &[u8], targets: &HashMap<String, String>) -> Option<Prepared> {
+    use serde_json::value::RawValue;
+    if !targets.is_empty() && line.windows(9).any(|w| w == b"urn:uuid:") {
+        return None;
+    }
+    let fields: indexmap::IndexMap<&str, &RawValue> = serde_json::from_slice(line).ok()?;
+    let resource_type: &str = serde_json::from_str(fields.get("resourceType")?.get()).ok()?;
+    if !crate::fhir::is_resource_type(resource_type) {
+        return None;
+    }
+    let id = match fields.get("id") {
+        Some(raw) => serde_json::from_str::<&str>(raw.get())
+            .ok()
+            .filter(|id| resource::is_valid_id(id))?
+            .to_string(),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let meta = match fields.get("meta") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => serde_json::Map::new(),
+    };
+    let mut members = serde_json::Map::new();
+    for element in crate::fhir::compartment::top_level_elements(resource_type) {
+        if let Some(raw) = fields.get(element) {
+            members.insert(element.to_string(), serde_json::from_str(raw.get()).ok()?);
+        }
+    }
+    let patient_ids = crate::fhir::compartment::patient_ids(resource_type, &id, &members);
+    let rest = fields
+        .iter()
+        .filter(|(k, _)| !matches!(**k, "resourceType" | "id" | "meta"))
+        .map(|(k, v)| (*k, v.get()));
+    let template = resource::Template::from_parts(fields["resourceType"].get(), &id, &meta, rest);
+    Some(Prepared::from_parts(
+        resource_type,
+        &id,
+        patient_ids,
+        template,
+    ))
 }
 
 /// `urn:uuid:X` → `X`, the id a resource without one takes.
@@ -321,6 +406,12 @@ fn read_ndjson(file: &Path, progress: &ProgressBar, out: &mut Batcher) -> anyhow
         }
         number += 1;
         if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Some(prepared) = prepare_line_fast(&line, out.targets) {
+            if !out.add(prepared) {
+                return Ok(false);
+            }
             continue;
         }
         let place = format!("{}:{number}", file.display());

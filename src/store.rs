@@ -42,6 +42,21 @@ impl Prepared {
         }
     }
 
+    /// From parts computed elsewhere (the fast path of `load`).
+    pub fn from_parts(
+        resource_type: &str,
+        id: &str,
+        patient_ids: Vec<String>,
+        template: Template,
+    ) -> Prepared {
+        Prepared {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            patient_ids,
+            template,
+        }
+    }
+
     fn key(&self) -> ResourceKey {
         (self.resource_type.clone(), self.id.clone())
     }
@@ -56,7 +71,9 @@ pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Writ
         None => resources::next_seqs(tx, 1).await?[0],
     };
     let version_id = head.map_or(1, |h| h.version_id + 1);
-    let body = prepared.template.fill(version_id, &instant::format(last_updated));
+    let body = prepared
+        .template
+        .fill(version_id, &instant::format(last_updated));
     let version = NewVersion {
         resource_type: prepared.resource_type,
         id: prepared.id,
@@ -86,11 +103,15 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
     }
     let keys: Vec<ResourceKey> = last_index.keys().cloned().collect();
     let heads = resources::lock_current_many(tx, &keys).await?;
-    let mut fresh_seqs = resources::next_seqs(tx, keys.len() - heads.len()).await?.into_iter();
+    let mut fresh_seqs = resources::next_seqs(tx, keys.len() - heads.len())
+        .await?
+        .into_iter();
     let base = resources::next_timestamp(tx, None).await?;
     // Per resource: seq, and the last version number and timestamp given out so far.
-    let mut latest: HashMap<ResourceKey, (i64, i32, DateTime<Utc>)> =
-        heads.iter().map(|(k, h)| (k.clone(), (h.seq, h.version_id, h.last_updated))).collect();
+    let mut latest: HashMap<ResourceKey, (i64, i32, DateTime<Utc>)> = heads
+        .iter()
+        .map(|(k, h)| (k.clone(), (h.seq, h.version_id, h.last_updated)))
+        .collect();
     let existing: Vec<ResourceKey> = heads.into_keys().collect();
     resources::retire_current(tx, &existing).await?;
 
@@ -100,7 +121,11 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
         let own_clock = base + TimeDelta::microseconds(i as i64);
         let (seq, version_id, last_updated) = match latest.get(&key) {
             Some(&(seq, v, t)) => (seq, v + 1, own_clock.max(t + TimeDelta::microseconds(1))),
-            None => (fresh_seqs.next().expect("one seq per new resource"), 1, own_clock),
+            None => (
+                fresh_seqs.next().expect("one seq per new resource"),
+                1,
+                own_clock,
+            ),
         };
         let (version_text, time_text) = (version_id.to_string(), instant::format(last_updated));
         copy.row(&CopyRow {

@@ -16,7 +16,10 @@ async fn kick_off_with(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> r
     request.send().await.unwrap()
 }
 
-const BULK: &[(&str, &str)] = &[("accept", "application/fhir+json"), ("prefer", "respond-async")];
+const BULK: &[(&str, &str)] = &[
+    ("accept", "application/fhir+json"),
+    ("prefer", "respond-async"),
+];
 
 fn counts(files: &[OutputFile]) -> BTreeMap<String, usize> {
     let mut c = BTreeMap::new();
@@ -38,7 +41,8 @@ async fn system_export_has_exact_counts_and_a_complete_manifest() {
     assert_eq!(manifest["error"], json!([]));
     assert!(manifest["transactionTime"].as_str().unwrap().ends_with('Z'));
     let files = download_all(&app, &manifest).await;
-    let expected: BTreeMap<String, usize> = loaded.iter().map(|(t, l)| (t.clone(), l.len())).collect();
+    let expected: BTreeMap<String, usize> =
+        loaded.iter().map(|(t, l)| (t.clone(), l.len())).collect();
     assert_eq!(counts(&files), expected);
     let exported = resources_by_key(&files);
     for (t, lines) in &loaded {
@@ -67,21 +71,46 @@ async fn output_files_respect_count_and_byte_limits_and_are_numbered_without_gap
     })
     .await;
     let loaded = load_generated(&app, 1).await;
-    let manifest = wait_manifest(&app, &kick_off(&app, "/$export?_type=Observation,Patient,Condition").await).await;
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, "/$export?_type=Observation,Patient,Condition").await,
+    )
+    .await;
     let files = download_all(&app, &manifest).await;
     let mut numbers: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
     for f in &files {
-        let (t, n) = f.name.strip_suffix(".ndjson").unwrap().rsplit_once('-').unwrap();
+        let (t, n) = f
+            .name
+            .strip_suffix(".ndjson")
+            .unwrap()
+            .rsplit_once('-')
+            .unwrap();
         assert_eq!(t, f.resource_type);
-        assert!(numbers.entry(t.to_string()).or_default().insert(n.parse().unwrap()), "{} twice", f.name);
+        assert!(
+            numbers
+                .entry(t.to_string())
+                .or_default()
+                .insert(n.parse().unwrap()),
+            "{} twice",
+            f.name
+        );
         let lines = f.text.lines().count();
         assert!((1..=7).contains(&lines), "{} has {lines} lines", f.name);
-        assert!(f.text.len() <= 4096 || lines == 1, "{} has {} bytes", f.name, f.text.len());
+        assert!(
+            f.text.len() <= 4096 || lines == 1,
+            "{} has {} bytes",
+            f.name,
+            f.text.len()
+        );
         assert!(f.text.ends_with('\n'));
         assert!(!f.text.contains("\n\n"));
     }
     for (t, ns) in &numbers {
-        assert_eq!(ns.iter().copied().collect::<Vec<_>>(), (1..=ns.len() as u32).collect::<Vec<_>>(), "{t}");
+        assert_eq!(
+            ns.iter().copied().collect::<Vec<_>>(),
+            (1..=ns.len() as u32).collect::<Vec<_>>(),
+            "{t}"
+        );
     }
     let c = counts(&files);
     assert_eq!(c["Observation"], loaded["Observation"].len());
@@ -89,7 +118,10 @@ async fn output_files_respect_count_and_byte_limits_and_are_numbered_without_gap
     assert_eq!(c.len(), 3);
     resources_by_key(&files);
     // The files are in the configured layout: {container}/{folder}/{Type}-{n}.ndjson.
-    let containers: Vec<_> = std::fs::read_dir(app.storage.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let containers: Vec<_> = std::fs::read_dir(app.storage.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(containers.len(), 1);
     assert!(containers[0].to_str().unwrap().starts_with("export-"));
 }
@@ -98,21 +130,33 @@ async fn output_files_respect_count_and_byte_limits_and_are_numbered_without_gap
 async fn writes_after_kick_off_never_leak_into_the_export() {
     let app = TestApp::spawn_with(|c| c.export.workers = 0).await;
     for id in ["a", "b", "c"] {
-        app.put_json(&format!("/Patient/{id}"), &json!({"resourceType": "Patient", "id": id, "active": true})).await;
+        app.put_json(
+            &format!("/Patient/{id}"),
+            &json!({"resourceType": "Patient", "id": id, "active": true}),
+        )
+        .await;
     }
     let status_url = kick_off(&app, "/$export?_type=Patient").await;
     let queued = app.client.get(&status_url).send().await.unwrap();
     assert_eq!(queued.status(), 202);
     assert_eq!(queued.headers()["x-progress"], "queued");
     // After kick-off: update a, delete b, create d.
-    app.put_json("/Patient/a", &json!({"resourceType": "Patient", "id": "a", "active": false})).await;
+    app.put_json(
+        "/Patient/a",
+        &json!({"resourceType": "Patient", "id": "a", "active": false}),
+    )
+    .await;
     assert_eq!(app.delete("/Patient/b").await.status(), 204);
-    app.put_json("/Patient/d", &json!({"resourceType": "Patient", "id": "d"})).await;
+    app.put_json("/Patient/d", &json!({"resourceType": "Patient", "id": "d"}))
+        .await;
 
     let _workers = app.spawn_sibling(|_| {}).await;
     let files = download_all(&app, &wait_manifest(&app, &status_url).await).await;
     let got = resources_by_key(&files);
-    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/a", "Patient/b", "Patient/c"]);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        vec!["Patient/a", "Patient/b", "Patient/c"]
+    );
     assert_eq!(got["Patient/a"]["active"], true);
     assert_eq!(got["Patient/a"]["meta"]["versionId"], "1");
 }
@@ -121,21 +165,41 @@ async fn writes_after_kick_off_never_leak_into_the_export() {
 async fn till_exports_the_state_at_that_instant() {
     let app = TestApp::spawn().await;
     for id in ["a", "b", "c"] {
-        app.put_json(&format!("/Patient/{id}"), &json!({"resourceType": "Patient", "id": id, "gender": "female"})).await;
+        app.put_json(
+            &format!("/Patient/{id}"),
+            &json!({"resourceType": "Patient", "id": id, "gender": "female"}),
+        )
+        .await;
     }
     let c = json(app.get("/Patient/c").await).await;
     let till = c["meta"]["lastUpdated"].as_str().unwrap().to_string();
-    app.put_json("/Patient/a", &json!({"resourceType": "Patient", "id": "a", "gender": "male"})).await;
+    app.put_json(
+        "/Patient/a",
+        &json!({"resourceType": "Patient", "id": "a", "gender": "male"}),
+    )
+    .await;
     app.delete("/Patient/b").await;
     app.delete("/Patient/c").await;
-    app.put_json("/Patient/c", &json!({"resourceType": "Patient", "id": "c", "gender": "other"})).await;
-    app.put_json("/Patient/d", &json!({"resourceType": "Patient", "id": "d"})).await;
+    app.put_json(
+        "/Patient/c",
+        &json!({"resourceType": "Patient", "id": "c", "gender": "other"}),
+    )
+    .await;
+    app.put_json("/Patient/d", &json!({"resourceType": "Patient", "id": "d"}))
+        .await;
 
-    let url = kick_off(&app, &format!("/$export?_till={}", till.replace('+', "%2B"))).await;
+    let url = kick_off(
+        &app,
+        &format!("/$export?_till={}", till.replace('+', "%2B")),
+    )
+    .await;
     let manifest = wait_manifest(&app, &url).await;
     assert_eq!(manifest["transactionTime"], till.as_str());
     let got = resources_by_key(&download_all(&app, &manifest).await);
-    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/a", "Patient/b", "Patient/c"]);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        vec!["Patient/a", "Patient/b", "Patient/c"]
+    );
     for (_, r) in got {
         assert_eq!(r["gender"], "female");
         assert_eq!(r["meta"]["versionId"], "1");
@@ -145,24 +209,39 @@ async fn till_exports_the_state_at_that_instant() {
 #[tokio::test]
 async fn since_is_strictly_after_and_chains_with_transaction_time() {
     let app = TestApp::spawn().await;
-    app.put_json("/Patient/a", &json!({"resourceType": "Patient", "id": "a"})).await;
+    app.put_json("/Patient/a", &json!({"resourceType": "Patient", "id": "a"}))
+        .await;
     let a = json(app.get("/Patient/a").await).await;
-    app.put_json("/Patient/b", &json!({"resourceType": "Patient", "id": "b"})).await;
+    app.put_json("/Patient/b", &json!({"resourceType": "Patient", "id": "b"}))
+        .await;
     let since = a["meta"]["lastUpdated"].as_str().unwrap();
-    let manifest = wait_manifest(&app, &kick_off(&app, &format!("/$export?_since={since}")).await).await;
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/$export?_since={since}")).await,
+    )
+    .await;
     let got = resources_by_key(&download_all(&app, &manifest).await);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/b"]);
 
     // The manifest's transactionTime is the next _since: nothing twice, nothing lost.
     let next_since = manifest["transactionTime"].as_str().unwrap().to_string();
-    app.put_json("/Patient/c", &json!({"resourceType": "Patient", "id": "c"})).await;
-    let manifest = wait_manifest(&app, &kick_off(&app, &format!("/$export?_since={next_since}")).await).await;
+    app.put_json("/Patient/c", &json!({"resourceType": "Patient", "id": "c"}))
+        .await;
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/$export?_since={next_since}")).await,
+    )
+    .await;
     let got = resources_by_key(&download_all(&app, &manifest).await);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/c"]);
 }
 
 async fn put(app: &TestApp, resource: Value) {
-    let path = format!("/{}/{}", resource["resourceType"].as_str().unwrap(), resource["id"].as_str().unwrap());
+    let path = format!(
+        "/{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
     let status = app.put_json(&path, &resource).await.status();
     assert!(status.is_success(), "{path}: {status}");
 }
@@ -217,19 +296,57 @@ async fn group_export_follows_nested_groups_skips_inactive_and_exports_once() {
     inactive["inactive"] = json!(true);
     let mut ended = member("Patient/p4");
     ended["period"] = json!({"start": "2001-01-01", "end": "2002-01-01"});
-    put(&app, group("outer", &[member("Patient/p1"), member("Group/inner"), inactive, ended])).await;
+    put(
+        &app,
+        group(
+            "outer",
+            &[member("Patient/p1"), member("Group/inner"), inactive, ended],
+        ),
+    )
+    .await;
     // inner points back at outer: a cycle that must not loop.
-    put(&app, group("inner", &[member("Patient/p2"), member("Group/outer"), member("Group/missing")])).await;
+    put(
+        &app,
+        group(
+            "inner",
+            &[
+                member("Patient/p2"),
+                member("Group/outer"),
+                member("Group/missing"),
+            ],
+        ),
+    )
+    .await;
     let manifest = wait_manifest(&app, &kick_off(&app, "/Group/outer/$export").await).await;
     let got = resources_by_key(&download_all(&app, &manifest).await);
     let keys: Vec<String> = got.keys().cloned().collect();
-    assert_eq!(keys, vec!["Observation/o-p1", "Observation/o-p2", "Observation/o12", "Patient/p1", "Patient/p2"]);
+    assert_eq!(
+        keys,
+        vec![
+            "Observation/o-p1",
+            "Observation/o-p2",
+            "Observation/o12",
+            "Patient/p1",
+            "Patient/p2"
+        ]
+    );
 
     // _since filters the exported resources, not the membership.
-    let since = json(app.get("/Observation/o12").await).await["meta"]["lastUpdated"].as_str().unwrap().to_string();
-    put(&app, json!({"resourceType": "Patient", "id": "p2", "active": true})).await;
+    let since = json(app.get("/Observation/o12").await).await["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    put(
+        &app,
+        json!({"resourceType": "Patient", "id": "p2", "active": true}),
+    )
+    .await;
     put(&app, observation("o-p5", "p5", None)).await;
-    let manifest = wait_manifest(&app, &kick_off(&app, &format!("/Group/outer/$export?_since={since}")).await).await;
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/Group/outer/$export?_since={since}")).await,
+    )
+    .await;
     let got = resources_by_key(&download_all(&app, &manifest).await);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/p2"]);
 }
@@ -264,7 +381,10 @@ async fn post_kick_off_takes_a_parameters_body() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let url = response.headers()["content-location"].to_str().unwrap().to_string();
+    let url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let files = download_all(&app, &wait_manifest(&app, &url).await).await;
     assert_eq!(counts(&files), BTreeMap::from([("Patient".to_string(), 5)]));
 
@@ -286,8 +406,16 @@ async fn every_bad_kick_off_is_a_400_operation_outcome() {
     let app = TestApp::spawn().await;
     let accept_only = &[("accept", "application/fhir+json")];
     let prefer_only = &[("prefer", "respond-async")];
-    assert!(assert_outcome(kick_off_with(&app, "/$export", prefer_only).await, 400).await.contains("Accept"));
-    assert!(assert_outcome(kick_off_with(&app, "/$export", accept_only).await, 400).await.contains("Prefer"));
+    assert!(
+        assert_outcome(kick_off_with(&app, "/$export", prefer_only).await, 400)
+            .await
+            .contains("Accept")
+    );
+    assert!(
+        assert_outcome(kick_off_with(&app, "/$export", accept_only).await, 400)
+            .await
+            .contains("Prefer")
+    );
     let wrong_accept = &[("accept", "application/xml"), ("prefer", "respond-async")];
     assert_outcome(kick_off_with(&app, "/$export", wrong_accept).await, 400).await;
     for (query, needle) in [
@@ -301,21 +429,35 @@ async fn every_bad_kick_off_is_a_400_operation_outcome() {
         ("_typeFilter=Patient%3Factive%3Dtrue", "not supported"),
         ("_elements=id", "not supported"),
         ("bogus=1", "bogus"),
-        ("_since=2024-01-01T00:00:00Z&_since=2024-01-02T00:00:00Z", "once"),
+        (
+            "_since=2024-01-01T00:00:00Z&_since=2024-01-02T00:00:00Z",
+            "once",
+        ),
     ] {
-        let message = assert_outcome(kick_off_with(&app, &format!("/$export?{query}"), BULK).await, 400).await;
+        let message = assert_outcome(
+            kick_off_with(&app, &format!("/$export?{query}"), BULK).await,
+            400,
+        )
+        .await;
         assert!(message.contains(needle), "{query}: {message}");
     }
-    let patient_till = kick_off_with(&app, "/Patient/$export?_till=2020-01-01T00:00:00Z", BULK).await;
+    let patient_till =
+        kick_off_with(&app, "/Patient/$export?_till=2020-01-01T00:00:00Z", BULK).await;
     assert!(assert_outcome(patient_till, 400).await.contains("system"));
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM export_jobs").fetch_one(&app.pool).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM export_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(count, 0);
 }
 
 #[tokio::test]
 async fn lenient_handling_ignores_and_names_unknown_parameters() {
     let app = TestApp::spawn().await;
-    let lenient = &[("accept", "application/fhir+json"), ("prefer", "respond-async, handling=lenient")];
+    let lenient = &[
+        ("accept", "application/fhir+json"),
+        ("prefer", "respond-async, handling=lenient"),
+    ];
     let response = kick_off_with(&app, "/$export?bogus=1&_type=Patient", lenient).await;
     assert_eq!(response.status(), 202);
     let body = json(response).await;
@@ -348,11 +490,20 @@ async fn cancel_stops_the_job_and_deletes_its_files() {
 
     let cancelled = app.client.delete(&url).send().await.unwrap();
     assert_eq!(cancelled.status(), 202);
-    assert_eq!(std::fs::read_dir(&container).unwrap().count(), 0, "files must be deleted");
+    assert_eq!(
+        std::fs::read_dir(&container).unwrap().count(),
+        0,
+        "files must be deleted"
+    );
     assert_outcome(app.client.get(&url).send().await.unwrap(), 404).await;
     assert_outcome(app.client.delete(&url).send().await.unwrap(), 404).await;
     assert_outcome(app.client.get(&file_url).send().await.unwrap(), 404).await;
-    assert_outcome(app.get("/export/00000000-0000-0000-0000-000000000000").await, 404).await;
+    assert_outcome(
+        app.get("/export/00000000-0000-0000-0000-000000000000")
+            .await,
+        404,
+    )
+    .await;
     assert_outcome(app.get("/export/not-a-uuid").await, 404).await;
 }
 
@@ -364,7 +515,10 @@ async fn cancelling_a_queued_job_means_it_never_runs() {
     assert_eq!(app.client.delete(&url).send().await.unwrap().status(), 202);
     let _workers = app.spawn_sibling(|_| {}).await;
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
-    let parts: i64 = sqlx::query_scalar("SELECT count(*) FROM export_parts").fetch_one(&app.pool).await.unwrap();
+    let parts: i64 = sqlx::query_scalar("SELECT count(*) FROM export_parts")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(parts, 0);
     assert_outcome(app.client.get(&url).send().await.unwrap(), 404).await;
 }
@@ -374,15 +528,23 @@ async fn default_container_and_downloads_with_gzip() {
     let app = TestApp::spawn_with(|c| c.storage.default_container = "everything".into()).await;
     small_population(&app).await;
     let manifest = wait_manifest(&app, &kick_off(&app, "/$export?_type=Patient").await).await;
-    let folders: Vec<_> = std::fs::read_dir(app.storage.path().join("everything")).unwrap().collect();
+    let folders: Vec<_> = std::fs::read_dir(app.storage.path().join("everything"))
+        .unwrap()
+        .collect();
     assert_eq!(folders.len(), 1);
     let url = manifest["output"][0]["url"].as_str().unwrap();
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
-    let gz = raw.get(url).header("accept-encoding", "gzip").send().await.unwrap();
+    let gz = raw
+        .get(url)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(gz.headers()["content-encoding"], "gzip");
     let bytes = gz.bytes().await.unwrap();
     let mut text = String::new();
-    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text).unwrap();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .unwrap();
     assert_eq!(text.lines().count(), 5);
     let missing = url.replace("Patient-1", "Patient-9");
     assert_outcome(app.client.get(&missing).send().await.unwrap(), 404).await;
@@ -402,7 +564,10 @@ async fn finished_jobs_expire_with_their_files() {
     assert_outcome(app.client.get(&url).send().await.unwrap(), 404).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::fs::read_dir(app.storage.path()).unwrap().count() > 0 {
-        assert!(std::time::Instant::now() < deadline, "expired files were not deleted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired files were not deleted"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
@@ -411,11 +576,19 @@ async fn finished_jobs_expire_with_their_files() {
 async fn metadata_declares_the_bulk_operations() {
     let app = TestApp::spawn().await;
     let cs = json(app.get("/metadata").await).await;
-    assert_eq!(cs["instantiates"][0], "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data");
+    assert_eq!(
+        cs["instantiates"][0],
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    );
     assert_eq!(cs["rest"][0]["operation"][0]["name"], "export");
     let resources = cs["rest"][0]["resource"].as_array().unwrap();
     for (t, def) in [("Patient", "patient-export"), ("Group", "group-export")] {
         let r = resources.iter().find(|r| r["type"] == t).unwrap();
-        assert!(r["operation"][0]["definition"].as_str().unwrap().ends_with(def));
+        assert!(
+            r["operation"][0]["definition"]
+                .as_str()
+                .unwrap()
+                .ends_with(def)
+        );
     }
 }

@@ -27,32 +27,64 @@ async fn committed_parts(pool: &PgPool) -> i64 {
 async fn wait_for_parts(pool: &PgPool, n: i64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while committed_parts(pool).await < n {
-        assert!(std::time::Instant::now() < deadline, "the worker process wrote no parts");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker process wrote no parts"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
-fn assert_exact(files: &[OutputFile], loaded: &BTreeMap<String, Vec<serde_json::Value>>, types: &[&str]) {
+fn assert_exact(
+    files: &[OutputFile],
+    loaded: &BTreeMap<String, Vec<serde_json::Value>>,
+    types: &[&str],
+) {
     let got = resources_by_key(files); // panics on duplicates
     for t in types {
-        let expected: Vec<String> = loaded[*t].iter().map(|r| format!("{t}/{}", r["id"].as_str().unwrap())).collect();
-        let exported: Vec<&String> = got.keys().filter(|k| k.starts_with(&format!("{t}/"))).collect();
-        assert_eq!(exported.len(), expected.len(), "{t}: missing or extra resources");
+        let expected: Vec<String> = loaded[*t]
+            .iter()
+            .map(|r| format!("{t}/{}", r["id"].as_str().unwrap()))
+            .collect();
+        let exported: Vec<&String> = got
+            .keys()
+            .filter(|k| k.starts_with(&format!("{t}/")))
+            .collect();
+        assert_eq!(
+            exported.len(),
+            expected.len(),
+            "{t}: missing or extra resources"
+        );
         for key in &expected {
             assert!(got.contains_key(key), "{key} missing");
         }
         let mut numbers: Vec<u32> = files
             .iter()
             .filter(|f| f.resource_type == *t)
-            .map(|f| f.name.trim_end_matches(".ndjson").rsplit_once('-').unwrap().1.parse().unwrap())
+            .map(|f| {
+                f.name
+                    .trim_end_matches(".ndjson")
+                    .rsplit_once('-')
+                    .unwrap()
+                    .1
+                    .parse()
+                    .unwrap()
+            })
             .collect();
         numbers.sort();
-        assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>(), "{t} numbering");
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as u32).collect::<Vec<_>>(),
+            "{t} numbering"
+        );
     }
 }
 
@@ -77,7 +109,10 @@ async fn a_worker_killed_mid_export_is_rescued_with_exact_output() {
     let manifest = wait_manifest(&app, &status_url).await;
     let files = download_all(&app, &manifest).await;
     assert_exact(&files, &loaded, &["Observation", "Patient"]);
-    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks").fetch_one(&app.pool).await.unwrap();
+    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(rescued, 1, "the killed task was rescued once");
     assert!(committed_parts(&app.pool).await > before);
 }
@@ -106,7 +141,10 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
         let mut on_disk = BTreeMap::new();
         for entry in walk(app.storage.path()) {
             let meta = std::fs::metadata(&entry).unwrap();
-            on_disk.insert(entry.clone(), (std::fs::read(&entry).unwrap(), meta.modified().unwrap()));
+            on_disk.insert(
+                entry.clone(),
+                (std::fs::read(&entry).unwrap(), meta.modified().unwrap()),
+            );
         }
         let rows: Vec<(String, i32, Option<i32>)> = sqlx::query_as(
             "SELECT resource_type, part_no, resources FROM export_parts ORDER BY 1, 2",
@@ -114,15 +152,19 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
         .fetch_all(&app.pool)
         .await
         .unwrap();
-        let tasks: Vec<(i64, String, i32, i64)> =
-            sqlx::query_as("SELECT id, status, parts_done, checkpoint_seq FROM export_tasks ORDER BY id")
-                .fetch_all(&app.pool)
-                .await
-                .unwrap();
+        let tasks: Vec<(i64, String, i32, i64)> = sqlx::query_as(
+            "SELECT id, status, parts_done, checkpoint_seq FROM export_tasks ORDER BY id",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
         (on_disk, rows, tasks)
     };
     let before = snapshot().await;
-    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks").fetch_one(&app.pool).await.unwrap();
+    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(rescued, 1, "the frozen worker's task was rescued");
 
     signal(&frozen, "-CONT");
@@ -135,13 +177,27 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
     assert_eq!(before.1, after.1, "export_parts changed");
     assert_eq!(before.2, after.2, "export_tasks changed");
     let final_files = |s: &BTreeMap<std::path::PathBuf, _>| -> Vec<std::path::PathBuf> {
-        s.keys().filter(|p| p.extension().is_some_and(|e| e == "ndjson")).cloned().collect()
+        s.keys()
+            .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+            .cloned()
+            .collect()
     };
-    assert_eq!(final_files(&before.0), final_files(&after.0), "files appeared or vanished");
+    assert_eq!(
+        final_files(&before.0),
+        final_files(&after.0),
+        "files appeared or vanished"
+    );
     for path in final_files(&after.0) {
-        assert!(before.0[&path] == after.0[&path], "{} was rewritten", path.display());
+        assert!(
+            before.0[&path] == after.0[&path],
+            "{} was rewritten",
+            path.display()
+        );
     }
-    let job_status: String = sqlx::query_scalar("SELECT status FROM export_jobs").fetch_one(&app.pool).await.unwrap();
+    let job_status: String = sqlx::query_scalar("SELECT status FROM export_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(job_status, "completed");
 }
 

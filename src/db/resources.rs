@@ -79,11 +79,13 @@ pub async fn lock_current_many(
 ) -> sqlx::Result<HashMap<ResourceKey, Head>> {
     let (types, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
+    // LATERAL keeps this to one primary-key probe per key whatever the table's statistics say.
     let rows = sqlx::query(
         "SELECT r.resource_type, r.id, r.version_id, r.seq, r.last_updated, r.body IS NULL
-         FROM resources r JOIN unnest($1::text[], $2::text[]) AS k(t, i)
-           ON r.resource_type = k.t AND r.id = k.i
-         WHERE r.is_current FOR UPDATE OF r",
+         FROM unnest($1::text[], $2::text[]) AS k(t, i)
+         CROSS JOIN LATERAL (
+             SELECT * FROM resources r
+             WHERE r.resource_type = k.t AND r.id = k.i AND r.is_current FOR UPDATE) r",
     )
     .bind(&types)
     .bind(&ids)
@@ -197,7 +199,10 @@ impl<'c> CopyWriter<'c> {
                  patient_ids, body) FROM STDIN",
             )
             .await?;
-        Ok(CopyWriter { copy, buf: Vec::with_capacity(COPY_CHUNK + 64 * 1024) })
+        Ok(CopyWriter {
+            copy,
+            buf: Vec::with_capacity(COPY_CHUNK + 64 * 1024),
+        })
     }
 
     pub async fn row(&mut self, row: &CopyRow<'_>) -> sqlx::Result<()> {
@@ -245,7 +250,10 @@ fn encode_copy_row(buf: &mut Vec<u8>, row: &CopyRow) {
 fn push_escaped(buf: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
     let mut start = 0;
-    while let Some(offset) = bytes[start..].iter().position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+    while let Some(offset) = bytes[start..]
+        .iter()
+        .position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
+    {
         let at = start + offset;
         buf.extend_from_slice(&bytes[start..at]);
         buf.extend_from_slice(match bytes[at] {
@@ -456,7 +464,14 @@ mod tests {
         );
         assert_eq!(String::from_utf8(buf).unwrap(), expected);
         let mut tombstone = Vec::new();
-        encode_copy_row(&mut tombstone, &CopyRow { body: None, is_current: false, ..row });
+        encode_copy_row(
+            &mut tombstone,
+            &CopyRow {
+                body: None,
+                is_current: false,
+                ..row
+            },
+        );
         assert!(tombstone.ends_with(b"\tf\t{a,b}\t\\N\n"));
     }
 }

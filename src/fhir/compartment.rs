@@ -23,6 +23,14 @@ pub fn patient_ids(resource_type: &str, id: &str, resource: &Map<String, Value>)
     ids
 }
 
+/// The top-level elements of `resource_type` that compartment membership reads.
+pub fn top_level_elements(resource_type: &str) -> impl Iterator<Item = &'static str> {
+    let paths = PATIENT_COMPARTMENT
+        .binary_search_by(|(t, _)| t.cmp(&resource_type))
+        .map_or(&[][..], |i| PATIENT_COMPARTMENT[i].1);
+    paths.iter().map(|p| p.split('.').next().unwrap_or(p))
+}
+
 /// Walks `segments` through objects and arrays; at the end, reads Reference elements.
 fn collect_references(object: &Map<String, Value>, segments: &[&str], out: &mut Vec<String>) {
     let Some((first, rest)) = segments.split_first() else {

@@ -80,26 +80,46 @@ impl Template {
                         meta = m;
                     }
                 }
-                _ => rest.push((key, value)),
+                _ => rest.push((key, to_json(&value))),
             }
         }
-        let json = |v: &Value| serde_json::to_string(v).expect("a JSON value always serializes");
-        let key = |k: &str| json(&Value::String(k.to_string()));
+        Template::from_parts(
+            &to_json(&resource_type),
+            id,
+            &meta,
+            rest.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
+    /// From already serialized parts: the `resourceType` JSON, the id, the client's `meta` and
+    /// the other top-level elements as (name, JSON text), in order.
+    pub fn from_parts<'a>(
+        resource_type_json: &str,
+        id: &str,
+        meta: &Map<String, Value>,
+        rest: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Template {
+        let key = |k: &str| to_json(&Value::String(k.to_string()));
         let mut head = format!(
-            "{{\"resourceType\":{},\"id\":{},\"meta\":{{",
-            json(&resource_type),
+            "{{\"resourceType\":{resource_type_json},\"id\":{},\"meta\":{{",
             key(id)
         );
         for (k, v) in meta
             .iter()
             .filter(|(k, _)| *k != "versionId" && *k != "lastUpdated")
         {
-            head.push_str(&format!("{}:{},", key(k), json(v)));
+            head.push_str(&key(k));
+            head.push(':');
+            head.push_str(&to_json(v));
+            head.push(',');
         }
         head.push_str("\"versionId\":\"");
         let mut tail = String::from("\"}");
-        for (k, v) in &rest {
-            tail.push_str(&format!(",{}:{}", key(k), json(v)));
+        for (k, v) in rest {
+            tail.push(',');
+            tail.push_str(&key(k));
+            tail.push(':');
+            tail.push_str(v);
         }
         tail.push('}');
         Template { head, tail }
@@ -107,13 +127,23 @@ impl Template {
 
     /// The stored text of a version, in pieces to be written one after the other.
     pub fn pieces<'a>(&'a self, version_id: &'a str, last_updated: &'a str) -> [&'a str; 5] {
-        [&self.head, version_id, "\",\"lastUpdated\":\"", last_updated, &self.tail]
+        [
+            &self.head,
+            version_id,
+            "\",\"lastUpdated\":\"",
+            last_updated,
+            &self.tail,
+        ]
     }
 
     /// The stored text of a version.
     pub fn fill(&self, version_id: i32, last_updated: &str) -> String {
         self.pieces(&version_id.to_string(), last_updated).concat()
     }
+}
+
+fn to_json(v: &Value) -> String {
+    serde_json::to_string(v).expect("a JSON value always serializes")
 }
 
 /// Replaces every `reference` whose value is a key of `targets` (e.g. `urn:uuid:…`) with the

@@ -118,10 +118,10 @@ impl PartWriter for FilesystemWriter {
     async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool> {
         let mut file = self.file.take().expect("committed once");
         file.flush().await?;
-        if std::env::var("NOSYNC").is_err() { file.get_ref()
+        file.get_ref()
             .sync_all()
             .await
-            .with_context(|| format!("syncing {}", self.temp.display()))?; }
+            .with_context(|| format!("syncing {}", self.temp.display()))?;
         drop(file);
         if !fence.await? {
             return Ok(false); // Drop removes the temporary file.

@@ -88,8 +88,10 @@ pub struct TestApp {
 }
 
 pub fn test_config(db_url: &str, storage: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.database_url = db_url.to_string();
+    let mut config = Config {
+        database_url: db_url.to_string(),
+        ..Config::default()
+    };
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.export.workers = 2;
     config.export.poll_interval_ms = 200;
@@ -216,7 +218,10 @@ pub async fn kick_off(app: &TestApp, path_and_query: &str) -> String {
         .await
         .unwrap();
     let status = response.status();
-    let location = response.headers().get("content-location").map(|v| v.to_str().unwrap().to_string());
+    let location = response
+        .headers()
+        .get("content-location")
+        .map(|v| v.to_str().unwrap().to_string());
     let body = response.text().await.unwrap();
     assert_eq!(status, 202, "kick-off {path_and_query} failed: {body}");
     location.expect("a kick-off answers with Content-Location")
@@ -229,7 +234,12 @@ pub async fn wait_manifest(app: &TestApp, status_url: &str) -> Value {
         let response = app.client.get(status_url).send().await.unwrap();
         match response.status().as_u16() {
             202 => {
-                let progress = response.headers().get("x-progress").unwrap().to_str().unwrap();
+                let progress = response
+                    .headers()
+                    .get("x-progress")
+                    .unwrap()
+                    .to_str()
+                    .unwrap();
                 assert!(progress.len() < 100, "X-Progress too long: {progress}");
                 assert!(response.headers().contains_key("retry-after"));
             }
@@ -240,7 +250,10 @@ pub async fn wait_manifest(app: &TestApp, status_url: &str) -> Value {
             }
             other => panic!("status {other}: {}", response.text().await.unwrap()),
         }
-        assert!(std::time::Instant::now() < deadline, "export did not finish in time");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not finish in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -259,10 +272,16 @@ pub async fn download_all(app: &TestApp, manifest: &Value) -> Vec<OutputFile> {
     let mut files = Vec::new();
     for entry in manifest["output"].as_array().unwrap() {
         let url = entry["url"].as_str().unwrap();
-        assert!(url.starts_with(&app.base), "{url} is not absolute on this server");
+        assert!(
+            url.starts_with(&app.base),
+            "{url} is not absolute on this server"
+        );
         let response = app.client.get(url).send().await.unwrap();
         assert_eq!(response.status(), 200, "{url}");
-        assert_eq!(response.headers()["content-type"], "application/fhir+ndjson");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/fhir+ndjson"
+        );
         files.push(OutputFile {
             resource_type: entry["type"].as_str().unwrap().to_string(),
             name: url.rsplit('/').next().unwrap().to_string(),
@@ -279,8 +298,17 @@ pub fn resources_by_key(files: &[OutputFile]) -> std::collections::BTreeMap<Stri
     for f in files {
         for line in f.text.lines() {
             let r: Value = serde_json::from_str(line).unwrap();
-            assert_eq!(r["resourceType"], f.resource_type.as_str(), "{} holds another type", f.name);
-            let key = format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
+            assert_eq!(
+                r["resourceType"],
+                f.resource_type.as_str(),
+                "{} holds another type",
+                f.name
+            );
+            let key = format!(
+                "{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            );
             assert!(all.insert(key.clone(), r).is_none(), "{key} exported twice");
         }
     }
@@ -289,17 +317,44 @@ pub fn resources_by_key(files: &[OutputFile]) -> std::collections::BTreeMap<Stri
 
 /// Generates `patients` patients and loads them into the app's database; returns the lines of
 /// each generated file by type.
-pub async fn load_generated(app: &TestApp, patients: u32) -> std::collections::BTreeMap<String, Vec<Value>> {
+pub async fn load_generated(
+    app: &TestApp,
+    patients: u32,
+) -> std::collections::BTreeMap<String, Vec<Value>> {
     use fhir_export::{generate, load};
     let dir = tempfile::tempdir().unwrap();
-    generate::generate(&generate::GenerateArgs { patients, seed: 7, out: dir.path().to_path_buf() }).unwrap();
+    generate::generate(&generate::GenerateArgs {
+        patients,
+        seed: 7,
+        out: dir.path().to_path_buf(),
+    })
+    .unwrap();
     let files = load::collect_files(&[dir.path().to_path_buf()]).unwrap();
-    let args = load::LoadArgs { paths: vec![], skip_invalid: false, batch_size: 1000 };
-    load::load_files(&app.pool, files.clone(), &args).await.unwrap();
+    let args = load::LoadArgs {
+        paths: vec![],
+        skip_invalid: false,
+        batch_size: 1000,
+        writers: 2,
+    };
+    load::load_files(&app.pool, files.clone(), &args)
+        .await
+        .unwrap();
     let mut by_type = std::collections::BTreeMap::new();
     for f in files {
-        let t = f.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().to_string();
-        let lines: Vec<Value> = std::fs::read_to_string(&f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let t = f
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .to_string();
+        let lines: Vec<Value> = std::fs::read_to_string(&f)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         by_type.insert(t, lines);
     }
     by_type
