@@ -38,7 +38,7 @@ DATABASE_URL="$DB_URL" "$BIN" migrate 2>/dev/null
 
 # 2. Load through fhir-export, then raw COPY FROM of the very rows it stored.
 t0=$(now)
-DATABASE_URL="$DB_URL" "$BIN" load "$DATA" >/dev/null 2>&1
+DATABASE_URL="$DB_URL" "$BIN" load "$DATA" >"$OUT/load.log" 2>&1
 t1=$(now)
 LOAD_SECS=$(secs "$t0" "$t1")
 psql -q "$DB_URL" -c "\copy (SELECT resource_type, id, version_id, seq, last_updated, is_current, patient_ids, body FROM resources) TO '$OUT/rows.copy'"

@@ -51,12 +51,14 @@ pub struct ExportConfig {
     pub range_size: i64,
     pub poll_interval_ms: u64,
     pub throttle_ms: u64,
+    pub output_urls: OutputUrls,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Filesystem,
+    Azure,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +67,41 @@ pub struct StorageConfig {
     pub kind: StorageKind,
     pub dir: String,
     pub default_container: String,
+    pub azure: AzureConfig,
+}
+
+/// Which Entra ID credential authenticates to an account URL.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureCredentialKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    AzureCli,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AzureConfig {
+    /// Standard connection string (account key, SAS, or `UseDevelopmentStorage=true`).
+    pub connection_string: String,
+    /// Blob endpoint, e.g. `https://myaccount.blob.core.windows.net`, with `credential` or
+    /// `sas_token`.
+    pub account_url: String,
+    pub credential: AzureCredentialKind,
+    pub sas_token: String,
+    pub block_size: usize,
+}
+
+/// What the manifest's file URLs point at.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputUrls {
+    /// The server, which streams the file (same auth as the API).
+    Server,
+    /// The raw blob URL (the client needs its own access to the storage).
+    Blob,
+    /// A short-lived read-only SAS URL, expiring with the manifest.
+    Sas,
 }
 
 impl Default for Config {
@@ -112,6 +149,7 @@ impl Default for ExportConfig {
             range_size: 20_000,
             poll_interval_ms: 2000,
             throttle_ms: 0,
+            output_urls: OutputUrls::Server,
         }
     }
 }
@@ -122,6 +160,19 @@ impl Default for StorageConfig {
             kind: StorageKind::Filesystem,
             dir: "./data/exports".into(),
             default_container: String::new(),
+            azure: AzureConfig::default(),
+        }
+    }
+}
+
+impl Default for AzureConfig {
+    fn default() -> Self {
+        AzureConfig {
+            connection_string: String::new(),
+            account_url: String::new(),
+            credential: AzureCredentialKind::ManagedIdentity,
+            sas_token: String::new(),
+            block_size: 4 * 1024 * 1024,
         }
     }
 }
@@ -203,6 +254,30 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.storage.default_container = v.into();
         Ok(())
     }),
+    ("FHIR_EXPORT_OUTPUT_URLS", |c, v| {
+        c.export.output_urls = parse_enum(v)?;
+        Ok(())
+    }),
+    ("AZURE_STORAGE_CONNECTION_STRING", |c, v| {
+        c.storage.azure.connection_string = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AZURE_ACCOUNT_URL", |c, v| {
+        c.storage.azure.account_url = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AZURE_CREDENTIAL", |c, v| {
+        c.storage.azure.credential = parse_enum(v)?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AZURE_SAS_TOKEN", |c, v| {
+        c.storage.azure.sas_token = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AZURE_BLOCK_SIZE", |c, v| {
+        c.storage.azure.block_size = v.parse()?;
+        Ok(())
+    }),
 ];
 
 fn parse_enum<T: for<'de> Deserialize<'de>>(v: &str) -> anyhow::Result<T> {
@@ -252,6 +327,20 @@ impl Config {
         }
         if e.range_size < 1 {
             bail!("export.range_size must be at least 1");
+        }
+        let azure = &self.storage.azure;
+        if self.storage.kind == StorageKind::Azure {
+            if azure.connection_string.is_empty() && azure.account_url.is_empty() {
+                bail!(
+                    "storage.kind = azure needs AZURE_STORAGE_CONNECTION_STRING or \
+                     FHIR_EXPORT_AZURE_ACCOUNT_URL"
+                );
+            }
+            if !(64 * 1024..=100 * 1024 * 1024).contains(&azure.block_size) {
+                bail!("storage.azure.block_size must be between 64 KiB and 100 MiB");
+            }
+        } else if self.export.output_urls != OutputUrls::Server {
+            bail!("export.output_urls = blob or sas needs storage.kind = azure");
         }
         if !self.storage.default_container.is_empty() {
             crate::storage::validate_container_name(&self.storage.default_container)

@@ -110,10 +110,10 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
     // Per resource: seq, and the last version number and timestamp given out so far.
     let mut latest: HashMap<ResourceKey, (i64, i32, DateTime<Utc>)> = heads
         .iter()
-        .map(|(k, h)| (k.clone(), (h.seq, h.version_id, h.last_updated)))
+        .map(|(k, (h, _))| (k.clone(), (h.seq, h.version_id, h.last_updated)))
         .collect();
-    let existing: Vec<ResourceKey> = heads.into_keys().collect();
-    resources::retire_current(tx, &existing).await?;
+    let rows: Vec<String> = heads.into_values().map(|(_, row)| row).collect();
+    resources::retire_rows(tx, &rows).await?;
 
     let mut copy = CopyWriter::start(tx).await?;
     for (i, prepared) in batch.iter().enumerate() {
@@ -142,7 +142,7 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
         latest.insert(key, (seq, version_id, last_updated));
     }
     copy.finish().await?;
-    Ok(existing.len())
+    Ok(rows.len())
 }
 
 /// Deletes a resource (adds a tombstone version). `None` when there was nothing live to delete.

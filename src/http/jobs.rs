@@ -16,6 +16,7 @@ use super::{
     ApiError, ApiResult, AppState, export::RETRY_AFTER_SECS, extract::Path, fhir_response,
 };
 use crate::{
+    config::OutputUrls,
     db::jobs::{self, Job},
     fhir::{instant, outcome},
     storage,
@@ -101,20 +102,32 @@ fn progress_text(job: &Job, p: &jobs::Progress) -> String {
 
 async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
     let parts = jobs::parts(&state.pool, job.id).await?;
-    let output: Vec<_> = parts
-        .iter()
-        .map(|p| {
-            json!({
-                "type": p.resource_type,
-                "url": format!("{}/export/{}/{}-{}.ndjson", state.base_url, job.id, p.resource_type, p.part_no),
-                "count": p.resources,
-            })
-        })
-        .collect();
+    let expires = job.expires_at.unwrap_or_else(Utc::now);
+    let mode = state.config.export.output_urls;
+    let mut output = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let file = format!("{}-{}.ndjson", p.resource_type, p.part_no);
+        let url = match mode {
+            OutputUrls::Server => format!("{}/export/{}/{file}", state.base_url, job.id),
+            OutputUrls::Blob | OutputUrls::Sas => {
+                let name = format!("{}/{file}", job.folder);
+                let signed = mode == OutputUrls::Sas;
+                state
+                    .storage
+                    .direct_url(&job.container, &name, signed, expires)?
+                    .ok_or_else(|| {
+                        ApiError::Internal(anyhow::anyhow!("the storage gives no direct file URLs"))
+                    })?
+            }
+        };
+        output.push(json!({"type": p.resource_type, "url": url, "count": p.resources}));
+    }
+    // Raw blob URLs need the client's own storage access; server and SAS URLs do not (yet).
+    let requires_access_token = mode == OutputUrls::Blob;
     let body = json!({
         "transactionTime": instant::format(job.transaction_time),
         "request": job.request_url,
-        "requiresAccessToken": false,
+        "requiresAccessToken": requires_access_token,
         "output": output,
         "error": [],
     });

@@ -1,7 +1,9 @@
 //! Where export files go: the `Storage` trait and its backends. Layout everywhere:
 //! `{container}/{folder}/{Type}-{n}.ndjson`.
 
+mod azure;
 mod filesystem;
+mod sas;
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{future::BoxFuture, stream::BoxStream};
 
+pub use azure::AzureStorage;
 pub use filesystem::FilesystemStorage;
 
 use crate::config::{StorageConfig, StorageKind};
@@ -36,6 +39,18 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Checks that files can be written, with a message that says what is wrong if not.
     async fn check(&self) -> anyhow::Result<()>;
+
+    /// A URL a client can fetch the file from without this server: signed (valid until
+    /// `expires`) or plain. `None` when the backend has no such URLs.
+    fn direct_url(
+        &self,
+        _container: &str,
+        _name: &str,
+        _signed: bool,
+        _expires: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// A file being written. Memory stays bounded: bytes go out as they come.
@@ -66,6 +81,7 @@ pub async fn delete_export(
 pub fn from_config(config: &StorageConfig) -> anyhow::Result<Arc<dyn Storage>> {
     match config.kind {
         StorageKind::Filesystem => Ok(Arc::new(FilesystemStorage::new(&config.dir))),
+        StorageKind::Azure => Ok(Arc::new(AzureStorage::from_config(&config.azure)?)),
     }
 }
 
