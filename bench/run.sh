@@ -19,7 +19,7 @@ PORT=${BENCH_PORT:-18080}
 cargo build --release --quiet
 mkdir -p "$OUT"
 now() { date +%s.%N; }
-rate() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / s }'; }
+rate() { awk -v n="$1" -v s="$2" 'BEGIN { if (s + 0 > 0) printf "%.0f", n / s; else printf "-" }'; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 # 1. Data: generated once per size and kept.
@@ -55,38 +55,55 @@ else
 fi
 
 # 3. Export through the server (default workers) vs raw COPY TO STDOUT of the stored JSON.
-EXPORTS="$OUT/exports"
-rm -rf "$EXPORTS"
-DATABASE_URL="$DB_URL" FHIR_EXPORT_LISTEN="127.0.0.1:$PORT" FHIR_EXPORT_STORAGE_DIR="$EXPORTS" \
-  "$BIN" serve >"$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
-t0=$(now)
-STATUS=$(curl -sf -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
-  "http://127.0.0.1:$PORT/\$export" | tr -d '\r' | awk 'tolower($1) == "content-location:" { print $2 }')
-until [ "$(curl -s -o "$OUT/manifest.json" -w "%{http_code}" "$STATUS")" = 200 ]; do sleep 0.1; done
-t1=$(now)
-EXPORT_SECS=$(secs "$t0" "$t1")
-EXPORTED=$(python3 -c "import json; print(sum(o['count'] for o in json.load(open('$OUT/manifest.json'))['output']))")
-ON_DISK=$(cat $(find "$EXPORTS" -name '*.ndjson') | wc -l)
-RSS_KB=$(awk '/VmHWM/ { print $2 }' /proc/$SERVER/status)
-kill $SERVER; wait $SERVER 2>/dev/null || true
-trap - EXIT
+# export_run LABEL [ENV=VALUE …]: one export of everything; sets EXPORT_SECS, EXPORTED, RSS_KB.
+export_run() {
+  local label=$1
+  shift
+  rm -rf "$OUT/exports"
+  env DATABASE_URL="$DB_URL" FHIR_EXPORT_LISTEN="127.0.0.1:$PORT" FHIR_EXPORT_STORAGE_DIR="$OUT/exports" "$@" \
+    "$BIN" serve >"$OUT/serve-$label.log" 2>&1 &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+  local t0 t1 status
+  t0=$(now)
+  status=$(curl -sf -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
+    "http://127.0.0.1:$PORT/\$export" | tr -d '\r' | awk 'tolower($1) == "content-location:" { print $2 }')
+  until [ "$(curl -s -o "$OUT/manifest.json" -w "%{http_code}" "$status")" = 200 ]; do sleep 0.1; done
+  t1=$(now)
+  EXPORT_SECS=$(secs "$t0" "$t1")
+  EXPORTED=$(python3 -c "import json; print(sum(o['count'] for o in json.load(open('$OUT/manifest.json'))['output']))")
+  RSS_KB=$(awk '/VmHWM/ { print $2 }' /proc/$SERVER/status)
+  kill $SERVER; wait $SERVER 2>/dev/null || true
+  trap - EXIT
+}
+
+export_run filesystem
+FS_SECS=$EXPORT_SECS FS_RSS_KB=$RSS_KB
+ON_DISK=$(cat $(find "$OUT/exports" -name '*.ndjson') | wc -l)
+[ "$EXPORTED" = "$ON_DISK" ] || { echo "manifest counts $EXPORTED but files hold $ON_DISK" >&2; exit 1; }
+
+# The same export into Azurite, when one answers at 127.0.0.1:10000 (scripts/test starts one).
+AZ_SECS=skipped
+if curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10000/devstoreaccount1?comp=list | grep -q 403; then
+  export_run azure FHIR_EXPORT_STORAGE=azure AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true
+  AZ_SECS=$EXPORT_SECS AZ_RSS_KB=$RSS_KB
+fi
 
 t0=$(now)
 psql -q "$DB_URL" -c "COPY (SELECT body FROM resources WHERE is_current AND body IS NOT NULL) TO STDOUT" >/dev/null
 t1=$(now)
 COPY_OUT_SECS=$(secs "$t0" "$t1")
 
-[ "$EXPORTED" = "$ON_DISK" ] || { echo "manifest counts $EXPORTED but files hold $ON_DISK" >&2; exit 1; }
-
 echo
 printf "%-34s %10s %14s\n" "" "seconds" "resources/s"
 printf "%-34s %10s %14s\n" "fhir-export load" "$LOAD_SECS" "$(rate "$RESOURCES" "$LOAD_SECS")"
 printf "%-34s %10s %14s\n" "raw COPY FROM (plain table)" "$COPY_IN_SECS" "$(rate "$RESOURCES" "$COPY_IN_SECS")"
-printf "%-34s %10s %14s\n" "fhir-export \$export (filesystem)" "$EXPORT_SECS" "$(rate "$EXPORTED" "$EXPORT_SECS")"
+printf "%-34s %10s %14s\n" "fhir-export \$export (filesystem)" "$FS_SECS" "$(rate "$EXPORTED" "$FS_SECS")"
+if [ "$AZ_SECS" != skipped ]; then
+  printf "%-34s %10s %14s\n" "fhir-export \$export (Azurite)" "$AZ_SECS" "$(rate "$EXPORTED" "$AZ_SECS")"
+fi
 printf "%-34s %10s %14s\n" "raw COPY (SELECT body) TO STDOUT" "$COPY_OUT_SECS" "$(rate "$EXPORTED" "$COPY_OUT_SECS")"
-echo "load/raw: $(awk -v a="$COPY_IN_SECS" -v b="$LOAD_SECS" 'BEGIN { printf "%.2f", a / b }')" \
-  " export/raw: $(awk -v a="$COPY_OUT_SECS" -v b="$EXPORT_SECS" 'BEGIN { printf "%.2f", a / b }')" \
-  " server peak RSS: $((RSS_KB / 1024)) MB"
+echo "load/raw: $(awk -v a="$COPY_IN_SECS" -v b="$LOAD_SECS" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else printf "-" }')" \
+  " export/raw: $(awk -v a="$COPY_OUT_SECS" -v b="$FS_SECS" 'BEGIN { printf "%.2f", a / b }')" \
+  " server peak RSS: $((FS_RSS_KB / 1024)) MB${AZ_RSS_KB:+ (Azurite run: $((AZ_RSS_KB / 1024)) MB)}"
