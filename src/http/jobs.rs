@@ -104,24 +104,34 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
     let parts = jobs::parts(&state.pool, job.id).await?;
     let expires = job.expires_at.unwrap_or_else(Utc::now);
     let mode = state.config.export.output_urls;
-    let mut output = Vec::with_capacity(parts.len());
-    for p in &parts {
-        let file = format!("{}-{}.ndjson", p.resource_type, p.part_no);
-        let url = match mode {
-            OutputUrls::Server => format!("{}/export/{}/{file}", state.base_url, job.id),
-            OutputUrls::Blob | OutputUrls::Sas => {
-                let name = format!("{}/{file}", job.folder);
-                let signed = mode == OutputUrls::Sas;
-                state
-                    .storage
-                    .direct_url(&job.container, &name, signed, expires)?
-                    .ok_or_else(|| {
-                        ApiError::Internal(anyhow::anyhow!("the storage gives no direct file URLs"))
-                    })?
-            }
-        };
-        output.push(json!({"type": p.resource_type, "url": url, "count": p.resources}));
-    }
+    let files: Vec<String> = parts
+        .iter()
+        .map(|p| format!("{}-{}.ndjson", p.resource_type, p.part_no))
+        .collect();
+    let urls = match mode {
+        OutputUrls::Server => files
+            .iter()
+            .map(|f| format!("{}/export/{}/{f}", state.base_url, job.id))
+            .collect(),
+        OutputUrls::Blob | OutputUrls::Sas => {
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| format!("{}/{f}", job.folder))
+                .collect();
+            state
+                .storage
+                .direct_urls(&job.container, &names, mode == OutputUrls::Sas, expires)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!("the storage gives no direct file URLs"))
+                })?
+        }
+    };
+    let output: Vec<_> = parts
+        .iter()
+        .zip(urls)
+        .map(|(p, url)| json!({"type": p.resource_type, "url": url, "count": p.resources}))
+        .collect();
     // Raw blob URLs need the client's own storage access; server and SAS URLs do not (yet).
     let requires_access_token = mode == OutputUrls::Blob;
     let body = json!({

@@ -15,7 +15,7 @@ use azure_identity::{AzureCliCredential, ManagedIdentityCredential, WorkloadIden
 use azure_storage_blob::{
     BlobContainerClient, BlobServiceClient,
     clients::BlockBlobClient,
-    models::{BlobContainerClientListBlobsOptions, BlockLookupList},
+    models::{BlobContainerClientListBlobsOptions, BlockLookupList, KeyInfo},
 };
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
@@ -121,33 +121,66 @@ impl AzureStorage {
         Ok(())
     }
 
-    /// A URL for one blob that a client can use directly: with `signed`, a read-only service
-    /// SAS valid until `expires` (needs an account key); without, the plain blob URL.
-    pub fn blob_url(
-        &self,
-        container: &str,
-        name: &str,
-        signed: bool,
-        expires: DateTime<Utc>,
-    ) -> anyhow::Result<String> {
+    /// The plain URL of one blob.
+    fn blob_url(&self, container: &str, name: &str) -> anyhow::Result<Url> {
         let mut url = self.endpoint.clone();
         let segments: Vec<&str> = std::iter::once(container).chain(name.split('/')).collect();
         url.path_segments_mut()
             .map_err(|()| anyhow!("the storage URL {} cannot take a path", self.endpoint))?
             .pop_if_empty()
             .extend(&segments);
-        if signed {
-            let Auth::Key(key) = &self.auth else {
-                bail!("SAS file URLs need an account key (a connection string with AccountKey)");
-            };
-            url.set_query(Some(&key.blob_read_sas(
-                container,
-                name,
-                Utc::now(),
-                expires,
-            )?));
+        Ok(url)
+    }
+
+    /// A user delegation key from Entra ID, valid until a little after `expires` (at most the
+    /// seven days the service allows).
+    async fn delegation_key(&self, expires: DateTime<Utc>) -> anyhow::Result<sas::DelegationKey> {
+        use azure_core::time::OffsetDateTime;
+        let now = Utc::now();
+        let expiry = expires.min(now + chrono::TimeDelta::days(7));
+        let at = |t: DateTime<Utc>| {
+            OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| anyhow!("{e}"))
+        };
+        let info = KeyInfo {
+            start: Some(at(now - chrono::TimeDelta::minutes(5))?),
+            expiry: Some(at(expiry)?),
+            ..Default::default()
+        };
+        let (url, credential) = self.url(&[])?;
+        let service = BlobServiceClient::new(url, credential, None)?;
+        let key = service
+            .get_user_delegation_key(info.try_into()?, None)
+            .await
+            .map_err(|e| explain(e, "getting a user delegation key"))?
+            .into_model()?;
+        let time = |t: Option<OffsetDateTime>| {
+            t.map(|t| azure_core::time::to_rfc3339(&t))
+                .unwrap_or_default()
+        };
+        Ok(sas::DelegationKey {
+            object_id: key.signed_oid.unwrap_or_default(),
+            tenant_id: key.signed_tid.unwrap_or_default(),
+            start: time(key.signed_start),
+            expiry: time(key.signed_expiry),
+            service: key.signed_service.unwrap_or_default(),
+            version: key.signed_version.unwrap_or_default(),
+            value: azure_core::base64::encode(key.value.unwrap_or_default()),
+        })
+    }
+
+    fn account_name(&self) -> String {
+        // Azurite-style endpoints carry the account as the first path segment.
+        match self.endpoint.host_str() {
+            Some(host) if host.contains(".blob.") => {
+                host.split('.').next().unwrap_or(host).to_string()
+            }
+            _ => self
+                .endpoint
+                .path_segments()
+                .and_then(|mut s| s.next())
+                .unwrap_or_default()
+                .to_string(),
         }
-        Ok(url.to_string())
     }
 }
 
@@ -335,14 +368,38 @@ impl Storage for AzureStorage {
         }
     }
 
-    fn direct_url(
+    async fn direct_urls(
         &self,
         container: &str,
-        name: &str,
+        names: &[String],
         signed: bool,
         expires: DateTime<Utc>,
-    ) -> anyhow::Result<Option<String>> {
-        self.blob_url(container, name, signed, expires).map(Some)
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let now = Utc::now();
+        // With Entra ID, one delegation key signs every URL of the manifest.
+        let delegation = match (&self.auth, signed) {
+            (Auth::Token(_), true) => Some(self.delegation_key(expires).await?),
+            _ => None,
+        };
+        let mut urls = Vec::with_capacity(names.len());
+        for name in names {
+            let mut url = self.blob_url(container, name)?;
+            if signed {
+                let query = match (&self.auth, &delegation) {
+                    (Auth::Key(key), _) => key.blob_read_sas(container, name, now, expires)?,
+                    (_, Some(key)) => {
+                        let account = self.account_name();
+                        sas::blob_read_delegation_sas(key, &account, container, name, now, expires)?
+                    }
+                    _ => bail!(
+                        "SAS file URLs need an account key or an Entra ID credential, not a SAS token"
+                    ),
+                };
+                url.set_query(Some(&query));
+            }
+            urls.push(url.to_string());
+        }
+        Ok(Some(urls))
     }
 }
 

@@ -40,15 +40,15 @@ pub trait Storage: Send + Sync + 'static {
     /// Checks that files can be written, with a message that says what is wrong if not.
     async fn check(&self) -> anyhow::Result<()>;
 
-    /// A URL a client can fetch the file from without this server: signed (valid until
+    /// URLs clients can fetch these files from without this server: signed (valid until
     /// `expires`) or plain. `None` when the backend has no such URLs.
-    fn direct_url(
+    async fn direct_urls(
         &self,
         _container: &str,
-        _name: &str,
+        _names: &[String],
         _signed: bool,
         _expires: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<Vec<String>>> {
         Ok(None)
     }
 }
