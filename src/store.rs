@@ -95,7 +95,7 @@ pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Writ
 
 /// Creates or updates many resources in one write transaction with a single COPY. A resource
 /// that appears several times gets one version per appearance; the last one is current.
-/// Returns how many resources already existed.
+/// Returns how many of the versions written were updates (version 2 or later).
 pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result<usize> {
     let mut last_index: HashMap<ResourceKey, usize> = HashMap::with_capacity(batch.len());
     for (i, p) in batch.iter().enumerate() {
@@ -115,6 +115,7 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
     let rows: Vec<String> = heads.into_values().map(|(_, row)| row).collect();
     resources::retire_rows(tx, &rows).await?;
 
+    let mut updates = 0;
     let mut copy = CopyWriter::start(tx).await?;
     for (i, prepared) in batch.iter().enumerate() {
         let key = prepared.key();
@@ -140,9 +141,10 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
         })
         .await?;
         latest.insert(key, (seq, version_id, last_updated));
+        updates += usize::from(version_id > 1);
     }
     copy.finish().await?;
-    Ok(rows.len())
+    Ok(updates)
 }
 
 /// Deletes a resource (adds a tombstone version). `None` when there was nothing live to delete.

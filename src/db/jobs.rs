@@ -321,11 +321,12 @@ pub async fn in_flight_remaining(pool: &PgPool, job_id: Uuid) -> sqlx::Result<i6
     .await
 }
 
-/// Ends the plan task: adds the export tasks (or completes an empty job). `false`: lease lost.
-pub async fn finish_plan(
+/// Marks a task done, adds the tasks it hands on (a plan task's export tasks), and completes
+/// the job when nothing is left. `false`: lease lost, nothing changed.
+pub async fn finish_task(
     pool: &PgPool,
     task: &Task,
-    planned: &[PlannedTask],
+    follow_ups: &[PlannedTask],
     retention: Duration,
 ) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
@@ -341,27 +342,29 @@ pub async fn finish_plan(
     if !held(done) {
         return Ok(false);
     }
-    let (mut types, mut starts, mut ends, mut estimates) = (vec![], vec![], vec![], vec![]);
-    for p in planned {
-        types.push(p.resource_type.as_str());
-        starts.push(p.range_start);
-        ends.push(p.range_end);
-        estimates.push(p.estimate);
+    if !follow_ups.is_empty() {
+        let (mut types, mut starts, mut ends, mut estimates) = (vec![], vec![], vec![], vec![]);
+        for p in follow_ups {
+            types.push(p.resource_type.as_str());
+            starts.push(p.range_start);
+            ends.push(p.range_end);
+            estimates.push(p.estimate);
+        }
+        sqlx::query(
+            "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
+             SELECT $1, 'export', t, s, e, n
+             FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS p(t, s, e, n)",
+        )
+        .bind(task.job_id)
+        .bind(&types)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&estimates)
+        .execute(&mut *tx)
+        .await?;
+        notify(&mut tx).await?;
     }
-    sqlx::query(
-        "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
-         SELECT $1, 'export', t, s, e, n
-         FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS p(t, s, e, n)",
-    )
-    .bind(task.job_id)
-    .bind(&types)
-    .bind(&starts)
-    .bind(&ends)
-    .bind(&estimates)
-    .execute(&mut *tx)
-    .await?;
     complete_if_all_done(&mut tx, task.job_id, retention).await?;
-    notify(&mut tx).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -472,26 +475,6 @@ pub async fn checkpoint(
     .execute(pool)
     .await
     .map(held)
-}
-
-/// Marks an export task done and completes the job when it was the last. `false`: lease lost.
-pub async fn finish_task(pool: &PgPool, task: &Task, retention: Duration) -> sqlx::Result<bool> {
-    let mut tx = pool.begin().await?;
-    lock_job(&mut tx, task.job_id).await?;
-    let done = sqlx::query(
-        "UPDATE export_tasks SET status = 'done', leased_until = NULL, updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .execute(&mut *tx)
-    .await?;
-    if !held(done) {
-        return Ok(false);
-    }
-    complete_if_all_done(&mut tx, task.job_id, retention).await?;
-    tx.commit().await?;
-    Ok(true)
 }
 
 /// Gives a task back to the queue without counting a failure (graceful shutdown).

@@ -83,7 +83,7 @@ pub async fn run(
             }
         }
     }
-    if jobs::finish_task(&context.pool, task, context.retention()).await? {
+    if jobs::finish_task(&context.pool, task, &[], context.retention()).await? {
         Ok(Ended::Done)
     } else {
         Ok(Ended::LeaseLost)

@@ -60,7 +60,7 @@ pub async fn run(
             start = end;
         }
     }
-    if jobs::finish_plan(pool, task, &planned, context.retention()).await? {
+    if jobs::finish_task(pool, task, &planned, context.retention()).await? {
         tracing::info!(job = %job.id, tasks = planned.len(), "planned");
         Ok(Ended::Done)
     } else {
