@@ -427,7 +427,8 @@ async fn every_bad_kick_off_is_a_400_operation_outcome() {
         ("_container=Not_Valid", "container"),
         ("_container=ab", "container"),
         ("_typeFilter=Patient%3Factive%3Dtrue", "not supported"),
-        ("_elements=id", "not supported"),
+        ("_elements=Patient.name.family", "top-level"),
+        ("_elements=Unicorn.status", "Unicorn"),
         ("bogus=1", "bogus"),
         (
             "_since=2024-01-01T00:00:00Z&_since=2024-01-02T00:00:00Z",
@@ -591,4 +592,48 @@ async fn metadata_declares_the_bulk_operations() {
                 .ends_with(def)
         );
     }
+}
+
+#[tokio::test]
+async fn elements_subset_resources_and_tag_them() {
+    let app = TestApp::spawn().await;
+    small_population(&app).await;
+    put(
+        &app,
+        json!({"resourceType": "Patient", "id": "p1", "gender": "female", "active": true}),
+    )
+    .await;
+    let url = kick_off(
+        &app,
+        "/$export?_type=Patient,Observation,Organization&_elements=gender,Observation.status",
+    )
+    .await;
+    let got = resources_by_key(&download_all(&app, &wait_manifest(&app, &url).await).await);
+    let subsetted = |r: &Value| {
+        r["meta"]["tag"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["code"] == "SUBSETTED"))
+    };
+    let p1 = &got["Patient/p1"];
+    assert_eq!(p1["gender"], "female");
+    assert!(p1.get("active").is_none());
+    assert!(subsetted(p1));
+    assert_eq!(p1["meta"]["versionId"], "2");
+    let obs = &got["Observation/o12"];
+    assert_eq!(obs["status"], "final");
+    assert!(obs.get("subject").is_none() && obs.get("code").is_none());
+    let keys: BTreeSet<&str> = obs
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["resourceType", "id", "meta", "status"])
+    );
+    // `gender` applies to every type; Organizations simply have none.
+    let org = &got["Organization/org"];
+    assert!(subsetted(org));
+    assert_eq!(org.as_object().unwrap().len(), 3);
 }

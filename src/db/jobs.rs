@@ -23,6 +23,7 @@ pub struct NewJob {
     pub types: Vec<String>,
     pub patient_ids: Option<Vec<String>>,
     pub excluded_groups: Vec<String>,
+    pub elements: Vec<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -39,6 +40,7 @@ pub struct Job {
     pub types: Vec<String>,
     pub patient_ids: Option<Vec<String>>,
     pub excluded_groups: Vec<String>,
+    pub elements: Vec<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -128,8 +130,8 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO export_jobs (id, level, request_url, transaction_time, since, types,
-            patient_ids, excluded_groups, container, own_container, folder, in_flight)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+            patient_ids, excluded_groups, elements, container, own_container, folder, in_flight)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
             ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
     )
     .bind(job.id)
@@ -140,6 +142,7 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     .bind(&job.types)
     .bind(&job.patient_ids)
     .bind(&job.excluded_groups)
+    .bind(&job.elements)
     .bind(&job.container)
     .bind(job.own_container)
     .bind(&job.folder)
@@ -154,7 +157,8 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
 }
 
 const JOB_COLUMNS: &str = "id, status, level, request_url, transaction_time, since, types, \
-    patient_ids, excluded_groups, container, own_container, folder, error, finished_at, expires_at";
+    patient_ids, excluded_groups, elements, container, own_container, folder, error, finished_at, \
+    expires_at";
 
 /// A job the client can still see: not cancelled, not expired.
 pub async fn visible(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {

@@ -29,7 +29,6 @@ pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/nd
 /// IG parameters this server does not implement (yet): refused, or ignored when lenient.
 const UNSUPPORTED: &[&str] = &[
     "_typeFilter",
-    "_elements",
     "patient",
     "includeAssociatedData",
     "organizeOutputBy",
@@ -44,6 +43,8 @@ pub struct ExportParams {
     pub since: Option<DateTime<Utc>>,
     pub till: Option<DateTime<Utc>>,
     pub container: Option<String>,
+    /// `_elements` entries: `element` or `Type.element`.
+    pub elements: Vec<String>,
     /// What a lenient kick-off ignored, one sentence each.
     pub ignored: Vec<String>,
 }
@@ -93,6 +94,14 @@ pub fn parse(
                     return Err(format!("_till {value} is in the future"));
                 }
                 set_once(&mut out.till, name, till)?;
+            }
+            "_elements" => {
+                for entry in value.split(',').map(str::trim) {
+                    super::elements::validate(entry)?;
+                    if !out.elements.iter().any(|e| e == entry) {
+                        out.elements.push(entry.to_string());
+                    }
+                }
             }
             // Its naming rules belong to the storage; the caller checks them.
             "_container" => set_once(&mut out.container, name, value.clone())?,

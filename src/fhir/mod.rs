@@ -3,6 +3,7 @@
 
 pub mod bulk;
 pub mod compartment;
+pub mod elements;
 pub mod group;
 pub mod instant;
 pub mod outcome;

@@ -137,6 +137,7 @@ async fn kick_off(
         types: params.types,
         patient_ids,
         excluded_groups,
+        elements: params.elements,
         container,
         own_container,
         folder: format!(

@@ -5,7 +5,7 @@
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use futures::TryStreamExt;
 use sqlx::Row;
@@ -16,6 +16,7 @@ use crate::db::{
     jobs::{self, Job, Task},
     resources::{self, PatientFilter, Selection},
 };
+use crate::fhir::elements;
 
 enum Part {
     /// Nothing left in the range.
@@ -59,6 +60,7 @@ pub async fn run(
         task.checkpoint_seq
     };
     let mut seq = task.parts_done;
+    let elements = elements::for_type(&job.elements, resource_type);
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
     loop {
         if lease.is_lost() {
@@ -68,7 +70,17 @@ pub async fn run(
             jobs::release(&context.pool, task).await?;
             return Ok(Ended::Released);
         }
-        match write_part(context, job, task, &selection, after, seq).await? {
+        match write_part(
+            context,
+            job,
+            task,
+            &selection,
+            elements.as_ref(),
+            after,
+            seq,
+        )
+        .await?
+        {
             Part::Empty => break,
             Part::LeaseLost => return Ok(Ended::LeaseLost),
             Part::Written { last_seq } => {
@@ -95,6 +107,7 @@ async fn write_part(
     job: &Job,
     task: &Task,
     selection: &Selection<'_>,
+    elements: Option<&BTreeSet<String>>,
     after: i64,
     seq: i32,
 ) -> anyhow::Result<Part> {
@@ -119,7 +132,12 @@ async fn write_part(
     let mut last_written = None;
     let mut next = Some(first);
     while let Some(row) = next.take() {
-        let body: &str = row.try_get(1)?;
+        let stored: &str = row.try_get(1)?;
+        // Stored text streams out untouched, unless `_elements` asks for a subset.
+        let subsetted = elements
+            .map(|keep| elements::subset(stored, keep))
+            .transpose()?;
+        let body = subsetted.as_deref().unwrap_or(stored);
         let size = body.len() as u64 + 1;
         // One resource always fits; past that the byte cap ends the part early.
         if count > 0 && bytes + size > config.part_max_bytes {
