@@ -12,7 +12,7 @@ pub mod store;
 pub mod telemetry;
 pub mod worker;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -52,12 +52,6 @@ impl Server {
             base_url: base_url.into(),
         };
         Ok(Server { listener, state })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
     }
 
     pub fn base_url(&self) -> &str {

@@ -238,6 +238,25 @@ async fn health_follows_the_database() {
 }
 
 #[tokio::test]
+async fn health_reports_a_storage_that_takes_no_files() {
+    let app = TestApp::spawn().await;
+    let root = app.storage.path().to_path_buf();
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::write(&root, "a file where the storage folder should be").unwrap();
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), 503);
+    let body = json(response).await;
+    assert_eq!(body["database"], "ok");
+    assert!(
+        body["storage"].as_str().unwrap().contains("storage folder"),
+        "{body}"
+    );
+    std::fs::remove_file(&root).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
 async fn compartment_membership_is_stored_with_each_version() {
     let app = TestApp::spawn().await;
     let obs = json!({"resourceType": "Observation", "id": "o1", "status": "final",

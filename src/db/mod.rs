@@ -7,7 +7,7 @@ use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
 use sqlx::{
-    ConnectOptions, Connection, PgConnection, PgPool,
+    ConnectOptions, Connection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -69,13 +69,6 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// Does the database answer?
 pub async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
-}
-
-/// A raw connection (not from the pool), for LISTEN and for COPY-heavy work.
-pub async fn connect_single(url: &str) -> anyhow::Result<PgConnection> {
-    PgConnection::connect(url)
-        .await
-        .with_context(|| format!("connecting to {}", redact(url)))
 }
 
 /// The URL without its password, for messages.

@@ -10,16 +10,24 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/health", get(health))
 }
 
+/// 200 when the database answers and the export storage takes files, 503 otherwise; the body
+/// says which part is wrong.
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    if db::ping(&state.pool).await {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "database": "ok"})),
-        )
+    let database = db::ping(&state.pool).await;
+    let storage = state.storage.check().await;
+    let healthy = database && storage.is_ok();
+    let body = json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "database": if database { "ok" } else { "not answering" },
+        "storage": match &storage {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("{e:#}"),
+        },
+    });
+    let status = if healthy {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "database": "not answering"})),
-        )
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
 }
