@@ -45,6 +45,14 @@ impl Server {
             .check()
             .await
             .context("the export storage is not usable")?;
+        if config.export.output_urls == config::OutputUrls::Sas {
+            // Signing needs an account key or Entra ID: find out now, not at the first manifest.
+            let probe = ["probe".to_string()];
+            storage
+                .direct_urls("probe", &probe, true, chrono::Utc::now())
+                .await
+                .context("export.output_urls = sas")?;
+        }
         let state = AppState {
             pool,
             config: Arc::new(config),

@@ -339,6 +339,28 @@ async fn a_wrong_key_is_refused_at_startup_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn sas_urls_without_a_signing_key_are_refused_at_startup() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&db.url, dir.path());
+    config.storage.kind = StorageKind::Azure;
+    config.storage.azure.account_url = endpoint();
+    config.storage.azure.sas_token = account_sas("racwdl");
+    config.export.output_urls = OutputUrls::Sas;
+    let message = format!(
+        "{:#}",
+        fhir_export::Server::build(config)
+            .await
+            .err()
+            .expect("refused")
+    );
+    assert!(
+        message.contains("output_urls = sas") && message.contains("account key"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn storage_that_refuses_writes_fails_the_job_instead_of_leaving_it_stuck() {
     let app = TestApp::spawn_with(|c| {
         c.storage.kind = StorageKind::Azure;
