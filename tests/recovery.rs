@@ -213,3 +213,45 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_and_gives_the_task_back() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.part_size = 20;
+    })
+    .await;
+    let loaded = load_generated(&app, 1).await;
+    let status_url = kick_off(&app, "/$export?_type=Observation").await;
+    let mut server = spawn_process(&app, SLOW_WORKER);
+    wait_for_parts(&app.pool, 2).await;
+    signal(&server, "-TERM");
+    let started = std::time::Instant::now();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Released, not failed: back in the queue with no failure counted.
+    let tasks: Vec<(String, i32)> =
+        sqlx::query_as("SELECT status, failures FROM export_tasks WHERE kind = 'export'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(
+        tasks.iter().all(|(_, failures)| *failures == 0),
+        "{tasks:?}"
+    );
+    assert!(
+        tasks
+            .iter()
+            .all(|(state, _)| state == "queued" || state == "done"),
+        "{tasks:?}"
+    );
+    assert!(
+        tasks.iter().any(|(state, _)| state == "queued"),
+        "{tasks:?}"
+    );
+
+    let _workers = app.spawn_sibling(|_| {}).await;
+    let files = download_all(&app, &wait_manifest(&app, &status_url).await).await;
+    assert_exact(&files, &loaded, &["Observation"]);
+}
