@@ -12,7 +12,8 @@ CREATE TABLE export_jobs (
     since            timestamptz,
     -- Types to export; empty means every type that has data.
     types            text[]      NOT NULL,
-    -- Group export: the member patients (nested Groups resolved at kick-off).
+    -- The patients a Patient or Group export reads: Group members (nested Groups resolved at
+    -- kick-off), narrowed by the `patient` parameter. NULL: every patient.
     patient_ids      text[],
     -- Group export: the Group resources walked, which are not exported themselves.
     excluded_groups  text[]      NOT NULL DEFAULT '{}',

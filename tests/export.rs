@@ -637,3 +637,135 @@ async fn elements_subset_resources_and_tag_them() {
     assert!(subsetted(org));
     assert_eq!(org.as_object().unwrap().len(), 3);
 }
+
+async fn post_kick_off(
+    app: &TestApp,
+    path: &str,
+    parameters: Value,
+    prefer: &str,
+) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .header("accept", "application/fhir+json")
+        .header("prefer", prefer)
+        .header("content-type", "application/fhir+json")
+        .body(json!({"resourceType": "Parameters", "parameter": parameters}).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn patient_param(id: &str) -> Value {
+    json!({"name": "patient", "valueReference": {"reference": format!("Patient/{id}")}})
+}
+
+async fn manifest_of(app: &TestApp, response: reqwest::Response) -> Value {
+    assert_eq!(response.status(), 202);
+    let url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    wait_manifest(app, &url).await
+}
+
+#[tokio::test]
+async fn patient_parameter_limits_patient_and_group_exports() {
+    let app = TestApp::spawn().await;
+    small_population(&app).await;
+    put(
+        &app,
+        group(
+            "g",
+            &[
+                member("Patient/p1"),
+                member("Patient/p2"),
+                member("Patient/p3"),
+            ],
+        ),
+    )
+    .await;
+
+    let response = post_kick_off(
+        &app,
+        "/Patient/$export",
+        json!([patient_param("p1"), patient_param("p2")]),
+        "respond-async",
+    )
+    .await;
+    let got = resources_by_key(&download_all(&app, &manifest_of(&app, response).await).await);
+    let keys: Vec<String> = got.keys().cloned().collect();
+    // The Group is in p1's and p2's compartments (Group.member), so Patient export has it.
+    let expected = [
+        "Group/g",
+        "Observation/o-p1",
+        "Observation/o-p2",
+        "Observation/o12",
+        "Patient/p1",
+        "Patient/p2",
+    ];
+    assert_eq!(keys, expected);
+
+    let response = post_kick_off(
+        &app,
+        "/Group/g/$export",
+        json!([patient_param("p3")]),
+        "respond-async",
+    )
+    .await;
+    let got = resources_by_key(&download_all(&app, &manifest_of(&app, response).await).await);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        vec!["Observation/o-p3", "Patient/p3"]
+    );
+
+    // Not a member, not a patient, not in a POST, not at system level: 400.
+    let outsider = post_kick_off(
+        &app,
+        "/Group/g/$export",
+        json!([patient_param("p4")]),
+        "respond-async",
+    )
+    .await;
+    assert!(assert_outcome(outsider, 400).await.contains("not a member"));
+    let unknown = post_kick_off(
+        &app,
+        "/Patient/$export",
+        json!([patient_param("nobody")]),
+        "respond-async",
+    )
+    .await;
+    assert!(
+        assert_outcome(unknown, 400)
+            .await
+            .contains("does not exist")
+    );
+    let system = post_kick_off(
+        &app,
+        "/$export",
+        json!([patient_param("p1")]),
+        "respond-async",
+    )
+    .await;
+    assert_outcome(system, 400).await;
+    let get = kick_off_with(&app, "/Patient/$export?patient=Patient/p1", BULK).await;
+    assert!(assert_outcome(get, 400).await.contains("POST"));
+
+    // Lenient: the unknown patient is named and left out; the others are exported.
+    let lenient = post_kick_off(
+        &app,
+        "/Patient/$export",
+        json!([patient_param("p5"), patient_param("nobody")]),
+        "respond-async, handling=lenient",
+    )
+    .await;
+    let location = lenient.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(json(lenient).await.to_string().contains("Patient/nobody"));
+    let got = resources_by_key(&download_all(&app, &wait_manifest(&app, &location).await).await);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        vec!["Observation/o-p5", "Patient/p5"]
+    );
+}

@@ -29,7 +29,6 @@ pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/nd
 /// IG parameters this server does not implement (yet): refused, or ignored when lenient.
 const UNSUPPORTED: &[&str] = &[
     "_typeFilter",
-    "patient",
     "includeAssociatedData",
     "organizeOutputBy",
     "allowPartialManifests",
@@ -45,6 +44,8 @@ pub struct ExportParams {
     pub container: Option<String>,
     /// `_elements` entries: `element` or `Type.element`.
     pub elements: Vec<String>,
+    /// `patient`: the ids of the patients a Patient or Group export is limited to.
+    pub patients: Vec<String>,
     /// What a lenient kick-off ignored, one sentence each.
     pub ignored: Vec<String>,
 }
@@ -100,6 +101,19 @@ pub fn parse(
                     super::elements::validate(entry)?;
                     if !out.elements.iter().any(|e| e == entry) {
                         out.elements.push(entry.to_string());
+                    }
+                }
+            }
+            "patient" => {
+                if level == Level::System {
+                    return Err("patient is only supported for Patient and Group export".into());
+                }
+                for reference in value.split(',').map(str::trim) {
+                    let id = super::compartment::patient_id(reference).ok_or_else(|| {
+                        format!("patient '{reference}' is not a Patient reference")
+                    })?;
+                    if !out.patients.iter().any(|p| p == id) {
+                        out.patients.push(id.to_string());
                     }
                 }
             }
@@ -320,6 +334,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.ignored.len(), 2);
+    }
+
+    #[test]
+    fn patient_references() {
+        let r = parse(
+            &p(&[("patient", "Patient/a"), ("patient", "Patient/b,Patient/a")]),
+            Level::Group,
+            false,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.patients, vec!["a", "b"]);
+        assert!(parse(&p(&[("patient", "Patient/a")]), Level::System, false, now()).is_err());
+        assert!(
+            parse(
+                &p(&[("patient", "Observation/a")]),
+                Level::Patient,
+                false,
+                now()
+            )
+            .unwrap_err()
+            .contains("Patient reference")
+        );
     }
 
     #[test]

@@ -86,6 +86,11 @@ async fn kick_off(
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    if pairs.iter().any(|(name, _)| name == "patient") {
+        return Err(ApiError::bad_request(
+            "the patient parameter is only supported in a POST kick-off",
+        ));
+    }
     if method == Method::POST && !body.is_empty() {
         require_json_content_type(&headers)?;
         let value: Value = serde_json::from_slice(&body)
@@ -106,13 +111,25 @@ async fn kick_off(
         .with_header(header::RETRY_AFTER, &BUSY_RETRY_AFTER_SECS.to_string()));
     }
 
-    let (patient_ids, excluded_groups) = match &group_id {
+    let (mut patient_ids, excluded_groups) = match &group_id {
         Some(id) => {
             let (patients, groups) = group_members(state, id).await?;
             (Some(patients), groups)
         }
         None => (None, Vec::new()),
     };
+    let mut ignored = params.ignored;
+    if !params.patients.is_empty() {
+        let chosen = chosen_patients(
+            state,
+            &params.patients,
+            patient_ids.as_deref(),
+            lenient,
+            &mut ignored,
+        )
+        .await?;
+        patient_ids = Some(chosen);
+    }
     let transaction_time = match params.till {
         Some(till) => till,
         None => jobs::now(&state.pool).await?,
@@ -154,7 +171,7 @@ async fn kick_off(
         "informational",
         "export accepted",
     )];
-    issues.extend(params.ignored.into_iter().map(|why| {
+    issues.extend(ignored.into_iter().map(|why| {
         Issue::new(
             Severity::Warning,
             "not-supported",
@@ -208,6 +225,37 @@ fn check_headers(headers: &HeaderMap) -> ApiResult<bool> {
     Ok(prefer
         .iter()
         .any(|p| p.replace(' ', "") == "handling=lenient"))
+}
+
+/// The patients named by `patient`: each must exist and, for a Group export, be a member.
+/// Lenient handling drops the others with a note.
+async fn chosen_patients(
+    state: &AppState,
+    requested: &[String],
+    members: Option<&[String]>,
+    lenient: bool,
+    ignored: &mut Vec<String>,
+) -> ApiResult<Vec<String>> {
+    let mut chosen = Vec::with_capacity(requested.len());
+    for id in requested {
+        let exists = resources::read_current(&state.pool, "Patient", id)
+            .await?
+            .is_some_and(|v| v.body.is_some());
+        let problem = if !exists {
+            Some(format!("patient Patient/{id} does not exist"))
+        } else if members.is_some_and(|m| m.binary_search(id).is_err()) {
+            Some(format!("patient Patient/{id} is not a member of the Group"))
+        } else {
+            None
+        };
+        match problem {
+            None => chosen.push(id.clone()),
+            Some(why) if lenient => ignored.push(why),
+            Some(why) => return Err(ApiError::bad_request(why)),
+        }
+    }
+    chosen.sort();
+    Ok(chosen)
 }
 
 /// The active member patients of a Group, following nested Groups (each once), and the Groups

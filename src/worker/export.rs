@@ -35,10 +35,11 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
     let resource_type = task.resource_type.as_deref().unwrap_or_default();
-    let patients = match (job.level.as_str(), &job.patient_ids) {
-        ("group", Some(ids)) => PatientFilter::Patients(ids),
-        ("system", _) => PatientFilter::None,
-        _ => PatientFilter::AnyPatient,
+    // Group members, or the patients a `patient` parameter named.
+    let patients = match (&job.patient_ids, job.level.as_str()) {
+        (Some(ids), _) => PatientFilter::Patients(ids),
+        (None, "system") => PatientFilter::None,
+        (None, _) => PatientFilter::AnyPatient,
     };
     let excluded: &[String] = if resource_type == "Group" {
         &job.excluded_groups
