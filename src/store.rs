@@ -160,6 +160,9 @@ pub async fn delete(
         return Ok(None);
     }
     let last_updated = resources::next_timestamp(tx, Some(head.last_updated)).await?;
+    // The tombstone keeps the compartments of what it deletes, so Patient and Group exports
+    // can list the deletion.
+    let patient_ids = resources::patient_ids(tx, resource_type, id, head.version_id).await?;
     let tombstone = NewVersion {
         resource_type: resource_type.to_string(),
         id: id.to_string(),
@@ -167,7 +170,7 @@ pub async fn delete(
         seq: head.seq,
         last_updated,
         is_current: true,
-        patient_ids: Vec::new(),
+        patient_ids,
         body: None,
     };
     replace_current(tx, Some(head), &tombstone).await?;

@@ -769,3 +769,91 @@ async fn patient_parameter_limits_patient_and_group_exports() {
         vec!["Observation/o-p5", "Patient/p5"]
     );
 }
+
+#[tokio::test]
+async fn since_exports_list_deletions_as_transaction_bundles() {
+    let app = TestApp::spawn().await;
+    small_population(&app).await;
+    put(
+        &app,
+        group("g", &[member("Patient/p1"), member("Patient/p2")]),
+    )
+    .await;
+    let since = json(app.get("/Group/g").await).await["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.delete("/Patient/p2").await;
+    app.delete("/Observation/o-p2").await;
+    app.delete("/Observation/o-p4").await;
+    // Deleted and created again: live at the snapshot, so in the output, not a deletion.
+    app.delete("/Patient/p3").await;
+    put(&app, json!({"resourceType": "Patient", "id": "p3"})).await;
+
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/$export?_since={since}")).await,
+    )
+    .await;
+    let expected: BTreeSet<String> = ["Observation/o-p2", "Observation/o-p4", "Patient/p2"]
+        .map(String::from)
+        .into();
+    assert_eq!(deleted_entries(&app, &manifest).await, expected);
+    let output = resources_by_key(&download_all(&app, &manifest).await);
+    assert_eq!(
+        output.keys().cloned().collect::<Vec<_>>(),
+        vec!["Patient/p3"]
+    );
+
+    // _type applies; Group export lists only its members' deletions.
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/$export?_since={since}&_type=Patient")).await,
+    )
+    .await;
+    assert_eq!(manifest["deleted"].as_array().unwrap().len(), 1);
+    let manifest = wait_manifest(
+        &app,
+        &kick_off(&app, &format!("/Group/g/$export?_since={since}")).await,
+    )
+    .await;
+    let group_deleted = deleted_entries(&app, &manifest).await;
+    let expected: BTreeSet<String> = ["Observation/o-p2", "Patient/p2"].map(String::from).into();
+    assert_eq!(group_deleted, expected);
+    // Without _since there is no deleted list.
+    let manifest = wait_manifest(&app, &kick_off(&app, "/$export?_type=Patient").await).await;
+    assert!(manifest.get("deleted").is_none());
+}
+
+/// The `Type/id` of every deletion a manifest lists, checking the files' shape.
+async fn deleted_entries(app: &TestApp, manifest: &Value) -> BTreeSet<String> {
+    let mut deleted = BTreeSet::new();
+    for file in manifest["deleted"].as_array().unwrap() {
+        assert_eq!(file["type"], "Bundle");
+        let url = file["url"].as_str().unwrap();
+        assert!(url.contains("-deleted-"), "{url}");
+        let text = app
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(text.lines().count() as u64, file["count"].as_u64().unwrap());
+        for line in text.lines() {
+            let bundle: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(bundle["resourceType"], "Bundle");
+            assert_eq!(bundle["type"], "transaction");
+            assert_eq!(bundle["entry"][0]["request"]["method"], "DELETE");
+            deleted.insert(
+                bundle["entry"][0]["request"]["url"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+    }
+    deleted
+}

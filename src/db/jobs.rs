@@ -65,6 +65,8 @@ pub struct Task {
 /// An export task the planner asks for.
 #[derive(Debug, Clone)]
 pub struct PlannedTask {
+    /// `export` (the resources) or `deleted` (the deletions, for `_since` exports).
+    pub kind: &'static str,
     pub resource_type: String,
     pub range_start: i64,
     pub range_end: i64,
@@ -182,8 +184,8 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
 
 pub async fn progress(pool: &PgPool, id: Uuid) -> sqlx::Result<Progress> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE kind = 'export') AS tasks,
-                count(*) FILTER (WHERE kind = 'export' AND status = 'done') AS tasks_done,
+        "SELECT count(*) FILTER (WHERE kind <> 'plan') AS tasks,
+                count(*) FILTER (WHERE kind <> 'plan' AND status = 'done') AS tasks_done,
                 coalesce(sum(parts_done), 0)::bigint AS parts,
                 coalesce(sum(resources_done), 0)::bigint AS resources_done,
                 coalesce(sum(estimate), 0)::bigint AS estimate,
@@ -347,8 +349,10 @@ pub async fn finish_task(
         return Ok(false);
     }
     if !follow_ups.is_empty() {
-        let (mut types, mut starts, mut ends, mut estimates) = (vec![], vec![], vec![], vec![]);
+        let (mut kinds, mut types, mut starts, mut ends, mut estimates) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for p in follow_ups {
+            kinds.push(p.kind);
             types.push(p.resource_type.as_str());
             starts.push(p.range_start);
             ends.push(p.range_end);
@@ -356,14 +360,16 @@ pub async fn finish_task(
         }
         sqlx::query(
             "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
-             SELECT $1, 'export', t, s, e, n
-             FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) AS p(t, s, e, n)",
+             SELECT $1, k, t, s, e, n
+             FROM unnest($6::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+                 AS p(k, t, s, e, n)",
         )
         .bind(task.job_id)
         .bind(&types)
         .bind(&starts)
         .bind(&ends)
         .bind(&estimates)
+        .bind(&kinds)
         .execute(&mut *tx)
         .await?;
         notify(&mut tx).await?;

@@ -107,6 +107,23 @@ pub async fn lock_current_many(
         .collect())
 }
 
+/// The compartment membership stored with one version.
+pub async fn patient_ids(
+    tx: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+    version_id: i32,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT patient_ids FROM resources WHERE resource_type = $1 AND id = $2 AND version_id = $3",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .bind(version_id)
+    .fetch_one(tx)
+    .await
+}
+
 /// The server clock, strictly after `after` (microsecond precision, as Postgres stores it).
 pub async fn next_timestamp(
     tx: &mut PgConnection,
@@ -348,6 +365,8 @@ pub struct Selection<'a> {
     pub since: Option<DateTime<Utc>>,
     pub patients: PatientFilter<'a>,
     pub excluded_ids: &'a [String],
+    /// Read the resources deleted (a tombstone at the snapshot) instead of the live ones.
+    pub deleted: bool,
 }
 
 /// The snapshot page query. Most rows come straight from their current version (first
@@ -355,8 +374,8 @@ pub struct Selection<'a> {
 /// from the history (second branch, few rows, found through `resources_current_updated`).
 /// Pages follow `seq` (creation order, see the migration). Parameters: $1 type, $2 after seq,
 /// $3 last seq, $4 transaction time, $5 since, $6 limit, $7 excluded ids, $8 patient ids.
-fn snapshot_sql(patients: PatientFilter) -> &'static str {
-    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+fn snapshot_sql(patients: PatientFilter, deleted: bool) -> &'static str {
+    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
         let filters = [
             ("", ""),
             (
@@ -368,39 +387,45 @@ fn snapshot_sql(patients: PatientFilter) -> &'static str {
                 "AND h.patient_ids && $8::text[]",
             ),
         ];
-        filters.map(|(current, history)| {
-            format!(
-                "SELECT seq, body FROM (
-                   (SELECT seq, body FROM resources
-                    WHERE is_current AND resource_type = $1 AND seq > $2 AND seq <= $3
-                      AND last_updated <= $4 AND body IS NOT NULL
-                      AND ($5::timestamptz IS NULL OR last_updated > $5)
-                      AND NOT (id = ANY($7::text[])) {current}
-                    ORDER BY seq LIMIT $6)
-                   UNION ALL
-                   (SELECT c.seq, h.body FROM resources c
-                    CROSS JOIN LATERAL (
-                        SELECT v.body, v.last_updated, v.patient_ids FROM resources v
-                        WHERE v.resource_type = c.resource_type AND v.id = c.id
-                          AND v.last_updated <= $4
-                        ORDER BY v.version_id DESC LIMIT 1) h
-                    WHERE c.is_current AND c.resource_type = $1 AND c.seq > $2 AND c.seq <= $3
-                      AND c.last_updated > $4 AND h.body IS NOT NULL
-                      AND ($5::timestamptz IS NULL OR h.last_updated > $5)
-                      AND NOT (c.id = ANY($7::text[])) {history}
-                    ORDER BY c.seq LIMIT $6)
-                 ) page ORDER BY seq LIMIT $6"
-            )
-        })
+        let mut variants = Vec::new();
+        for (current, history) in filters {
+            // Live versions for the output; tombstones for the list of deletions.
+            for body in ["IS NOT NULL", "IS NULL"] {
+                variants.push(format!(
+                    "SELECT seq, body, id FROM (
+                       (SELECT seq, body, id FROM resources
+                        WHERE is_current AND resource_type = $1 AND seq > $2 AND seq <= $3
+                          AND last_updated <= $4 AND body {body}
+                          AND ($5::timestamptz IS NULL OR last_updated > $5)
+                          AND NOT (id = ANY($7::text[])) {current}
+                        ORDER BY seq LIMIT $6)
+                       UNION ALL
+                       (SELECT c.seq, h.body, c.id FROM resources c
+                        CROSS JOIN LATERAL (
+                            SELECT v.body, v.last_updated, v.patient_ids FROM resources v
+                            WHERE v.resource_type = c.resource_type AND v.id = c.id
+                              AND v.last_updated <= $4
+                            ORDER BY v.version_id DESC LIMIT 1) h
+                        WHERE c.is_current AND c.resource_type = $1 AND c.seq > $2 AND c.seq <= $3
+                          AND c.last_updated > $4 AND h.body {body}
+                          AND ($5::timestamptz IS NULL OR h.last_updated > $5)
+                          AND NOT (c.id = ANY($7::text[])) {history}
+                        ORDER BY c.seq LIMIT $6)
+                     ) page ORDER BY seq LIMIT $6"
+                ));
+            }
+        }
+        variants
     });
-    match patients {
-        PatientFilter::None => &SQL[0],
-        PatientFilter::AnyPatient => &SQL[1],
-        PatientFilter::Patients(_) => &SQL[2],
-    }
+    let filter = match patients {
+        PatientFilter::None => 0,
+        PatientFilter::AnyPatient => 1,
+        PatientFilter::Patients(_) => 2,
+    };
+    &SQL[filter * 2 + usize::from(deleted)]
 }
 
-/// Streams up to `limit` rows `(seq, body)` of the snapshot after `after`, in seq order.
+/// Streams up to `limit` rows `(seq, body, id)` of the snapshot after `after`, in seq order.
 pub fn snapshot_page<'c>(
     conn: &'c mut PgConnection,
     selection: &Selection<'c>,
@@ -409,7 +434,7 @@ pub fn snapshot_page<'c>(
 ) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
     // Not a persistent statement: each page is planned with its real bounds, so Postgres
     // picks the index that fits this snapshot instead of one generic plan for all.
-    let mut query = sqlx::query(snapshot_sql(selection.patients))
+    let mut query = sqlx::query(snapshot_sql(selection.patients, selection.deleted))
         .persistent(false)
         .bind(selection.resource_type)
         .bind(after)

@@ -144,6 +144,16 @@ fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String>
     Ok(())
 }
 
+/// One line of a `deleted` file: a transaction Bundle that deletes `Type/id`.
+pub fn deletion_bundle(resource_type: &str, id: &str) -> String {
+    serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": format!("{resource_type}/{id}")}}],
+    })
+    .to_string()
+}
+
 /// The (name, value) pairs of a `Parameters` resource, values as their string form.
 pub fn parameters_pairs(body: &Value) -> Result<Vec<(String, String)>, String> {
     if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {

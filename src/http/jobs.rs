@@ -127,20 +127,26 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
                 })?
         }
     };
-    let output: Vec<_> = parts
-        .iter()
-        .zip(urls)
-        .map(|(p, url)| json!({"type": p.resource_type, "url": url, "count": p.resources}))
-        .collect();
+    let (mut output, mut deleted) = (Vec::new(), Vec::new());
+    for (p, url) in parts.iter().zip(urls) {
+        // Files of deletions hold transaction Bundles (IG: the manifest's `deleted`).
+        match p.resource_type.strip_suffix("-deleted") {
+            Some(_) => deleted.push(json!({"type": "Bundle", "url": url, "count": p.resources})),
+            None => output.push(json!({"type": p.resource_type, "url": url, "count": p.resources})),
+        }
+    }
     // Raw blob URLs need the client's own storage access; server and SAS URLs do not (yet).
     let requires_access_token = mode == OutputUrls::Blob;
-    let body = json!({
+    let mut body = json!({
         "transactionTime": instant::format(job.transaction_time),
         "request": job.request_url,
         "requiresAccessToken": requires_access_token,
         "output": output,
         "error": [],
     });
+    if job.since.is_some() {
+        body["deleted"] = json!(deleted);
+    }
     let mut response = (StatusCode::OK, body.to_string()).into_response();
     let headers = response.headers_mut();
     headers.insert(

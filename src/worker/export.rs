@@ -5,7 +5,7 @@
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::BTreeSet, sync::Arc, time::Duration};
 
 use futures::TryStreamExt;
 use sqlx::Row;
@@ -16,7 +16,7 @@ use crate::db::{
     jobs::{self, Job, Task},
     resources::{self, PatientFilter, Selection},
 };
-use crate::fhir::elements;
+use crate::fhir::{bulk, elements};
 
 enum Part {
     /// Nothing left in the range.
@@ -53,6 +53,7 @@ pub async fn run(
         since: job.since,
         patients,
         excluded_ids: excluded,
+        deleted: task.kind == "deleted",
     };
     // The checkpoint is the last seq written; a fresh task starts at its range's lower bound.
     let mut after = if task.parts_done == 0 {
@@ -119,26 +120,34 @@ async fn write_part(
     let Some(first) = rows.try_next().await? else {
         return Ok(Part::Empty);
     };
-    let Some(part_no) =
-        jobs::reserve_part(&context.pool, task, selection.resource_type, seq).await?
-    else {
+    // Deletions are numbered and named apart: `{Type}-deleted-{n}.ndjson`.
+    let file_kind = if selection.deleted {
+        format!("{}-deleted", selection.resource_type)
+    } else {
+        selection.resource_type.to_string()
+    };
+    let Some(part_no) = jobs::reserve_part(&context.pool, task, &file_kind, seq).await? else {
         return Ok(Part::LeaseLost);
     };
-    let name = format!(
-        "{}/{}-{part_no}.ndjson",
-        job.folder, selection.resource_type
-    );
+    let name = format!("{}/{file_kind}-{part_no}.ndjson", job.folder);
     let mut writer = context.storage.create(&job.container, &name).await?;
     let (mut count, mut bytes) = (0i32, 0u64);
     let mut last_written = None;
     let mut next = Some(first);
     while let Some(row) = next.take() {
-        let stored: &str = row.try_get(1)?;
         // Stored text streams out untouched, unless `_elements` asks for a subset.
-        let subsetted = elements
-            .map(|keep| elements::subset(stored, keep))
-            .transpose()?;
-        let body = subsetted.as_deref().unwrap_or(stored);
+        let body: Cow<str> = if selection.deleted {
+            Cow::Owned(bulk::deletion_bundle(
+                selection.resource_type,
+                row.try_get(2)?,
+            ))
+        } else {
+            let stored: &str = row.try_get(1)?;
+            match elements {
+                Some(keep) => Cow::Owned(elements::subset(stored, keep)?),
+                None => Cow::Borrowed(stored),
+            }
+        };
         let size = body.len() as u64 + 1;
         // One resource always fits; past that the byte cap ends the part early.
         if count > 0 && bytes + size > config.part_max_bytes {

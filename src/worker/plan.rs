@@ -52,11 +52,22 @@ pub async fn run(
         while start < span.max_seq {
             let end = (start + width).min(span.max_seq);
             planned.push(jobs::PlannedTask {
+                kind: "export",
                 resource_type: resource_type.clone(),
                 range_start: start,
                 range_end: end,
                 estimate: span.count / slices,
             });
+            // With `_since`, the same range also lists what was deleted since.
+            if job.since.is_some() {
+                planned.push(jobs::PlannedTask {
+                    kind: "deleted",
+                    resource_type: resource_type.clone(),
+                    range_start: start,
+                    range_end: end,
+                    estimate: 0,
+                });
+            }
             start = end;
         }
     }
