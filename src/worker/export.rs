@@ -1,4 +1,5 @@
-//! An export task: pages its type (and id range) out of the snapshot into ndjson parts.
+//! An export task: pages its type (one seq range of it) out of the snapshot into ndjson parts:
+//! the resources, or for a `deleted` task the deletions since `_since`.
 //!
 //! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
 //! reserve the file's number, commit the file if the lease still holds, then checkpoint.
