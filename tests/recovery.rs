@@ -17,6 +17,24 @@ const SLOW_WORKER: &[(&str, &str)] = &[
     ("FHIR_EXPORT_RANGE_SIZE", "150"),
 ];
 
+/// The API alone (the worker processes come separately), with a short stale period and small
+/// parts, like the worker processes.
+async fn api_only_app() -> TestApp {
+    TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.stale_after_secs = 2;
+        c.export.part_size = 20;
+    })
+    .await
+}
+
+async fn max_failures(pool: &PgPool) -> i32 {
+    sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 async fn committed_parts(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
         .fetch_one(pool)
@@ -90,12 +108,7 @@ fn assert_exact(
 
 #[tokio::test]
 async fn a_worker_killed_mid_export_is_rescued_with_exact_output() {
-    let app = TestApp::spawn_with(|c| {
-        c.export.workers = 0;
-        c.export.stale_after_secs = 2;
-        c.export.part_size = 20;
-    })
-    .await;
+    let app = api_only_app().await;
     let loaded = load_generated(&app, 2).await;
     let status_url = kick_off(&app, "/$export?_type=Observation,Patient").await;
 
@@ -109,22 +122,14 @@ async fn a_worker_killed_mid_export_is_rescued_with_exact_output() {
     let manifest = wait_manifest(&app, &status_url).await;
     let files = download_all(&app, &manifest).await;
     assert_exact(&files, &loaded, &["Observation", "Patient"]);
-    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let rescued: i32 = max_failures(&app.pool).await;
     assert_eq!(rescued, 1, "the killed task was rescued once");
     assert!(committed_parts(&app.pool).await > before);
 }
 
 #[tokio::test]
 async fn a_frozen_worker_that_resumes_changes_nothing() {
-    let app = TestApp::spawn_with(|c| {
-        c.export.workers = 0;
-        c.export.stale_after_secs = 2;
-        c.export.part_size = 20;
-    })
-    .await;
+    let app = api_only_app().await;
     let loaded = load_generated(&app, 2).await;
     let status_url = kick_off(&app, "/$export?_type=Observation").await;
 
@@ -161,10 +166,7 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
         (on_disk, rows, tasks)
     };
     let before = snapshot().await;
-    let rescued: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let rescued: i32 = max_failures(&app.pool).await;
     assert_eq!(rescued, 1, "the frozen worker's task was rescued");
 
     signal(&frozen, "-CONT");
