@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
 use crate::{
-    db::resources::{self, CopyRow, CopyWriter, Head, NewVersion, ResourceKey},
+    db::resources::{self, CopyRow, CopyWriter, NewVersion, ResourceKey},
     fhir::{compartment, instant, resource::Template},
 };
 
@@ -64,7 +64,8 @@ impl Prepared {
 
 /// Creates or updates one resource inside a write transaction (`db::resources::begin_write`).
 pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Written> {
-    let head = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
+    let current = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
+    let head = current.as_ref().map(|c| c.head);
     let last_updated = resources::next_timestamp(tx, head.map(|h| h.last_updated)).await?;
     let seq = match head {
         Some(h) => h.seq,
@@ -84,7 +85,7 @@ pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Writ
         patient_ids: prepared.patient_ids,
         body: Some(body),
     };
-    replace_current(tx, head, &version).await?;
+    replace_current(tx, current.map(|c| c.address), &version).await?;
     Ok(Written {
         version_id,
         last_updated,
@@ -153,16 +154,17 @@ pub async fn delete(
     resource_type: &str,
     id: &str,
 ) -> sqlx::Result<Option<Written>> {
-    let Some(head) = resources::lock_current(tx, resource_type, id).await? else {
+    let Some(current) = resources::lock_current(tx, resource_type, id).await? else {
         return Ok(None);
     };
+    let head = current.head;
     if head.deleted {
         return Ok(None);
     }
     let last_updated = resources::next_timestamp(tx, Some(head.last_updated)).await?;
     // The tombstone keeps the compartments of what it deletes, so Patient and Group exports
     // can list the deletion.
-    let patient_ids = resources::patient_ids(tx, resource_type, id, head.version_id).await?;
+    let patient_ids = current.patient_ids;
     let tombstone = NewVersion {
         resource_type: resource_type.to_string(),
         id: id.to_string(),
@@ -173,7 +175,7 @@ pub async fn delete(
         patient_ids,
         body: None,
     };
-    replace_current(tx, Some(head), &tombstone).await?;
+    replace_current(tx, Some(current.address), &tombstone).await?;
     Ok(Some(Written {
         version_id: tombstone.version_id,
         last_updated,
@@ -182,14 +184,14 @@ pub async fn delete(
     }))
 }
 
+/// Retires the locked current row (if any) and inserts its successor.
 async fn replace_current(
     tx: &mut PgConnection,
-    head: Option<Head>,
+    current: Option<String>,
     version: &NewVersion,
 ) -> sqlx::Result<()> {
-    if head.is_some() {
-        let key = (version.resource_type.clone(), version.id.clone());
-        resources::retire_current(tx, std::slice::from_ref(&key)).await?;
+    if let Some(address) = current {
+        resources::retire_rows(tx, &[address]).await?;
     }
     resources::insert_version(tx, version).await
 }

@@ -50,25 +50,38 @@ pub async fn begin_write(pool: &PgPool) -> sqlx::Result<Transaction<'static, Pos
     Ok(tx)
 }
 
+/// The locked current version of one resource: its head, its row address (for
+/// `retire_rows`) and its compartment membership.
+#[derive(Debug)]
+pub struct Current {
+    pub head: Head,
+    pub address: String,
+    pub patient_ids: Vec<String>,
+}
+
 /// Locks and returns the current version of one resource.
 pub async fn lock_current(
     tx: &mut PgConnection,
     resource_type: &str,
     id: &str,
-) -> sqlx::Result<Option<Head>> {
+) -> sqlx::Result<Option<Current>> {
     let row = sqlx::query(
-        "SELECT version_id, seq, last_updated, body IS NULL AS deleted FROM resources
-         WHERE resource_type = $1 AND id = $2 AND is_current FOR UPDATE",
+        "SELECT version_id, seq, last_updated, body IS NULL AS deleted, ctid::text, patient_ids
+         FROM resources WHERE resource_type = $1 AND id = $2 AND is_current FOR UPDATE",
     )
     .bind(resource_type)
     .bind(id)
     .fetch_optional(tx)
     .await?;
-    Ok(row.map(|r| Head {
-        version_id: r.get(0),
-        seq: r.get(1),
-        last_updated: r.get(2),
-        deleted: r.get(3),
+    Ok(row.map(|r| Current {
+        head: Head {
+            version_id: r.get(0),
+            seq: r.get(1),
+            last_updated: r.get(2),
+            deleted: r.get(3),
+        },
+        address: r.get(4),
+        patient_ids: r.get(5),
     }))
 }
 
@@ -107,23 +120,6 @@ pub async fn lock_current_many(
         .collect())
 }
 
-/// The compartment membership stored with one version.
-pub async fn patient_ids(
-    tx: &mut PgConnection,
-    resource_type: &str,
-    id: &str,
-    version_id: i32,
-) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT patient_ids FROM resources WHERE resource_type = $1 AND id = $2 AND version_id = $3",
-    )
-    .bind(resource_type)
-    .bind(id)
-    .bind(version_id)
-    .fetch_one(tx)
-    .await
-}
-
 /// The server clock, strictly after `after` (microsecond precision, as Postgres stores it).
 pub async fn next_timestamp(
     tx: &mut PgConnection,
@@ -149,26 +145,7 @@ pub async fn next_seqs(tx: &mut PgConnection, n: usize) -> sqlx::Result<Vec<i64>
         .await
 }
 
-/// Marks the current versions of these resources as no longer current.
-pub async fn retire_current(tx: &mut PgConnection, keys: &[ResourceKey]) -> sqlx::Result<()> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let (types, ids): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(t, i)| (t.as_str(), i.as_str())).unzip();
-    sqlx::query(
-        "UPDATE resources r SET is_current = false
-         FROM unnest($1::text[], $2::text[]) AS k(t, i)
-         WHERE r.resource_type = k.t AND r.id = k.i AND r.is_current",
-    )
-    .bind(&types)
-    .bind(&ids)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Marks rows locked by `lock_current_many` (by physical address) as no longer current. The
+/// Marks rows locked by `lock_current(_many)` (by physical address) as no longer current. The
 /// rows are locked, so their addresses hold until the transaction ends; addressing them
 /// directly keeps this a handful of page visits whatever the planner thinks of a join.
 pub async fn retire_rows(tx: &mut PgConnection, rows: &[String]) -> sqlx::Result<()> {
