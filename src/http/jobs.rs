@@ -8,7 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -39,10 +39,6 @@ async fn visible_job(state: &AppState, id: &str) -> ApiResult<Job> {
     jobs::visible(&state.pool, uuid)
         .await?
         .ok_or_else(|| job_not_found(id))
-}
-
-fn http_date(t: DateTime<Utc>) -> String {
-    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
 async fn status(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
@@ -154,7 +150,7 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
         HeaderValue::from_static("application/json"),
     );
     if let Some(expires) = job.expires_at
-        && let Ok(v) = HeaderValue::from_str(&http_date(expires))
+        && let Ok(v) = HeaderValue::from_str(&super::http_date(expires))
     {
         headers.insert(header::EXPIRES, v);
     }

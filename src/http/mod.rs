@@ -63,6 +63,11 @@ pub fn fhir_response(status: StatusCode, body: impl Into<Body>) -> Response {
     response
 }
 
+/// An HTTP date (RFC 7231), e.g. for `Last-Modified` and `Expires`.
+pub fn http_date(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
 async fn unknown_route() -> ApiError {
     ApiError::not_found("no such route on this FHIR server")
 }

@@ -149,7 +149,7 @@ fn written_response(
 
 fn set_version_headers(headers: &mut HeaderMap, version_id: i32, last_updated: DateTime<Utc>) {
     let etag = format!("W/\"{version_id}\"");
-    let modified = last_updated.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let modified = super::http_date(last_updated);
     for (name, value) in [(header::ETAG, etag), (header::LAST_MODIFIED, modified)] {
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.insert(name, v);
