@@ -219,7 +219,13 @@ async fn write_batches(
         report.updated += store::put_many(&mut tx, &batch).await? as u64;
         tx.commit().await?;
         for p in &batch {
-            *report.per_type.entry(p.resource_type.clone()).or_default() += 1;
+            // Counted per resource: allocate the type's name only the first time it is seen.
+            match report.per_type.get_mut(&p.resource_type) {
+                Some(n) => *n += 1,
+                None => {
+                    report.per_type.insert(p.resource_type.clone(), 1);
+                }
+            }
         }
         let total = loaded.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
         progress.set_message(format!("{total} resources"));
