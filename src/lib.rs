@@ -75,6 +75,7 @@ impl Server {
             state.pool.clone(),
             state.storage.clone(),
             state.config.clone(),
+            state.base_url.to_string(),
         );
         let mut workers = worker::spawn(context, shutdown.clone());
         let router = http::router(state);

@@ -426,7 +426,17 @@ async fn every_bad_kick_off_is_a_400_operation_outcome() {
         ("_till=2999-01-01T00:00:00Z", "future"),
         ("_container=Not_Valid", "container"),
         ("_container=ab", "container"),
-        ("_typeFilter=Patient%3Factive%3Dtrue", "not supported"),
+        (
+            "_typeFilter=Patient%3Fnope%3D1",
+            "not a search parameter of Patient",
+        ),
+        ("_typeFilter=Observation%3Fsubject.name%3Dx", "chained"),
+        ("_typeFilter=Observation%3Fdate%3Dsoon", "not a date"),
+        (
+            "_type=Patient&_typeFilter=Observation%3Fstatus%3Dfinal",
+            "_type leaves out",
+        ),
+        ("includeAssociatedData=_everything", "_everything"),
         ("_elements=Patient.name.family", "top-level"),
         ("_elements=Unicorn.status", "Unicorn"),
         ("bogus=1", "bogus"),

@@ -218,6 +218,38 @@ async fn metadata_is_an_r4_capability_statement() {
     for code in ["read", "vread", "create", "update", "delete"] {
         assert!(codes.contains(&code), "{code} missing");
     }
+    // The search parameters `_typeFilter` can use, with their types.
+    let params = |t: &str| -> Vec<(String, String)> {
+        let r = resources.iter().find(|r| r["type"] == t).unwrap();
+        r["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().into(),
+                    p["type"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let observation = params("Observation");
+    for (name, kind) in [
+        ("code", "token"),
+        ("date", "date"),
+        ("value-quantity", "quantity"),
+        ("subject", "reference"),
+        ("_lastUpdated", "date"),
+        ("_id", "token"),
+    ] {
+        assert!(
+            observation.contains(&(name.into(), kind.into())),
+            "{name} missing"
+        );
+    }
+    // Composite parameters cannot be evaluated, so they are not offered.
+    assert!(!observation.iter().any(|(n, _)| n == "code-value-quantity"));
+    assert!(params("Patient").contains(&("birthdate".into(), "date".into())));
 }
 
 #[tokio::test]

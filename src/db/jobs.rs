@@ -24,6 +24,11 @@ pub struct NewJob {
     pub patient_ids: Option<Vec<String>>,
     pub excluded_groups: Vec<String>,
     pub elements: Vec<String>,
+    pub type_filters: Vec<String>,
+    pub include_history: bool,
+    pub include_deleted: bool,
+    /// What a lenient kick-off ignored: the manifest's error file.
+    pub notes: Vec<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -41,6 +46,11 @@ pub struct Job {
     pub patient_ids: Option<Vec<String>>,
     pub excluded_groups: Vec<String>,
     pub elements: Vec<String>,
+    pub type_filters: Vec<String>,
+    pub include_history: bool,
+    pub include_deleted: bool,
+    /// What a lenient kick-off ignored: the manifest's error file.
+    pub notes: Vec<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -59,6 +69,8 @@ pub struct Task {
     pub range_end: i64,
     pub attempt: i32,
     pub checkpoint_seq: i64,
+    /// With `checkpoint_seq`, the position of a history task (versions share a seq).
+    pub checkpoint_version: i32,
     pub parts_done: i32,
 }
 
@@ -132,8 +144,9 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO export_jobs (id, level, request_url, transaction_time, since, types,
-            patient_ids, excluded_groups, elements, container, own_container, folder, in_flight)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+            patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted,
+            notes, container, own_container, folder, in_flight)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
             ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
     )
     .bind(job.id)
@@ -145,6 +158,10 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     .bind(&job.patient_ids)
     .bind(&job.excluded_groups)
     .bind(&job.elements)
+    .bind(&job.type_filters)
+    .bind(job.include_history)
+    .bind(job.include_deleted)
+    .bind(&job.notes)
     .bind(&job.container)
     .bind(job.own_container)
     .bind(&job.folder)
@@ -159,8 +176,8 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
 }
 
 const JOB_COLUMNS: &str = "id, status, level, request_url, transaction_time, since, types, \
-    patient_ids, excluded_groups, elements, container, own_container, folder, error, finished_at, \
-    expires_at";
+    patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted, notes, \
+    container, own_container, folder, error, finished_at, expires_at";
 
 /// A job the client can still see: not cancelled, not expired.
 pub async fn visible(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
@@ -268,7 +285,7 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result
              leased_until = now() + make_interval(secs => $2), updated_at = now()
          FROM next WHERE t.id = next.id
          RETURNING t.id, t.job_id, t.kind, t.resource_type, t.range_start, t.range_end,
-                   t.attempt, t.checkpoint_seq, t.parts_done",
+                   t.attempt, t.checkpoint_seq, t.checkpoint_version, t.parts_done",
     )
     .bind(worker)
     .bind(secs(lease))
@@ -462,13 +479,14 @@ pub async fn checkpoint(
     pool: &PgPool,
     task: &Task,
     seq: i32,
-    last_seq: i64,
+    last: (i64, i32),
     resources: i32,
     bytes: i64,
 ) -> sqlx::Result<bool> {
     sqlx::query(
         "WITH t AS (
-            UPDATE export_tasks SET checkpoint_seq = $4, parts_done = $3 + 1,
+            UPDATE export_tasks SET checkpoint_seq = $4, checkpoint_version = $7,
+                   parts_done = $3 + 1,
                    resources_done = resources_done + $5, updated_at = now()
             WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()
               AND parts_done = $3
@@ -479,9 +497,10 @@ pub async fn checkpoint(
     .bind(task.id)
     .bind(task.attempt)
     .bind(seq)
-    .bind(last_seq)
+    .bind(last.0)
     .bind(resources)
     .bind(bytes)
+    .bind(last.1)
     .execute(pool)
     .await
     .map(held)

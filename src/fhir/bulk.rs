@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::{instant, is_resource_type};
+use super::{instant, is_resource_type, type_filter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -27,13 +27,7 @@ impl Level {
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
 /// IG parameters this server does not implement (yet): refused, or ignored when lenient.
-const UNSUPPORTED: &[&str] = &[
-    "_typeFilter",
-    "includeAssociatedData",
-    "organizeOutputBy",
-    "allowPartialManifests",
-    "_until",
-];
+const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests", "_until"];
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExportParams {
@@ -46,16 +40,24 @@ pub struct ExportParams {
     pub elements: Vec<String>,
     /// `patient`: the ids of the patients a Patient or Group export is limited to.
     pub patients: Vec<String>,
+    /// `_typeFilter` entries (`Type?query`), each valid.
+    pub type_filters: Vec<String>,
+    /// `includeAssociatedData=_history`: older versions too.
+    pub include_history: bool,
+    /// `includeAssociatedData=_deleted`: the last state of deleted resources too.
+    pub include_deleted: bool,
     /// What a lenient kick-off ignored, one sentence each.
     pub ignored: Vec<String>,
 }
 
-/// Reads the parameters of a kick-off. `now` bounds `_till`.
+/// Reads the parameters of a kick-off. `now` bounds `_till`; `base_url` makes references
+/// to this server in `_typeFilter` local.
 pub fn parse(
     params: &[(String, String)],
     level: Level,
     lenient: bool,
     now: DateTime<Utc>,
+    base_url: &str,
 ) -> Result<ExportParams, String> {
     let mut out = ExportParams::default();
     let ignore = |out: &mut ExportParams, why: String| -> Result<(), String> {
@@ -117,6 +119,33 @@ pub fn parse(
                     }
                 }
             }
+            "_typeFilter" => {
+                for entry in type_filter::split_entries(value) {
+                    match type_filter::Query::parse(entry, base_url) {
+                        Ok(_) => out.type_filters.push(entry.to_string()),
+                        Err(why) => ignore(&mut out, why)?,
+                    }
+                }
+            }
+            "includeAssociatedData" => {
+                if level != Level::System {
+                    return Err(
+                        "includeAssociatedData is only supported for system-level export".into(),
+                    );
+                }
+                for v in value.split(',').map(str::trim) {
+                    match v {
+                        "_history" => out.include_history = true,
+                        "_deleted" => out.include_deleted = true,
+                        other => ignore(
+                            &mut out,
+                            format!(
+                                "includeAssociatedData '{other}' is not supported (use _history, _deleted)"
+                            ),
+                        )?,
+                    }
+                }
+            }
             // Its naming rules belong to the storage; the caller checks them.
             "_container" => set_once(&mut out.container, name, value.clone())?,
             n if UNSUPPORTED.contains(&n) => {
@@ -127,6 +156,22 @@ pub fn parse(
             }
             n => ignore(&mut out, format!("unknown parameter '{n}'"))?,
         }
+    }
+    // A filter on a type the export leaves out is a contradiction, not a no-op.
+    if !out.types.is_empty() {
+        let mut kept = Vec::new();
+        for entry in std::mem::take(&mut out.type_filters) {
+            let filtered = entry.split_once('?').map_or("", |(t, _)| t);
+            if out.types.iter().any(|t| t == filtered) {
+                kept.push(entry);
+            } else {
+                ignore(
+                    &mut out,
+                    format!("_typeFilter '{entry}' names {filtered}, which _type leaves out"),
+                )?;
+            }
+        }
+        out.type_filters = kept;
     }
     if let (Some(since), Some(till)) = (out.since, out.till)
         && since >= till
@@ -153,6 +198,27 @@ pub fn deletion_bundle(resource_type: &str, id: &str) -> String {
     })
     .to_string()
 }
+
+/// Marks a resource's last state, exported for `includeAssociatedData=_deleted`, as deleted:
+/// a `meta` extension (the one Azure's FHIR service uses).
+pub fn mark_deleted(body: &str) -> Result<String, serde_json::Error> {
+    let mut resource: serde_json::Map<String, Value> = serde_json::from_str(body)?;
+    let meta = resource
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Value::Object(meta) = meta {
+        let extensions = meta
+            .entry("extension")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(list) = extensions {
+            list.push(serde_json::json!({"url": DELETED_STATE_URL, "valueString": "soft-deleted"}));
+        }
+    }
+    serde_json::to_string(&resource)
+}
+
+/// The `meta.extension` that marks a deleted resource's last state.
+pub const DELETED_STATE_URL: &str = "http://azurehealthcareapis.com/data-extensions/deleted-state";
 
 /// The (name, value) pairs of a `Parameters` resource, values as their string form.
 pub fn parameters_pairs(body: &Value) -> Result<Vec<(String, String)>, String> {
@@ -208,6 +274,8 @@ mod tests {
             .collect()
     }
 
+    const BASE: &str = "http://fhir.example";
+
     fn now() -> DateTime<Utc> {
         instant::parse("2026-01-01T00:00:00Z").unwrap()
     }
@@ -223,6 +291,7 @@ mod tests {
             Level::System,
             false,
             now(),
+            BASE,
         )
         .unwrap();
         assert_eq!(r.types, vec!["Patient", "Observation", "Condition"]);
@@ -231,12 +300,20 @@ mod tests {
                 &p(&[("_type", "Patient,Nope")]),
                 Level::System,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .unwrap_err()
             .contains("Nope")
         );
-        let lenient = parse(&p(&[("_type", "Patient,Nope")]), Level::System, true, now()).unwrap();
+        let lenient = parse(
+            &p(&[("_type", "Patient,Nope")]),
+            Level::System,
+            true,
+            now(),
+            BASE,
+        )
+        .unwrap();
         assert_eq!(lenient.types, vec!["Patient"]);
         assert_eq!(lenient.ignored.len(), 1);
     }
@@ -244,14 +321,24 @@ mod tests {
     #[test]
     fn output_formats() {
         for f in OUTPUT_FORMATS {
-            assert!(parse(&p(&[("_outputFormat", f)]), Level::System, false, now()).is_ok());
+            assert!(
+                parse(
+                    &p(&[("_outputFormat", f)]),
+                    Level::System,
+                    false,
+                    now(),
+                    BASE
+                )
+                .is_ok()
+            );
         }
         assert!(
             parse(
                 &p(&[("_outputFormat", "text/csv")]),
                 Level::System,
                 true,
-                now()
+                now(),
+                BASE,
             )
             .is_err()
         );
@@ -268,11 +355,21 @@ mod tests {
             Level::System,
             false,
             now(),
+            BASE,
         )
         .unwrap();
         assert_eq!(r.container.as_deref(), Some("my-exports"));
         assert!(r.since.unwrap() < r.till.unwrap());
-        assert!(parse(&p(&[("_since", "2025-01-01")]), Level::System, false, now()).is_err());
+        assert!(
+            parse(
+                &p(&[("_since", "2025-01-01")]),
+                Level::System,
+                false,
+                now(),
+                BASE
+            )
+            .is_err()
+        );
         assert!(
             parse(
                 &p(&[
@@ -281,7 +378,8 @@ mod tests {
                 ]),
                 Level::System,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .is_err()
         );
@@ -290,7 +388,8 @@ mod tests {
                 &p(&[("_till", "2025-01-01T00:00:00Z")]),
                 Level::Patient,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .unwrap_err()
             .contains("system")
@@ -300,7 +399,8 @@ mod tests {
                 &p(&[("_till", "2027-01-01T00:00:00Z")]),
                 Level::System,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .unwrap_err()
             .contains("future")
@@ -313,7 +413,8 @@ mod tests {
                 ]),
                 Level::System,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .is_err()
         );
@@ -322,16 +423,17 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_parameters() {
         assert!(
-            parse(&p(&[("foo", "1")]), Level::System, false, now())
+            parse(&p(&[("foo", "1")]), Level::System, false, now(), BASE)
                 .unwrap_err()
                 .contains("foo")
         );
         assert!(
             parse(
-                &p(&[("_typeFilter", "Patient?active=true")]),
+                &p(&[("organizeOutputBy", "Patient")]),
                 Level::System,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .unwrap_err()
             .contains("not supported")
@@ -341,9 +443,95 @@ mod tests {
             Level::System,
             true,
             now(),
+            BASE,
         )
         .unwrap();
         assert_eq!(r.ignored.len(), 2);
+    }
+
+    #[test]
+    fn type_filters() {
+        let r = parse(
+            &p(&[
+                (
+                    "_typeFilter",
+                    "Observation?code=a,b,MedicationRequest?status=active",
+                ),
+                ("_typeFilter", "Observation?status=final"),
+            ]),
+            Level::System,
+            false,
+            now(),
+            BASE,
+        )
+        .unwrap();
+        assert_eq!(
+            r.type_filters,
+            vec![
+                "Observation?code=a,b",
+                "MedicationRequest?status=active",
+                "Observation?status=final"
+            ]
+        );
+        let bad = p(&[("_typeFilter", "Observation?nope=1,Patient?active=true")]);
+        assert!(
+            parse(&bad, Level::System, false, now(), BASE)
+                .unwrap_err()
+                .contains("nope")
+        );
+        let lenient = parse(&bad, Level::System, true, now(), BASE).unwrap();
+        assert_eq!(lenient.type_filters, vec!["Patient?active=true"]);
+        assert!(lenient.ignored[0].contains("nope"));
+        let outside = p(&[
+            ("_type", "Patient"),
+            ("_typeFilter", "Observation?status=final"),
+        ]);
+        assert!(
+            parse(&outside, Level::System, false, now(), BASE)
+                .unwrap_err()
+                .contains("_type leaves out")
+        );
+        assert!(
+            parse(&outside, Level::System, true, now(), BASE)
+                .unwrap()
+                .type_filters
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn associated_data() {
+        let r = parse(
+            &p(&[("includeAssociatedData", "_history,_deleted")]),
+            Level::System,
+            false,
+            now(),
+            BASE,
+        )
+        .unwrap();
+        assert!(r.include_history && r.include_deleted);
+        let other = p(&[(
+            "includeAssociatedData",
+            "_history,LatestProvenanceResources",
+        )]);
+        assert!(
+            parse(&other, Level::System, false, now(), BASE)
+                .unwrap_err()
+                .contains("LatestProvenanceResources")
+        );
+        let lenient = parse(&other, Level::System, true, now(), BASE).unwrap();
+        assert!(lenient.include_history && !lenient.include_deleted);
+        assert_eq!(lenient.ignored.len(), 1);
+        assert!(
+            parse(
+                &p(&[("includeAssociatedData", "_history")]),
+                Level::Patient,
+                false,
+                now(),
+                BASE
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -353,20 +541,42 @@ mod tests {
             Level::Group,
             false,
             now(),
+            BASE,
         )
         .unwrap();
         assert_eq!(r.patients, vec!["a", "b"]);
-        assert!(parse(&p(&[("patient", "Patient/a")]), Level::System, false, now()).is_err());
+        assert!(
+            parse(
+                &p(&[("patient", "Patient/a")]),
+                Level::System,
+                false,
+                now(),
+                BASE
+            )
+            .is_err()
+        );
         assert!(
             parse(
                 &p(&[("patient", "Observation/a")]),
                 Level::Patient,
                 false,
-                now()
+                now(),
+                BASE,
             )
             .unwrap_err()
             .contains("Patient reference")
         );
+    }
+
+    #[test]
+    fn last_states_are_marked_deleted() {
+        let marked =
+            mark_deleted(r#"{"resourceType":"Patient","id":"p","meta":{"versionId":"2"}}"#)
+                .unwrap();
+        let v: Value = serde_json::from_str(&marked).unwrap();
+        assert_eq!(v["meta"]["versionId"], "2");
+        assert_eq!(v["meta"]["extension"][0]["url"], DELETED_STATE_URL);
+        assert_eq!(v["meta"]["extension"][0]["valueString"], "soft-deleted");
     }
 
     #[test]

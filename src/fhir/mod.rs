@@ -11,6 +11,8 @@ pub mod outcome;
 pub mod r4;
 pub mod resource;
 pub mod search_param;
+pub mod search_value;
+pub mod type_filter;
 
 /// Is `name` an R4 resource type?
 pub fn is_resource_type(name: &str) -> bool {

@@ -97,7 +97,8 @@ async fn kick_off(
             .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
         pairs.extend(bulk::parameters_pairs(&value).map_err(ApiError::bad_request)?);
     }
-    let params = bulk::parse(&pairs, level, lenient, Utc::now()).map_err(ApiError::bad_request)?;
+    let params = bulk::parse(&pairs, level, lenient, Utc::now(), &state.base_url)
+        .map_err(ApiError::bad_request)?;
     if let Some(container) = &params.container {
         storage::validate_container_name(container).map_err(ApiError::bad_request)?;
     }
@@ -155,6 +156,10 @@ async fn kick_off(
         patient_ids,
         excluded_groups,
         elements: params.elements,
+        type_filters: params.type_filters,
+        include_history: params.include_history,
+        include_deleted: params.include_deleted,
+        notes: ignored.clone(),
         container,
         own_container,
         folder: format!(

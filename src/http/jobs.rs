@@ -123,13 +123,17 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
                 })?
         }
     };
-    let (mut output, mut deleted) = (Vec::new(), Vec::new());
+    let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
     for (p, url) in parts.iter().zip(urls) {
-        // Files of deletions hold transaction Bundles (IG: the manifest's `deleted`).
-        match p.resource_type.strip_suffix("-deleted") {
-            Some(_) => deleted.push(json!({"type": "Bundle", "url": url, "count": p.resources})),
-            None => output.push(json!({"type": p.resource_type, "url": url, "count": p.resources})),
-        }
+        // File kinds: `Type`, `Type-history`, `Type-softdeleted` (resources), `Type-deleted`
+        // (transaction Bundles of deletions), `OperationOutcome-error` (what was ignored).
+        let (list, entry_type) = match p.resource_type.split_once('-') {
+            Some((_, "deleted")) => (&mut deleted, "Bundle"),
+            Some((t, "error")) => (&mut error, t),
+            Some((t, _)) => (&mut output, t),
+            None => (&mut output, p.resource_type.as_str()),
+        };
+        list.push(json!({"type": entry_type, "url": url, "count": p.resources}));
     }
     // Raw blob URLs need the client's own storage access; server and SAS URLs do not (yet).
     let requires_access_token = mode == OutputUrls::Blob;
@@ -138,7 +142,7 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
         "request": job.request_url,
         "requiresAccessToken": requires_access_token,
         "output": output,
-        "error": [],
+        "error": error,
     });
     if job.since.is_some() {
         body["deleted"] = json!(deleted);

@@ -4,7 +4,7 @@ use axum::{Router, extract::State, http::StatusCode, response::Response, routing
 use serde_json::{Value, json};
 
 use super::{AppState, fhir_response};
-use crate::fhir::r4::RESOURCE_TYPES;
+use crate::fhir::{r4::RESOURCE_TYPES, search_param};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metadata", get(metadata))
@@ -32,6 +32,8 @@ fn capability_statement(base_url: &str) -> Value {
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": true,
+                // What `_typeFilter` can use.
+                "searchParam": search_params(t),
             });
             match *t {
                 "Patient" => resource["operation"] = json!([operation("export", "patient-export")]),
@@ -58,4 +60,10 @@ fn capability_statement(base_url: &str) -> Value {
             "operation": [operation("export", "export")],
         }],
     })
+}
+
+fn search_params(resource_type: &str) -> Vec<Value> {
+    search_param::for_type(resource_type)
+        .map(|p| json!({"name": p.code, "type": p.kind.as_str()}))
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! An export task: pages its type (one seq range of it) out of the snapshot into ndjson parts:
-//! the resources, or for a `deleted` task the deletions since `_since`.
+//! the resources (narrowed by `_typeFilter`), the deletions since `_since` (`deleted` task),
+//! or older versions and the last state of deleted resources (`history`, `softdeleted`).
 //!
 //! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
 //! reserve the file's number, commit the file if the lease still holds, then checkpoint.
@@ -9,23 +10,36 @@
 use std::{borrow::Cow, collections::BTreeSet, sync::Arc, time::Duration};
 
 use futures::TryStreamExt;
-use sqlx::Row;
+use serde_json::Value;
+use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Ended, lease::Lease};
-use crate::db::{
-    jobs::{self, Job, Task},
-    resources::{self, PatientFilter, Selection},
+use crate::{
+    db::{
+        jobs::{self, Job, Task},
+        resources::{self, PatientFilter, Position, Rows, Selection},
+    },
+    fhir::{bulk, elements, type_filter::TypeFilter},
+    storage::PartWriter,
 };
-use crate::fhir::{bulk, elements};
 
 enum Part {
-    /// Nothing left in the range.
+    /// Nothing (more) in the range.
     Empty,
     Written {
-        last_seq: i64,
+        last: Position,
     },
     LeaseLost,
+}
+
+/// What a task writes and how each row becomes a line.
+struct Output<'a> {
+    selection: Selection<'a>,
+    /// `{Type}`, `{Type}-deleted`, `{Type}-history`, `{Type}-softdeleted`: file names.
+    file_kind: String,
+    filter: Option<TypeFilter>,
+    elements: Option<BTreeSet<String>>,
 }
 
 pub async fn run(
@@ -47,23 +61,57 @@ pub async fn run(
     } else {
         &[]
     };
-    let selection = Selection {
-        resource_type,
-        range_end: task.range_end,
-        transaction_time: job.transaction_time,
-        since: job.since,
-        patients,
-        excluded_ids: excluded,
-        deleted: task.kind == "deleted",
+    let (rows, file_kind) = match task.kind.as_str() {
+        "deleted" => (Rows::Deleted, format!("{resource_type}-deleted")),
+        "history" => (
+            Rows::History {
+                skip_last_state: job.include_deleted,
+            },
+            format!("{resource_type}-history"),
+        ),
+        "softdeleted" => (Rows::LastState, format!("{resource_type}-softdeleted")),
+        _ => (Rows::Live, resource_type.to_string()),
     };
-    // The checkpoint is the last seq written; a fresh task starts at its range's lower bound.
+    // Deletions are listed whole: a tombstone has nothing to filter on.
+    let filter = match rows {
+        Rows::Deleted => None,
+        _ => TypeFilter::for_type(&job.type_filters, resource_type, &context.base_url)
+            .map_err(anyhow::Error::msg)?,
+    };
+    let pushdown = filter
+        .as_ref()
+        .map(TypeFilter::pushdown)
+        .unwrap_or_default();
+    let output = Output {
+        selection: Selection {
+            resource_type,
+            range_end: task.range_end,
+            transaction_time: job.transaction_time,
+            since: job.since,
+            patients,
+            excluded_ids: excluded,
+            rows,
+            ids: pushdown.ids.as_deref(),
+            updated_from: pushdown.updated_from,
+            updated_before: pushdown.updated_before,
+        },
+        file_kind,
+        filter,
+        elements: elements::for_type(&job.elements, resource_type),
+    };
+    // The checkpoint is the last row written; a fresh task starts at its range's lower bound.
     let mut after = if task.parts_done == 0 {
-        task.range_start
+        Position {
+            seq: task.range_start,
+            version_id: i32::MAX,
+        }
     } else {
-        task.checkpoint_seq
+        Position {
+            seq: task.checkpoint_seq,
+            version_id: task.checkpoint_version,
+        }
     };
     let mut seq = task.parts_done;
-    let elements = elements::for_type(&job.elements, resource_type);
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
     loop {
         if lease.is_lost() {
@@ -73,21 +121,11 @@ pub async fn run(
             jobs::release(&context.pool, task).await?;
             return Ok(Ended::Released);
         }
-        match write_part(
-            context,
-            job,
-            task,
-            &selection,
-            elements.as_ref(),
-            after,
-            seq,
-        )
-        .await?
-        {
+        match write_part(context, job, task, &output, after, seq).await? {
             Part::Empty => break,
             Part::LeaseLost => return Ok(Ended::LeaseLost),
-            Part::Written { last_seq } => {
-                after = last_seq;
+            Part::Written { last } => {
+                after = last;
                 seq += 1;
             }
         }
@@ -105,75 +143,109 @@ pub async fn run(
     }
 }
 
+/// Writes the next part: up to `part_size` lines (and `part_max_bytes`) from the rows after
+/// `after`. A filter may skip rows, so this reads page after page until the part is full or the
+/// range ends; the file is created at the first line, so no empty file is ever written.
 async fn write_part(
     context: &Context,
     job: &Job,
     task: &Task,
-    selection: &Selection<'_>,
-    elements: Option<&BTreeSet<String>>,
-    after: i64,
+    output: &Output<'_>,
+    after: Position,
     seq: i32,
 ) -> anyhow::Result<Part> {
     let config = &context.config.export;
     let started = std::time::Instant::now();
-    let mut conn = context.pool.acquire().await?;
-    let mut rows = resources::snapshot_page(&mut conn, selection, after, config.part_size as i64);
-    let Some(first) = rows.try_next().await? else {
-        return Ok(Part::Empty);
-    };
-    // Deletions are numbered and named apart: `{Type}-deleted-{n}.ndjson`.
-    let file_kind = if selection.deleted {
-        format!("{}-deleted", selection.resource_type)
-    } else {
-        selection.resource_type.to_string()
-    };
-    let Some(part_no) = jobs::reserve_part(&context.pool, task, &file_kind, seq).await? else {
-        return Ok(Part::LeaseLost);
-    };
-    let name = format!("{}/{file_kind}-{part_no}.ndjson", job.folder);
-    let mut writer = context.storage.create(&job.container, &name).await?;
+    let limit = config.part_size as i64;
+    let mut file: Option<(Box<dyn PartWriter>, String)> = None;
     let (mut count, mut bytes) = (0i32, 0u64);
     let mut last_written = None;
-    let mut next = Some(first);
-    while let Some(row) = next.take() {
-        // Stored text streams out untouched, unless `_elements` asks for a subset.
-        let body: Cow<str> = if selection.deleted {
-            Cow::Owned(bulk::deletion_bundle(
-                selection.resource_type,
-                row.try_get(2)?,
-            ))
-        } else {
-            let stored: &str = row.try_get(1)?;
-            match elements {
-                Some(keep) => Cow::Owned(elements::subset(stored, keep)?),
-                None => Cow::Borrowed(stored),
+    let mut page_after = after;
+    'pages: loop {
+        let mut conn = context.pool.acquire().await?;
+        let mut rows = resources::snapshot_page(&mut conn, &output.selection, page_after, limit);
+        let mut scanned = 0;
+        while let Some(row) = rows.try_next().await? {
+            scanned += 1;
+            let position = Position {
+                seq: row.try_get(0)?,
+                version_id: row.try_get(3)?,
+            };
+            page_after = position;
+            let Some(line) = render(output, &row)? else {
+                continue;
+            };
+            let size = line.len() as u64 + 1;
+            // One resource always fits; past that the byte cap ends the part early.
+            if count > 0 && bytes + size > config.part_max_bytes {
+                break 'pages;
             }
-        };
-        let size = body.len() as u64 + 1;
-        // One resource always fits; past that the byte cap ends the part early.
-        if count > 0 && bytes + size > config.part_max_bytes {
-            break;
+            let writer = match &mut file {
+                Some((writer, _)) => writer,
+                None => {
+                    let Some(part_no) =
+                        jobs::reserve_part(&context.pool, task, &output.file_kind, seq).await?
+                    else {
+                        return Ok(Part::LeaseLost);
+                    };
+                    let name = format!("{}/{}-{part_no}.ndjson", job.folder, output.file_kind);
+                    let writer = context.storage.create(&job.container, &name).await?;
+                    &mut file.insert((writer, name)).0
+                }
+            };
+            writer.write(line.as_bytes()).await?;
+            writer.write(b"\n").await?;
+            count += 1;
+            bytes += size;
+            last_written = Some(position);
+            if count as i64 == limit {
+                break 'pages;
+            }
         }
-        writer.write(body.as_bytes()).await?;
-        writer.write(b"\n").await?;
-        count += 1;
-        bytes += size;
-        last_written = Some(row);
-        next = rows.try_next().await?;
+        if scanned < limit {
+            break; // the range is exhausted
+        }
     }
-    drop(rows);
-    drop(conn);
-    let last_seq: i64 = last_written
-        .expect("the first row is always written")
-        .try_get(0)?;
+    let (Some(last), Some((writer, name))) = (last_written, file) else {
+        return Ok(Part::Empty);
+    };
     let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
     let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
     if !writer.commit(fence).await? {
         return Ok(Part::LeaseLost);
     }
-    if !jobs::checkpoint(&context.pool, task, seq, last_seq, count, bytes as i64).await? {
+    let last_pair = (last.seq, last.version_id);
+    if !jobs::checkpoint(&context.pool, task, seq, last_pair, count, bytes as i64).await? {
         return Ok(Part::LeaseLost);
     }
     tracing::debug!(file = %name, resources = count, bytes, ms = started.elapsed().as_millis() as u64, "part written");
-    Ok(Part::Written { last_seq })
+    Ok(Part::Written { last })
+}
+
+/// The line a row becomes, or None when `_typeFilter` leaves it out. Stored text streams out
+/// untouched unless a filter, a deletion mark or `_elements` needs the resource parsed.
+fn render<'r>(output: &Output, row: &'r PgRow) -> anyhow::Result<Option<Cow<'r, str>>> {
+    let selection = &output.selection;
+    if selection.rows == Rows::Deleted {
+        let id: &str = row.try_get(2)?;
+        return Ok(Some(Cow::Owned(bulk::deletion_bundle(
+            selection.resource_type,
+            id,
+        ))));
+    }
+    let stored: &str = row.try_get(1)?;
+    if let Some(filter) = &output.filter {
+        let resource: Value = serde_json::from_str(stored)?;
+        if !filter.matches(&resource) {
+            return Ok(None);
+        }
+    }
+    let mut line = Cow::Borrowed(stored);
+    if selection.rows == Rows::LastState {
+        line = Cow::Owned(bulk::mark_deleted(&line)?);
+    }
+    if let Some(keep) = &output.elements {
+        line = Cow::Owned(elements::subset(&line, keep)?);
+    }
+    Ok(Some(line))
 }

@@ -21,6 +21,8 @@ pub struct Context {
     pub pool: PgPool,
     pub storage: Arc<dyn Storage>,
     pub config: Arc<Config>,
+    /// This server's FHIR base: `_typeFilter` references to it are local ones.
+    pub base_url: String,
     wake: Notify,
 }
 
@@ -34,11 +36,17 @@ pub enum Ended {
 }
 
 impl Context {
-    pub fn new(pool: PgPool, storage: Arc<dyn Storage>, config: Arc<Config>) -> Arc<Context> {
+    pub fn new(
+        pool: PgPool,
+        storage: Arc<dyn Storage>,
+        config: Arc<Config>,
+        base_url: String,
+    ) -> Arc<Context> {
         Arc::new(Context {
             pool,
             storage,
             config,
+            base_url,
             wake: Notify::new(),
         })
     }

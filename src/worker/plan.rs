@@ -1,12 +1,16 @@
-//! The plan task: waits until the snapshot is complete, then splits the job into export tasks
-//! (one per type; large types into id ranges that run in parallel).
+//! The plan task: waits until the snapshot is complete, writes the error file of what the
+//! kick-off ignored, then splits the job into export tasks (one per type; large types into seq
+//! ranges that run in parallel).
 
 use std::{sync::Arc, time::Duration};
 
 use super::{Context, Ended, lease::Lease};
 use crate::{
     db::{jobs, resources},
-    fhir::r4::{PATIENT_COMPARTMENT, RESOURCE_TYPES},
+    fhir::{
+        outcome::{self, Issue, Severity},
+        r4::{PATIENT_COMPARTMENT, RESOURCE_TYPES},
+    },
 };
 
 pub async fn run(
@@ -28,6 +32,9 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             _ = lease.lost() => return Ok(Ended::LeaseLost),
         }
+    }
+    if !write_notes(context, job, task).await? {
+        return Ok(Ended::LeaseLost);
     }
     let types = if job.types.is_empty() {
         let candidates: Vec<&str> = match job.level.as_str() {
@@ -58,15 +65,23 @@ pub async fn run(
                 range_end: end,
                 estimate: span.count / slices,
             });
-            // With `_since`, the same range also lists what was deleted since.
-            if job.since.is_some() {
-                planned.push(jobs::PlannedTask {
-                    kind: "deleted",
-                    resource_type: resource_type.clone(),
-                    range_start: start,
-                    range_end: end,
-                    estimate: 0,
-                });
+            // The same range also lists what was deleted since `_since`, and older versions
+            // and last states when asked for.
+            let extra = [
+                ("deleted", job.since.is_some()),
+                ("history", job.include_history),
+                ("softdeleted", job.include_deleted),
+            ];
+            for (kind, wanted) in extra {
+                if wanted {
+                    planned.push(jobs::PlannedTask {
+                        kind,
+                        resource_type: resource_type.clone(),
+                        range_start: start,
+                        range_end: end,
+                        estimate: 0,
+                    });
+                }
             }
             start = end;
         }
@@ -77,6 +92,42 @@ pub async fn run(
     } else {
         Ok(Ended::LeaseLost)
     }
+}
+
+/// The manifest's error file: one OperationOutcome per thing a lenient kick-off ignored.
+/// Written once (a retried plan finds its part done). `false`: the lease was lost.
+async fn write_notes(
+    context: &Context,
+    job: &jobs::Job,
+    task: &jobs::Task,
+) -> anyhow::Result<bool> {
+    const KIND: &str = "OperationOutcome-error";
+    if job.notes.is_empty() || task.parts_done > 0 {
+        return Ok(true);
+    }
+    let Some(part_no) = jobs::reserve_part(&context.pool, task, KIND, 0).await? else {
+        return Ok(false);
+    };
+    let name = format!("{}/{KIND}-{part_no}.ndjson", job.folder);
+    let mut writer = context.storage.create(&job.container, &name).await?;
+    let mut bytes = 0;
+    for note in &job.notes {
+        let issue = Issue::new(
+            Severity::Warning,
+            "not-supported",
+            format!("ignored: {note}"),
+        );
+        let line = outcome::operation_outcome(&[issue]).to_string() + "\n";
+        writer.write(line.as_bytes()).await?;
+        bytes += line.len() as i64;
+    }
+    let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
+    let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
+    if !writer.commit(fence).await? {
+        return Ok(false);
+    }
+    let count = job.notes.len() as i32;
+    Ok(jobs::checkpoint(&context.pool, task, 0, (0, 0), count, bytes).await?)
 }
 
 /// Types that can be in a patient's compartment (Patient and Group export read only these).
