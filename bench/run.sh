@@ -55,10 +55,10 @@ else
 fi
 
 # 3. Export through the server (default workers) vs raw COPY TO STDOUT of the stored JSON.
-# export_run LABEL [ENV=VALUE …]: one export of everything; sets EXPORT_SECS, EXPORTED, RSS_KB.
+# export_run LABEL QUERY [ENV=VALUE …]: one system export; sets EXPORT_SECS, EXPORTED, RSS_KB.
 export_run() {
-  local label=$1
-  shift
+  local label=$1 query=$2
+  shift 2
   rm -rf "$OUT/exports"
   env DATABASE_URL="$DB_URL" FHIR_EXPORT_LISTEN="127.0.0.1:$PORT" FHIR_EXPORT_STORAGE_DIR="$OUT/exports" "$@" \
     "$BIN" serve >"$OUT/serve-$label.log" 2>&1 &
@@ -68,7 +68,7 @@ export_run() {
   local t0 t1 status
   t0=$(now)
   status=$(curl -sf -D - -o /dev/null -H 'Accept: application/fhir+json' -H 'Prefer: respond-async' \
-    "http://127.0.0.1:$PORT/\$export" | tr -d '\r' | awk 'tolower($1) == "content-location:" { print $2 }')
+    "http://127.0.0.1:$PORT/\$export$query" | tr -d '\r' | awk 'tolower($1) == "content-location:" { print $2 }')
   until [ "$(curl -s -o "$OUT/manifest.json" -w "%{http_code}" "$status")" = 200 ]; do sleep 0.1; done
   t1=$(now)
   EXPORT_SECS=$(secs "$t0" "$t1")
@@ -78,7 +78,7 @@ export_run() {
   trap - EXIT
 }
 
-export_run filesystem
+export_run filesystem ""
 FS_SECS=$EXPORT_SECS FS_RSS_KB=$RSS_KB
 ON_DISK=$(cat $(find "$OUT/exports" -name '*.ndjson') | wc -l)
 [ "$EXPORTED" = "$ON_DISK" ] || { echo "manifest counts $EXPORTED but files hold $ON_DISK" >&2; exit 1; }
@@ -86,9 +86,14 @@ ON_DISK=$(cat $(find "$OUT/exports" -name '*.ndjson') | wc -l)
 # The same export into Azurite, when one answers at 127.0.0.1:10000 (scripts/test starts one).
 AZ_SECS=skipped
 if curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10000/devstoreaccount1?comp=list | grep -q 403; then
-  export_run azure FHIR_EXPORT_STORAGE=azure AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true
+  export_run azure "" FHIR_EXPORT_STORAGE=azure AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true
   AZ_SECS=$EXPORT_SECS AZ_RSS_KB=$RSS_KB
 fi
+
+# A `_typeFilter` export: every Observation is parsed and tested; one LOINC code matches.
+export_run filtered "?_type=Observation&_typeFilter=Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C8867-4"
+FILTER_SECS=$EXPORT_SECS FILTER_MATCHED=$EXPORTED
+OBSERVATIONS=$(wc -l <"$DATA/Observation.ndjson")
 
 t0=$(now)
 psql -q "$DB_URL" -c "COPY (SELECT body FROM resources WHERE is_current AND body IS NOT NULL) TO STDOUT" >/dev/null
@@ -103,7 +108,9 @@ printf "%-34s %10s %14s\n" "fhir-export \$export (filesystem)" "$FS_SECS" "$(rat
 if [ "$AZ_SECS" != skipped ]; then
   printf "%-34s %10s %14s\n" "fhir-export \$export (Azurite)" "$AZ_SECS" "$(rate "$EXPORTED" "$AZ_SECS")"
 fi
+printf "%-34s %10s %14s\n" "\$export _typeFilter (scanned/s)" "$FILTER_SECS" "$(rate "$OBSERVATIONS" "$FILTER_SECS")"
 printf "%-34s %10s %14s\n" "raw COPY (SELECT body) TO STDOUT" "$COPY_OUT_SECS" "$(rate "$EXPORTED" "$COPY_OUT_SECS")"
+echo "filter: $FILTER_MATCHED of $OBSERVATIONS Observations matched"
 echo "load/raw: $(awk -v a="$COPY_IN_SECS" -v b="$LOAD_SECS" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else printf "-" }')" \
   " export/raw: $(awk -v a="$COPY_OUT_SECS" -v b="$FS_SECS" 'BEGIN { printf "%.2f", a / b }')" \
   " server peak RSS: $((FS_RSS_KB / 1024)) MB${AZ_RSS_KB:+ (Azurite run: $((AZ_RSS_KB / 1024)) MB)}"

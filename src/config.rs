@@ -1,7 +1,7 @@
 //! Configuration: built-in defaults (the same values as `config/default.toml`), then an optional
 //! TOML file (`--config` or `FHIR_EXPORT_CONFIG`), then environment variables.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -14,6 +14,7 @@ pub struct Config {
     pub log: LogConfig,
     pub export: ExportConfig,
     pub storage: StorageConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +105,61 @@ pub enum OutputUrls {
     Sas,
 }
 
+/// Who may call the API.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Open: local use only.
+    None,
+    /// The server is its own SMART Backend Services authorization server.
+    Smart,
+    /// Bearer tokens of an external OpenID Connect issuer (e.g. Entra ID).
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub token_lifetime_secs: u64,
+    /// HMAC key of the access tokens the server issues (smart mode). Empty: a random key per
+    /// process, so tokens work only on the replica that issued them.
+    pub token_secret: String,
+    pub clients: Vec<ClientConfig>,
+    pub external: ExternalAuthConfig,
+}
+
+/// A registered SMART Backend Services client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub id: String,
+    /// The most it may be granted.
+    pub scopes: Vec<String>,
+    /// Its public keys: an inline JWK Set, or a URL serving one.
+    #[serde(default)]
+    pub jwks: String,
+    #[serde(default)]
+    pub jwks_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalAuthConfig {
+    /// The token issuer (`iss`); its OpenID configuration names the keys.
+    pub issuer: String,
+    /// The `aud` tokens must carry.
+    pub audience: String,
+    /// Overrides the `jwks_uri` of the issuer's OpenID configuration.
+    pub jwks_url: String,
+    /// The claim that names the client (job ownership).
+    pub client_claim: String,
+    /// Claims holding roles or scopes (a space-separated string or a list).
+    pub scope_claims: Vec<String>,
+    /// Role or scope → SMART scopes it grants.
+    pub scope_map: BTreeMap<String, Vec<String>>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -114,6 +170,32 @@ impl Default for Config {
             },
             export: ExportConfig::default(),
             storage: StorageConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            token_lifetime_secs: 300,
+            token_secret: String::new(),
+            clients: Vec::new(),
+            external: ExternalAuthConfig::default(),
+        }
+    }
+}
+
+impl Default for ExternalAuthConfig {
+    fn default() -> Self {
+        ExternalAuthConfig {
+            issuer: String::new(),
+            audience: String::new(),
+            jwks_url: String::new(),
+            client_claim: "sub".into(),
+            scope_claims: vec!["scp".into(), "roles".into()],
+            scope_map: BTreeMap::new(),
         }
     }
 }
@@ -278,6 +360,30 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.storage.azure.block_size = v.parse()?;
         Ok(())
     }),
+    ("FHIR_EXPORT_AUTH_MODE", |c, v| {
+        c.auth.mode = parse_enum(v)?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AUTH_TOKEN_LIFETIME_SECS", |c, v| {
+        c.auth.token_lifetime_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AUTH_TOKEN_SECRET", |c, v| {
+        c.auth.token_secret = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AUTH_ISSUER", |c, v| {
+        c.auth.external.issuer = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AUTH_AUDIENCE", |c, v| {
+        c.auth.external.audience = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_AUTH_JWKS_URL", |c, v| {
+        c.auth.external.jwks_url = v.into();
+        Ok(())
+    }),
 ];
 
 fn parse_enum<T: for<'de> Deserialize<'de>>(v: &str) -> anyhow::Result<T> {
@@ -342,9 +448,65 @@ impl Config {
         } else if self.export.output_urls != OutputUrls::Server {
             bail!("export.output_urls = blob or sas needs storage.kind = azure");
         }
+        self.validate_auth()?;
         if !self.storage.default_container.is_empty() {
             crate::storage::validate_container_name(&self.storage.default_container)
                 .map_err(|why| anyhow::anyhow!("storage.default_container: {why}"))?;
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        let auth = &self.auth;
+        if !(10..=3600).contains(&auth.token_lifetime_secs) {
+            bail!("auth.token_lifetime_secs must be between 10 and 3600");
+        }
+        match auth.mode {
+            AuthMode::None => {}
+            AuthMode::Smart => {
+                if auth.clients.is_empty() {
+                    bail!("auth.mode = smart needs at least one [[auth.clients]] entry");
+                }
+                for client in &auth.clients {
+                    if client.id.is_empty() {
+                        bail!("every auth.clients entry needs an id");
+                    }
+                    if client.jwks.is_empty() == client.jwks_url.is_empty() {
+                        bail!(
+                            "auth client '{}' needs exactly one of jwks, jwks_url",
+                            client.id
+                        );
+                    }
+                    for scope in &client.scopes {
+                        if crate::auth::scopes::Scope::parse(scope).is_none() {
+                            bail!(
+                                "auth client '{}': '{scope}' is not a SMART system scope",
+                                client.id
+                            );
+                        }
+                    }
+                }
+                if !auth.token_secret.is_empty() && auth.token_secret.len() < 32 {
+                    bail!("auth.token_secret must be at least 32 characters");
+                }
+            }
+            AuthMode::External => {
+                let external = &auth.external;
+                if external.issuer.is_empty() || external.audience.is_empty() {
+                    bail!(
+                        "auth.mode = external needs auth.external.issuer and auth.external.audience"
+                    );
+                }
+                for (role, scopes) in &external.scope_map {
+                    for scope in scopes {
+                        if crate::auth::scopes::Scope::parse(scope).is_none() {
+                            bail!(
+                                "auth.external.scope_map.{role}: '{scope}' is not a SMART system scope"
+                            );
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }

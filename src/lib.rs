@@ -1,6 +1,7 @@
 //! fhir-export: a FHIR R4 server whose purpose is fast, exact bulk `$export`.
 //! See README.md for the module map.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod fhir;
@@ -53,11 +54,13 @@ impl Server {
                 .await
                 .context("export.output_urls = sas")?;
         }
+        let auth = auth::Auth::new(&config.auth, &base_url).context("auth")?;
         let state = AppState {
             pool,
             config: Arc::new(config),
             storage,
             base_url: base_url.into(),
+            auth: Arc::new(auth),
         };
         Ok(Server { listener, state })
     }

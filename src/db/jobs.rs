@@ -29,6 +29,8 @@ pub struct NewJob {
     pub include_deleted: bool,
     /// What a lenient kick-off ignored: the manifest's error file.
     pub notes: Vec<String>,
+    /// The client that started it (None without auth).
+    pub owner: Option<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -51,6 +53,8 @@ pub struct Job {
     pub include_deleted: bool,
     /// What a lenient kick-off ignored: the manifest's error file.
     pub notes: Vec<String>,
+    /// The client that started it (None without auth).
+    pub owner: Option<String>,
     pub container: String,
     pub own_container: bool,
     pub folder: String,
@@ -145,8 +149,8 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO export_jobs (id, level, request_url, transaction_time, since, types,
             patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted,
-            notes, container, own_container, folder, in_flight)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+            notes, owner, container, own_container, folder, in_flight)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
             ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
     )
     .bind(job.id)
@@ -162,6 +166,7 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
     .bind(job.include_history)
     .bind(job.include_deleted)
     .bind(&job.notes)
+    .bind(&job.owner)
     .bind(&job.container)
     .bind(job.own_container)
     .bind(&job.folder)
@@ -177,15 +182,17 @@ pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
 
 const JOB_COLUMNS: &str = "id, status, level, request_url, transaction_time, since, types, \
     patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted, notes, \
-    container, own_container, folder, error, finished_at, expires_at";
+    owner, container, own_container, folder, error, finished_at, expires_at";
 
-/// A job the client can still see: not cancelled, not expired.
-pub async fn visible(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
+/// A job its owner can still see: not cancelled, not expired. Other callers see nothing.
+pub async fn visible(pool: &PgPool, id: Uuid, owner: Option<&str>) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "SELECT {JOB_COLUMNS} FROM export_jobs
-         WHERE id = $1 AND status <> 'cancelled' AND (expires_at IS NULL OR expires_at > now())"
+         WHERE id = $1 AND owner IS NOT DISTINCT FROM $2 AND status <> 'cancelled'
+           AND (expires_at IS NULL OR expires_at > now())"
     ))
     .bind(id)
+    .bind(owner)
     .fetch_optional(pool)
     .await
 }
@@ -249,19 +256,25 @@ pub async fn has_part(
 pub async fn cancel(
     pool: &PgPool,
     id: Uuid,
+    owner: Option<&str>,
     sweep_after: Duration,
 ) -> sqlx::Result<Option<JobFiles>> {
     let mut tx = pool.begin().await?;
     let files: Option<JobFiles> = sqlx::query_as(
         "UPDATE export_jobs SET status = 'cancelled', finished_at = now(),
                 expires_at = now() + make_interval(secs => $2)
-         WHERE id = $1 AND status <> 'cancelled' AND (expires_at IS NULL OR expires_at > now())
+         WHERE id = $1 AND owner IS NOT DISTINCT FROM $3 AND status <> 'cancelled'
+           AND (expires_at IS NULL OR expires_at > now())
          RETURNING id, container, own_container, folder",
     )
     .bind(id)
     .bind(secs(sweep_after))
+    .bind(owner)
     .fetch_optional(&mut *tx)
     .await?;
+    if files.is_none() {
+        return Ok(None);
+    }
     sqlx::query(
         "UPDATE export_tasks SET status = 'cancelled', leased_until = NULL
          WHERE job_id = $1 AND status IN ('queued', 'running')",

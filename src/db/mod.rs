@@ -1,5 +1,6 @@
 //! Everything that speaks SQL: the resource store and the export job queue.
 
+pub mod assertions;
 pub mod jobs;
 pub mod resources;
 

@@ -3,14 +3,18 @@
 
 use std::collections::{HashMap, HashSet};
 
-use axum::{Router, extract::State, http::StatusCode, response::Response, routing::post};
+use axum::{
+    Extension, Router, extract::State, http::StatusCode, response::Response, routing::post,
+};
 use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    ApiError, ApiResult, AppState, extract::FhirJson, fhir_response, rest::resource_of_type,
+    ApiError, ApiResult, AppState, auth::require, extract::FhirJson, fhir_response,
+    rest::resource_of_type,
 };
 use crate::{
+    auth::{Principal, scopes::Access},
     db::resources,
     fhir::{self, instant, resource},
     store,
@@ -35,7 +39,11 @@ struct Entry {
     resource: Option<Map<String, Value>>,
 }
 
-async fn bundle(State(state): State<AppState>, FhirJson(body): FhirJson) -> ApiResult<Response> {
+async fn bundle(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    FhirJson(body): FhirJson,
+) -> ApiResult<Response> {
     if body.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(ApiError::bad_request("POST to the base URL needs a Bundle"));
     }
@@ -45,8 +53,8 @@ async fn bundle(State(state): State<AppState>, FhirJson(body): FhirJson) -> ApiR
         Some(_) => return Err(ApiError::bad_request("Bundle.entry must be an array")),
     };
     match body.get("type").and_then(Value::as_str) {
-        Some("transaction") => transaction(&state, entries).await,
-        Some("batch") => batch(&state, entries).await,
+        Some("transaction") => transaction(&state, &principal, entries).await,
+        Some("batch") => batch(&state, &principal, entries).await,
         other => Err(ApiError::bad_request(format!(
             "Bundle.type must be 'transaction' or 'batch', not {}",
             other.map_or("(missing)".to_string(), |t| format!("'{t}'"))
@@ -54,11 +62,15 @@ async fn bundle(State(state): State<AppState>, FhirJson(body): FhirJson) -> ApiR
     }
 }
 
-async fn transaction(state: &AppState, raw: Vec<Value>) -> ApiResult<Response> {
+async fn transaction(
+    state: &AppState,
+    principal: &Principal,
+    raw: Vec<Value>,
+) -> ApiResult<Response> {
     let mut entries = Vec::with_capacity(raw.len());
     let mut targets = HashMap::new();
     for (i, value) in raw.into_iter().enumerate() {
-        let (entry, full_url) = parse_entry(value).map_err(|e| at_entry(i, e))?;
+        let (entry, full_url) = parse_entry(value, principal).map_err(|e| at_entry(i, e))?;
         if let Some(url) = full_url.filter(|u| u.starts_with("urn:uuid:")) {
             targets.insert(url, format!("{}/{}", entry.resource_type, entry.id));
         }
@@ -97,11 +109,11 @@ async fn transaction(state: &AppState, raw: Vec<Value>) -> ApiResult<Response> {
     Ok(response_bundle("transaction-response", responses))
 }
 
-async fn batch(state: &AppState, raw: Vec<Value>) -> ApiResult<Response> {
+async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiResult<Response> {
     let mut responses = Vec::with_capacity(raw.len());
     for value in raw {
         let result = async {
-            let (entry, _) = parse_entry(value)?;
+            let (entry, _) = parse_entry(value, principal)?;
             let mut tx = resources::begin_write(&state.pool).await?;
             let response = apply(&mut tx, entry).await?;
             tx.commit().await?;
@@ -136,8 +148,9 @@ fn at_entry(index: usize, e: ApiError) -> ApiError {
     }
 }
 
-/// Reads one entry's request and resource; returns it with its `fullUrl`.
-fn parse_entry(value: Value) -> ApiResult<(Entry, Option<String>)> {
+/// Reads one entry's request and resource, which the caller's scopes must allow; returns it
+/// with its `fullUrl`.
+fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<String>)> {
     let Value::Object(mut entry) = value else {
         return Err(ApiError::bad_request("an entry must be an object"));
     };
@@ -180,6 +193,12 @@ fn parse_entry(value: Value) -> ApiResult<(Entry, Option<String>)> {
             "request.url '{url}' is not Type or Type/id"
         )));
     }
+    let access = match method {
+        Method::Post => Access::Create,
+        Method::Put => Access::Update,
+        Method::Delete => Access::Delete,
+    };
+    require(principal, access, resource_type)?;
     let id = match (method, url_id) {
         // A created resource gets a new server id, whatever the body says.
         (Method::Post, None) => uuid::Uuid::new_v4().to_string(),

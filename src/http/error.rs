@@ -117,7 +117,8 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                .entry(header::WWW_AUTHENTICATE)
+                .or_insert(HeaderValue::from_static("Bearer"));
         }
         response
     }

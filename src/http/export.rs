@@ -4,10 +4,9 @@
 use std::collections::HashSet;
 
 use axum::{
-    Router,
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    Extension, Router,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     response::Response,
     routing::get,
 };
@@ -17,15 +16,18 @@ use uuid::Uuid;
 
 use super::{
     ApiError, ApiResult, AppState,
+    auth::require,
     extract::{Path, require_json_content_type},
     fhir_response,
 };
 use crate::{
+    auth::{Principal, scopes::Access},
     db::{jobs, resources},
     fhir::{
         bulk::{self, Level},
         group,
         outcome::{self, Issue, Severity},
+        r4::RESOURCE_TYPES,
     },
     storage,
 };
@@ -43,44 +45,47 @@ const BUSY_RETRY_AFTER_SECS: u64 = 30;
 
 async fn system(
     State(s): State<AppState>,
-    m: Method,
-    uri: Uri,
-    h: HeaderMap,
-    body: Bytes,
+    Extension(p): Extension<Principal>,
+    request: Request,
 ) -> ApiResult<Response> {
-    kick_off(&s, Level::System, None, m, uri, h, body).await
+    kick_off(&s, &p, Level::System, None, request).await
 }
 
 async fn patient(
     State(s): State<AppState>,
-    m: Method,
-    uri: Uri,
-    h: HeaderMap,
-    body: Bytes,
+    Extension(p): Extension<Principal>,
+    request: Request,
 ) -> ApiResult<Response> {
-    kick_off(&s, Level::Patient, None, m, uri, h, body).await
+    kick_off(&s, &p, Level::Patient, None, request).await
 }
 
 async fn group_export(
     State(s): State<AppState>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    m: Method,
-    uri: Uri,
-    h: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> ApiResult<Response> {
-    kick_off(&s, Level::Group, Some(id), m, uri, h, body).await
+    kick_off(&s, &p, Level::Group, Some(id), request).await
 }
 
 async fn kick_off(
     state: &AppState,
+    principal: &Principal,
     level: Level,
     group_id: Option<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> ApiResult<Response> {
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    let body = axum::body::to_bytes(body, state.config.server.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-costly",
+                "the request body is too large",
+            )
+        })?;
     let lenient = check_headers(&headers)?;
     let mut pairs: Vec<(String, String)> = uri
         .query()
@@ -102,6 +107,7 @@ async fn kick_off(
     if let Some(container) = &params.container {
         storage::validate_container_name(container).map_err(ApiError::bad_request)?;
     }
+    let types = exported_types(principal, &params)?;
 
     if jobs::count_active(&state.pool).await? >= state.config.export.max_active_jobs {
         return Err(ApiError::new(
@@ -152,7 +158,7 @@ async fn kick_off(
         ),
         transaction_time,
         since: params.since,
-        types: params.types,
+        types,
         patient_ids,
         excluded_groups,
         elements: params.elements,
@@ -160,6 +166,7 @@ async fn kick_off(
         include_history: params.include_history,
         include_deleted: params.include_deleted,
         notes: ignored.clone(),
+        owner: principal.client_id.clone(),
         container,
         own_container,
         folder: format!(
@@ -193,6 +200,34 @@ async fn kick_off(
         HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
     );
     Ok(response)
+}
+
+/// The types to export, within the caller's scopes: a `_type` or `_typeFilter` beyond them is a
+/// 403; without `_type`, a caller limited to some types exports those.
+fn exported_types(principal: &Principal, params: &bulk::ExportParams) -> ApiResult<Vec<String>> {
+    let filtered = params
+        .type_filters
+        .iter()
+        .filter_map(|entry| entry.split_once('?').map(|(t, _)| t));
+    for t in params.types.iter().map(String::as_str).chain(filtered) {
+        require(principal, Access::Export, t)?;
+    }
+    if !params.types.is_empty() || principal.scopes.exports_every_type() {
+        return Ok(params.types.clone());
+    }
+    let granted: Vec<String> = RESOURCE_TYPES
+        .iter()
+        .filter(|t| principal.scopes.allows(Access::Export, t))
+        .map(|t| t.to_string())
+        .collect();
+    if granted.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the granted scopes allow exporting no resource type",
+        ));
+    }
+    Ok(granted)
 }
 
 /// `Accept: application/fhir+json` and `Prefer: respond-async` are required. Returns whether

@@ -1,7 +1,7 @@
 //! The status URL of an export (`GET` polls, `DELETE` cancels) and its output files.
 
 use axum::{
-    Router,
+    Extension, Router,
     body::Body,
     extract::State,
     http::{HeaderValue, StatusCode, header},
@@ -16,7 +16,8 @@ use super::{
     ApiError, ApiResult, AppState, export::RETRY_AFTER_SECS, extract::Path, fhir_response,
 };
 use crate::{
-    config::OutputUrls,
+    auth::Principal,
+    config::{AuthMode, OutputUrls},
     db::jobs::{self, Job},
     fhir::{instant, outcome},
     storage,
@@ -34,15 +35,20 @@ fn job_not_found(id: &str) -> ApiError {
     ))
 }
 
-async fn visible_job(state: &AppState, id: &str) -> ApiResult<Job> {
+/// The job, if the caller owns it: another client's job is as good as unknown (404).
+async fn visible_job(state: &AppState, principal: &Principal, id: &str) -> ApiResult<Job> {
     let uuid = Uuid::parse_str(id).map_err(|_| job_not_found(id))?;
-    jobs::visible(&state.pool, uuid)
+    jobs::visible(&state.pool, uuid, principal.client_id.as_deref())
         .await?
         .ok_or_else(|| job_not_found(id))
 }
 
-async fn status(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let job = visible_job(&state, &id).await?;
+async fn status(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let job = visible_job(&state, &principal, &id).await?;
     match job.status.as_str() {
         "completed" => manifest(&state, &job).await,
         "failed" => Err(ApiError::new(
@@ -135,8 +141,13 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
         };
         list.push(json!({"type": entry_type, "url": url, "count": p.resources}));
     }
-    // Raw blob URLs need the client's own storage access; server and SAS URLs do not (yet).
-    let requires_access_token = mode == OutputUrls::Blob;
+    // Server URLs need the API's token when auth is on; raw blob URLs the client's own storage
+    // access; SAS URLs carry their own signature.
+    let requires_access_token = match mode {
+        OutputUrls::Server => state.auth.mode() != AuthMode::None,
+        OutputUrls::Blob => true,
+        OutputUrls::Sas => false,
+    };
     let mut body = json!({
         "transactionTime": instant::format(job.transaction_time),
         "request": job.request_url,
@@ -161,10 +172,15 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
     Ok(response)
 }
 
-async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn cancel(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let uuid = Uuid::parse_str(&id).map_err(|_| job_not_found(&id))?;
+    let owner = principal.client_id.as_deref();
     // Files are swept once more after a stale period, for a worker cut off mid-write.
-    let files = jobs::cancel(&state.pool, uuid, state.config.stale_after())
+    let files = jobs::cancel(&state.pool, uuid, owner, state.config.stale_after())
         .await?
         .ok_or_else(|| job_not_found(&id))?;
     storage::delete_export(
@@ -185,9 +201,10 @@ async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
 
 async fn download(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((id, file)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let job = visible_job(&state, &id).await?;
+    let job = visible_job(&state, &principal, &id).await?;
     let no_file = || ApiError::not_found(format!("export {id} has no file '{file}'"));
     let (resource_type, part_no) = file
         .strip_suffix(".ndjson")

@@ -4,7 +4,11 @@ use axum::{Router, extract::State, http::StatusCode, response::Response, routing
 use serde_json::{Value, json};
 
 use super::{AppState, fhir_response};
-use crate::fhir::{r4::RESOURCE_TYPES, search_param};
+use crate::{
+    auth::Auth,
+    config::AuthMode,
+    fhir::{r4::RESOURCE_TYPES, search_param},
+};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metadata", get(metadata))
@@ -13,11 +17,11 @@ pub fn router() -> Router<AppState> {
 async fn metadata(State(state): State<AppState>) -> Response {
     fhir_response(
         StatusCode::OK,
-        capability_statement(&state.base_url).to_string(),
+        capability_statement(&state.base_url, &state.auth).to_string(),
     )
 }
 
-fn capability_statement(base_url: &str) -> Value {
+fn capability_statement(base_url: &str, auth: &Auth) -> Value {
     let interactions = json!([
         {"code": "read"}, {"code": "vread"}, {"code": "create"}, {"code": "update"},
         {"code": "delete"}
@@ -43,6 +47,15 @@ fn capability_statement(base_url: &str) -> Value {
             resource
         })
         .collect();
+    let mut rest = json!({
+        "mode": "server",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        "operation": [operation("export", "export")],
+    });
+    if auth.mode() != AuthMode::None {
+        rest["security"] = security(auth);
+    }
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -53,12 +66,7 @@ fn capability_statement(base_url: &str) -> Value {
         "implementation": {"description": "fhir-export bulk data server", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{
-            "mode": "server",
-            "resource": resources,
-            "interaction": [{"code": "transaction"}, {"code": "batch"}],
-            "operation": [operation("export", "export")],
-        }],
+        "rest": [rest],
     })
 }
 
@@ -66,4 +74,22 @@ fn search_params(resource_type: &str) -> Vec<Value> {
     search_param::for_type(resource_type)
         .map(|p| json!({"name": p.code, "type": p.kind.as_str()}))
         .collect()
+}
+
+/// SMART on FHIR security, with the token endpoint (oauth-uris extension) in smart mode.
+fn security(auth: &Auth) -> Value {
+    let mut security = json!({
+        "service": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR",
+        }]}],
+        "description": "Bearer tokens with SMART system scopes (SMART Backend Services)",
+    });
+    if let Some(smart) = auth.smart() {
+        security["extension"] = json!([{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [{"url": "token", "valueUri": smart.token_url()}],
+        }]);
+    }
+    security
 }

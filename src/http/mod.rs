@@ -1,6 +1,7 @@
 //! The HTTP API. Each module exposes `router()`; this one merges them, adds the shared layers and
 //! turns unknown routes, wrong methods and panics into OperationOutcomes.
 
+pub mod auth;
 mod bundle;
 pub mod error;
 mod export;
@@ -17,12 +18,13 @@ use axum::{
     body::Body,
     extract::DefaultBodyLimit,
     http::{HeaderValue, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
 };
 use sqlx::PgPool;
 use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, trace::TraceLayer};
 
-use crate::{config::Config, storage::Storage};
+use crate::{auth::Auth, config::Config, storage::Storage};
 pub use error::{ApiError, ApiResult};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -34,17 +36,26 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     /// Base of every absolute URL, without a trailing slash.
     pub base_url: Arc<str>,
+    pub auth: Arc<Auth>,
 }
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
-    Router::new()
-        .merge(health::router())
-        .merge(metadata::router())
+    // Everything but discovery, health and the token endpoint needs a caller.
+    let protected = Router::new()
         .merge(bundle::router())
         .merge(export::router())
         .merge(jobs::router())
         .merge(rest::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .merge(health::router())
+        .merge(metadata::router())
+        .merge(auth::router())
+        .merge(protected)
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -1,7 +1,7 @@
 //! FHIR REST interactions on single resources: create, update, read, vread, delete.
 
 use axum::{
-    Router,
+    Extension, Router,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -12,10 +12,12 @@ use serde_json::{Map, Value};
 
 use super::{
     ApiError, ApiResult, AppState,
+    auth::require,
     extract::{FhirJson, Path},
     fhir_response,
 };
 use crate::{
+    auth::{Principal, scopes::Access},
     db::resources::{self, Version},
     fhir::{
         self,
@@ -67,10 +69,12 @@ pub fn resource_of_type(body: Map<String, Value>, url_type: &str) -> ApiResult<M
 
 async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(resource_type): Path<String>,
     FhirJson(body): FhirJson,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    require(&principal, Access::Create, &resource_type)?;
     let body = resource_of_type(body, &resource_type)?;
     // The server assigns the id of a created resource; an id in the body is ignored.
     let id = uuid::Uuid::new_v4().to_string();
@@ -88,10 +92,12 @@ async fn create(
 
 async fn update(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
     FhirJson(body): FhirJson,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    require(&principal, Access::Update, &resource_type)?;
     valid_id(&id)?;
     let body = resource_of_type(body, &resource_type)?;
     match resource::id(&body) {
@@ -159,9 +165,11 @@ fn set_version_headers(headers: &mut HeaderMap, version_id: i32, last_updated: D
 
 async fn read(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    require(&principal, Access::Read, &resource_type)?;
     valid_id(&id)?;
     let version = resources::read_current(&state.pool, &resource_type, &id).await?;
     version_response(version, &format!("{resource_type}/{id}"))
@@ -169,9 +177,11 @@ async fn read(
 
 async fn vread(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((resource_type, id, vid)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    require(&principal, Access::Read, &resource_type)?;
     valid_id(&id)?;
     let vid: i32 = vid.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
         ApiError::bad_request(format!("version id '{vid}' is not a positive integer"))
@@ -204,9 +214,11 @@ fn version_response(version: Option<Version>, what: &str) -> ApiResult<Response>
 
 async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    require(&principal, Access::Delete, &resource_type)?;
     valid_id(&id)?;
     let mut tx = resources::begin_write(&state.pool).await?;
     let deleted = store::delete(&mut tx, &resource_type, &id).await?;

@@ -1,0 +1,802 @@
+//! SMART Backend Services and external tokens: the token flow with keys made here (RS384,
+//! ES384), every rejection, 401/403/404 enforcement on every route, job ownership.
+
+mod common;
+
+use aws_lc_rs::{
+    rand::SystemRandom,
+    rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents},
+    signature::{
+        ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RSA_PKCS1_SHA256, RSA_PKCS1_SHA384,
+    },
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use common::*;
+use fhir_export::config::{AuthMode, ClientConfig, Config};
+use serde_json::{Value, json};
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A client's signing key, made for the test.
+enum Signer {
+    /// RS384 for SMART, RS256 as an external issuer would.
+    Rsa(RsaKeyPair, &'static str),
+    Ec(EcdsaKeyPair),
+}
+
+struct Key {
+    signer: Signer,
+    kid: String,
+}
+
+impl Key {
+    fn rsa(kid: &str) -> Key {
+        Key::rsa_with(kid, "RS384")
+    }
+
+    fn rsa_with(kid: &str, alg: &'static str) -> Key {
+        let pair = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
+        Key {
+            signer: Signer::Rsa(pair, alg),
+            kid: kid.into(),
+        }
+    }
+
+    fn ec(kid: &str) -> Key {
+        let pair = EcdsaKeyPair::generate(&ECDSA_P384_SHA384_FIXED_SIGNING).unwrap();
+        Key {
+            signer: Signer::Ec(pair),
+            kid: kid.into(),
+        }
+    }
+
+    fn alg(&self) -> &'static str {
+        match &self.signer {
+            Signer::Rsa(_, alg) => alg,
+            Signer::Ec(_) => "ES384",
+        }
+    }
+
+    fn jwk(&self) -> Value {
+        match &self.signer {
+            Signer::Rsa(pair, alg) => {
+                let c = PublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+                json!({"kty": "RSA", "kid": self.kid, "alg": alg, "use": "sig",
+                       "n": b64(&c.n), "e": b64(&c.e)})
+            }
+            Signer::Ec(pair) => {
+                // Uncompressed point: 0x04 || x || y.
+                let point = pair.public_key().as_ref();
+                json!({"kty": "EC", "kid": self.kid, "crv": "P-384", "alg": "ES384", "use": "sig",
+                       "x": b64(&point[1..49]), "y": b64(&point[49..97])})
+            }
+        }
+    }
+
+    /// A compact JWS of `claims`, with this key's alg and kid unless `header` says otherwise.
+    fn sign(&self, claims: &Value, header: Option<Value>) -> String {
+        let header =
+            header.unwrap_or_else(|| json!({"alg": self.alg(), "kid": self.kid, "typ": "JWT"}));
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let rng = SystemRandom::new();
+        let signature = match &self.signer {
+            Signer::Rsa(pair, alg) => {
+                let padding = if *alg == "RS256" {
+                    &RSA_PKCS1_SHA256
+                } else {
+                    &RSA_PKCS1_SHA384
+                };
+                let mut sig = vec![0; pair.public_modulus_len()];
+                pair.sign(padding, &rng, input.as_bytes(), &mut sig)
+                    .unwrap();
+                sig
+            }
+            Signer::Ec(pair) => pair.sign(&rng, input.as_bytes()).unwrap().as_ref().to_vec(),
+        };
+        format!("{input}.{}", b64(&signature))
+    }
+}
+
+fn jwks(keys: &[&Key]) -> String {
+    json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string()
+}
+
+fn client(id: &str, scopes: &[&str], keys: &[&Key]) -> ClientConfig {
+    ClientConfig {
+        id: id.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        jwks: jwks(keys),
+        jwks_url: String::new(),
+    }
+}
+
+async fn smart_app(clients: Vec<ClientConfig>) -> TestApp {
+    TestApp::spawn_with(move |c: &mut Config| {
+        c.auth.mode = AuthMode::Smart;
+        c.auth.token_secret = SECRET.into();
+        c.auth.clients = clients;
+    })
+    .await
+}
+
+/// Claims of a valid assertion by `client` for `app`.
+fn assertion_claims(app: &TestApp, client: &str) -> Value {
+    json!({
+        "iss": client,
+        "sub": client,
+        "aud": app.url("/auth/token"),
+        "exp": now() + 240,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+async fn token_request(app: &TestApp, form: &[(&str, &str)]) -> reqwest::Response {
+    app.client
+        .post(app.url("/auth/token"))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn grant<'a>(assertion: &'a str, scope: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("client_assertion", assertion),
+        ("scope", scope),
+    ]
+}
+
+/// A granted access token and the granted scope.
+async fn access_token(app: &TestApp, key: &Key, client: &str, scope: &str) -> (String, String) {
+    let assertion = key.sign(&assertion_claims(app, client), None);
+    let response = token_request(app, &grant(&assertion, scope)).await;
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let status = response.status();
+    let body = json(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "bearer");
+    assert!(body["expires_in"].as_u64().unwrap() > 0);
+    (
+        body["access_token"].as_str().unwrap().to_string(),
+        body["scope"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A refused token request: its status and OAuth error code; the body never echoes the
+/// assertion.
+async fn refused(app: &TestApp, form: &[(&str, &str)], status: u16, code: &str) -> String {
+    let response = token_request(app, form).await;
+    assert_eq!(response.status(), status);
+    let text = response.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"], code, "{text}");
+    if let Some((_, assertion)) = form.iter().find(|(k, _)| *k == "client_assertion") {
+        assert!(!assertion.is_empty() && !text.contains(assertion));
+    }
+    assert!(!text.contains(SECRET));
+    body["error_description"].as_str().unwrap().to_string()
+}
+
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::Response {
+    let mut request = app
+        .client
+        .request(method, app.url(path))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async");
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+async fn wait_manifest_with(app: &TestApp, status_url: &str, token: &str) -> Value {
+    for _ in 0..600 {
+        let response = app
+            .client
+            .get(status_url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            202 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            200 => return json(response).await,
+            other => panic!("status {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    panic!("export did not finish");
+}
+
+#[tokio::test]
+async fn token_flow_with_rs384_and_es384_then_exports_owned_by_their_client() {
+    let (rsa, ec) = (Key::rsa("rsa-1"), Key::ec("ec-1"));
+    let app = smart_app(vec![
+        client("analytics", &["system/*.read"], &[&rsa]),
+        client(
+            "registry",
+            &["system/Patient.rs", "system/Observation.rs"],
+            &[&ec],
+        ),
+    ])
+    .await;
+    let loaded = load_generated(&app, 1).await;
+
+    // Discovery needs no token.
+    let config = json(app.get("/.well-known/smart-configuration").await).await;
+    assert_eq!(config["token_endpoint"], app.url("/auth/token"));
+    assert_eq!(
+        config["token_endpoint_auth_methods_supported"],
+        json!(["private_key_jwt"])
+    );
+    assert_eq!(
+        config["token_endpoint_auth_signing_alg_values_supported"],
+        json!(["RS384", "ES384"])
+    );
+    assert_eq!(
+        config["grant_types_supported"],
+        json!(["client_credentials"])
+    );
+    let metadata = json(app.get("/metadata").await).await;
+    assert_eq!(
+        metadata["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"],
+        app.url("/auth/token")
+    );
+
+    let (analytics, scope) = access_token(&app, &rsa, "analytics", "system/*.read").await;
+    assert_eq!(scope, "system/*.read");
+    // Asking for more than allowed grants only what is allowed.
+    let (registry, scope) = access_token(
+        &app,
+        &ec,
+        "registry",
+        "system/Patient.rs system/Observation.rs system/Condition.rs",
+    )
+    .await;
+    assert_eq!(scope, "system/Patient.rs system/Observation.rs");
+    assert!(!analytics.contains(SECRET));
+
+    // analytics exports everything.
+    let kick = send(&app, reqwest::Method::GET, "/$export", Some(&analytics)).await;
+    assert_eq!(kick.status(), 202);
+    let status_url = kick.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let manifest = wait_manifest_with(&app, &status_url, &analytics).await;
+    assert_eq!(manifest["requiresAccessToken"], true);
+    let types: std::collections::BTreeSet<&str> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.len(), loaded.len());
+    let file_url = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    let file_path = file_url.strip_prefix(&app.base).unwrap().to_string();
+    let status_path = status_url.strip_prefix(&app.base).unwrap().to_string();
+    assert_eq!(
+        send(&app, reqwest::Method::GET, &file_path, Some(&analytics))
+            .await
+            .status(),
+        200
+    );
+    let anonymous = send(&app, reqwest::Method::GET, &file_path, None).await;
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+
+    // Another client sees nothing of it: status, files and cancel are 404.
+    for (method, path) in [
+        (reqwest::Method::GET, &status_path),
+        (reqwest::Method::GET, &file_path),
+        (reqwest::Method::DELETE, &status_path),
+    ] {
+        let response = send(&app, method, path, Some(&registry)).await;
+        assert_outcome(response, 404).await;
+    }
+    // The owner still has it.
+    assert_eq!(
+        send(&app, reqwest::Method::GET, &status_path, Some(&analytics))
+            .await
+            .status(),
+        200
+    );
+
+    // registry exports only its granted types, and may not ask for others.
+    let kick = send(&app, reqwest::Method::GET, "/$export", Some(&registry)).await;
+    assert_eq!(kick.status(), 202);
+    let status_url = kick.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let manifest = wait_manifest_with(&app, &status_url, &registry).await;
+    let types: std::collections::BTreeSet<&str> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        std::collections::BTreeSet::from(["Observation", "Patient"])
+    );
+    let beyond = send(
+        &app,
+        reqwest::Method::GET,
+        "/$export?_type=Patient,Condition",
+        Some(&registry),
+    )
+    .await;
+    let text = assert_outcome(beyond, 403).await;
+    assert!(text.contains("Condition"), "{text}");
+    let filtered = send(
+        &app,
+        reqwest::Method::GET,
+        "/$export?_typeFilter=Condition%3Fclinical-status%3Dactive",
+        Some(&registry),
+    )
+    .await;
+    assert_outcome(filtered, 403).await;
+}
+
+#[tokio::test]
+async fn every_protected_route_needs_a_token_and_public_ones_do_not() {
+    let key = Key::ec("k");
+    let app = smart_app(vec![client("c", &["system/*.read"], &[&key])]).await;
+    for path in ["/metadata", "/health", "/.well-known/smart-configuration"] {
+        assert_eq!(app.get(path).await.status(), 200, "{path}");
+    }
+    let job = uuid::Uuid::new_v4();
+    let routes: Vec<(reqwest::Method, String)> = vec![
+        (reqwest::Method::POST, "/Patient".into()),
+        (reqwest::Method::GET, "/Patient/p".into()),
+        (reqwest::Method::PUT, "/Patient/p".into()),
+        (reqwest::Method::DELETE, "/Patient/p".into()),
+        (reqwest::Method::GET, "/Patient/p/_history/1".into()),
+        (reqwest::Method::POST, "/".into()),
+        (reqwest::Method::GET, "/$export".into()),
+        (reqwest::Method::POST, "/$export".into()),
+        (reqwest::Method::GET, "/Patient/$export".into()),
+        (reqwest::Method::GET, "/Group/g/$export".into()),
+        (reqwest::Method::GET, format!("/export/{job}")),
+        (reqwest::Method::DELETE, format!("/export/{job}")),
+        (
+            reqwest::Method::GET,
+            format!("/export/{job}/Patient-1.ndjson"),
+        ),
+    ];
+    for (method, path) in &routes {
+        let response = send(&app, method.clone(), path, None).await;
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Bearer",
+            "{method} {path}"
+        );
+        assert_outcome(response, 401).await;
+        let forged = send(&app, method.clone(), path, Some("not.a.token")).await;
+        assert_eq!(
+            forged.headers()["www-authenticate"],
+            "Bearer error=\"invalid_token\""
+        );
+        assert_outcome(forged, 401).await;
+    }
+    // A token whose signature was altered is not this server's.
+    let (good, _) = access_token(&app, &key, "c", "system/*.read").await;
+    assert_eq!(
+        send(&app, reqwest::Method::GET, "/Patient/p", Some(&good))
+            .await
+            .status(),
+        404
+    );
+    let mut bytes = good.into_bytes();
+    let i = bytes.len() - 10;
+    bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(bytes).unwrap();
+    assert_outcome(
+        send(&app, reqwest::Method::GET, "/Patient/p", Some(&tampered)).await,
+        401,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn scopes_decide_reads_writes_and_bundles() {
+    let key = Key::rsa("k");
+    let app = smart_app(vec![
+        client("reader", &["system/*.read"], &[&key]),
+        client("writer", &["system/Patient.cud"], &[&key]),
+    ])
+    .await;
+    let (reader, _) = access_token(&app, &key, "reader", "system/*.read").await;
+    let (writer, _) = access_token(&app, &key, "writer", "system/Patient.cud").await;
+    let patient = json!({"resourceType": "Patient", "id": "p"});
+    let put = |token: String| {
+        let app = &app;
+        let patient = patient.clone();
+        async move {
+            app.client
+                .put(app.url("/Patient/p"))
+                .bearer_auth(token)
+                .header("content-type", "application/fhir+json")
+                .body(patient.to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_outcome(put(reader.clone()).await, 403).await;
+    assert_eq!(put(writer.clone()).await.status(), 201);
+    assert_eq!(
+        send(&app, reqwest::Method::GET, "/Patient/p", Some(&reader))
+            .await
+            .status(),
+        200
+    );
+    assert_outcome(
+        send(&app, reqwest::Method::GET, "/Patient/p", Some(&writer)).await,
+        403,
+    )
+    .await;
+    assert_outcome(
+        send(&app, reqwest::Method::GET, "/$export", Some(&writer)).await,
+        403,
+    )
+    .await;
+    // A transaction with one entry beyond the scopes is refused whole.
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Group", "type": "person", "actual": true},
+         "request": {"method": "POST", "url": "Group"}}]});
+    let response = app
+        .client
+        .post(app.url("/"))
+        .bearer_auth(&writer)
+        .header("content-type", "application/fhir+json")
+        .body(bundle.to_string())
+        .send()
+        .await
+        .unwrap();
+    let text = assert_outcome(response, 403).await;
+    assert!(text.contains("entry[1]"), "{text}");
+    assert_outcome(
+        send(&app, reqwest::Method::DELETE, "/Patient/p", Some(&reader)).await,
+        403,
+    )
+    .await;
+    assert_eq!(
+        send(&app, reqwest::Method::DELETE, "/Patient/p", Some(&writer))
+            .await
+            .status(),
+        204
+    );
+}
+
+// ---- each rejection of the token endpoint ----
+
+async fn one_client_app() -> (TestApp, Key) {
+    let key = Key::rsa("k1");
+    let app = smart_app(vec![client("c1", &["system/*.read"], &[&key])]).await;
+    (app, key)
+}
+
+#[tokio::test]
+async fn token_refuses_a_bad_grant_type() {
+    let (app, key) = one_client_app().await;
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    let mut form = grant(&assertion, "system/*.read");
+    form[0].1 = "authorization_code";
+    refused(&app, &form, 400, "unsupported_grant_type").await;
+}
+
+#[tokio::test]
+async fn token_refuses_a_bad_assertion_type() {
+    let (app, key) = one_client_app().await;
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    let mut form = grant(&assertion, "system/*.read");
+    form[1].1 = "urn:ietf:params:oauth:client-assertion-type:saml2-bearer";
+    refused(&app, &form, 401, "invalid_client").await;
+}
+
+#[tokio::test]
+async fn token_refuses_a_bad_signature() {
+    let (app, _) = one_client_app().await;
+    let impostor = Key::rsa("k1"); // same kid, other key
+    let assertion = impostor.sign(&assertion_claims(&app, "c1"), None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("signature"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_a_wrong_audience() {
+    let (app, key) = one_client_app().await;
+    let mut claims = assertion_claims(&app, "c1");
+    claims["aud"] = json!("https://elsewhere.example/token");
+    let assertion = key.sign(&claims, None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("aud"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_an_expired_assertion() {
+    let (app, key) = one_client_app().await;
+    let mut claims = assertion_claims(&app, "c1");
+    claims["exp"] = json!(now() - 60);
+    let assertion = key.sign(&claims, None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("expired"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_an_assertion_valid_too_long() {
+    let (app, key) = one_client_app().await;
+    let mut claims = assertion_claims(&app, "c1");
+    claims["exp"] = json!(now() + 3600);
+    let assertion = key.sign(&claims, None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("five minutes"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_a_replayed_jti() {
+    let (app, key) = one_client_app().await;
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    let form = grant(&assertion, "system/*.read");
+    assert_eq!(token_request(&app, &form).await.status(), 200);
+    let why = refused(&app, &form, 401, "invalid_client").await;
+    assert!(why.contains("jti"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_an_unknown_client() {
+    let (app, key) = one_client_app().await;
+    let assertion = key.sign(&assertion_claims(&app, "nobody"), None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("unknown client"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_an_unknown_kid() {
+    let (app, key) = one_client_app().await;
+    let header = json!({"alg": "RS384", "kid": "k9", "typ": "JWT"});
+    let assertion = key.sign(&assertion_claims(&app, "c1"), Some(header));
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("kid"), "{why}");
+}
+
+#[tokio::test]
+async fn token_refuses_a_scope_not_allowed() {
+    let (app, key) = one_client_app().await;
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    refused(
+        &app,
+        &grant(&assertion, "system/*.write"),
+        400,
+        "invalid_scope",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn token_refuses_other_algorithms_and_missing_fields() {
+    let (app, key) = one_client_app().await;
+    let header = json!({"alg": "RS256", "kid": "k1", "typ": "JWT"});
+    let assertion = key.sign(&assertion_claims(&app, "c1"), Some(header));
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("RS384 or ES384"), "{why}");
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    let mut no_scope = grant(&assertion, "system/*.read");
+    no_scope.pop();
+    refused(&app, &no_scope, 400, "invalid_request").await;
+    let mut claims = assertion_claims(&app, "c1");
+    claims.as_object_mut().unwrap().remove("jti");
+    let assertion = key.sign(&claims, None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("jti"), "{why}");
+}
+
+// ---- external mode ----
+
+/// Serves an OpenID configuration and a JWKS, as an external issuer does.
+async fn issuer(keys: &[&Key]) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let jwks: Value = serde_json::from_str(&jwks(keys)).unwrap();
+    let discovery = json!({"issuer": base, "jwks_uri": format!("{base}/keys")});
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(move || async move { axum::Json(discovery) }),
+        )
+        .route(
+            "/keys",
+            axum::routing::get(move || async move { axum::Json(jwks) }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+fn external_claims(issuer: &str, roles: &[&str]) -> Value {
+    json!({
+        "iss": issuer,
+        "aud": "api://fhir-export",
+        "azp": "entra-app-1",
+        "roles": roles,
+        "iat": now(),
+        "nbf": now() - 10,
+        "exp": now() + 600,
+    })
+}
+
+#[tokio::test]
+async fn external_tokens_are_checked_against_the_issuers_keys() {
+    let key = Key::rsa_with("entra-1", "RS256");
+    let stranger = Key::rsa_with("entra-1", "RS256");
+    let issuer_url = issuer(&[&key]).await;
+    let issuer_for_config = issuer_url.clone();
+    let app = TestApp::spawn_with(move |c: &mut Config| {
+        c.auth.mode = AuthMode::External;
+        c.auth.external.issuer = issuer_for_config;
+        c.auth.external.audience = "api://fhir-export".into();
+        c.auth.external.client_claim = "azp".into();
+        c.auth.external.scope_map =
+            [("Export.Read".to_string(), vec!["system/*.read".to_string()])].into();
+    })
+    .await;
+    load_generated(&app, 1).await;
+    let metadata = json(app.get("/metadata").await).await;
+    assert_eq!(
+        metadata["rest"][0]["security"]["service"][0]["coding"][0]["code"],
+        "SMART-on-FHIR"
+    );
+
+    let good = key.sign(&external_claims(&issuer_url, &["Export.Read"]), None);
+    let kick = send(
+        &app,
+        reqwest::Method::GET,
+        "/$export?_type=Patient",
+        Some(&good),
+    )
+    .await;
+    assert_eq!(kick.status(), 202);
+    let status_url = kick.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let manifest = wait_manifest_with(&app, &status_url, &good).await;
+    assert_eq!(manifest["output"][0]["type"], "Patient");
+
+    let mut refusals = Vec::new();
+    let mut claims = external_claims(&issuer_url, &["Export.Read"]);
+    claims["aud"] = json!("api://other");
+    refusals.push(("wrong audience", key.sign(&claims, None)));
+    let mut claims = external_claims(&issuer_url, &["Export.Read"]);
+    claims["iss"] = json!("https://elsewhere.example");
+    refusals.push(("wrong issuer", key.sign(&claims, None)));
+    let mut claims = external_claims(&issuer_url, &["Export.Read"]);
+    claims["exp"] = json!(now() - 120);
+    refusals.push(("expired", key.sign(&claims, None)));
+    let mut claims = external_claims(&issuer_url, &["Export.Read"]);
+    claims["nbf"] = json!(now() + 600);
+    refusals.push(("not yet valid", key.sign(&claims, None)));
+    refusals.push((
+        "another key",
+        stranger.sign(&external_claims(&issuer_url, &["Export.Read"]), None),
+    ));
+    let header = json!({"alg": "RS256", "kid": "unknown", "typ": "JWT"});
+    refusals.push((
+        "unknown kid",
+        key.sign(
+            &external_claims(&issuer_url, &["Export.Read"]),
+            Some(header),
+        ),
+    ));
+    for (case, token) in refusals {
+        let response = send(&app, reqwest::Method::GET, "/$export", Some(&token)).await;
+        assert_eq!(response.status(), 401, "{case}");
+        assert_outcome(response, 401).await;
+    }
+    // A valid token whose roles map to no scope may not export.
+    let unmapped = key.sign(&external_claims(&issuer_url, &["Something.Else"]), None);
+    assert_outcome(
+        send(&app, reqwest::Method::GET, "/$export", Some(&unmapped)).await,
+        403,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn client_keys_can_come_from_a_jwks_url() {
+    let key = Key::ec("remote-1");
+    let keys_url = format!("{}/keys", issuer(&[&key]).await);
+    let app = smart_app(vec![ClientConfig {
+        id: "remote".into(),
+        scopes: vec!["system/*.rs".into()],
+        jwks: String::new(),
+        jwks_url: keys_url,
+    }])
+    .await;
+    let (token, scope) = access_token(&app, &key, "remote", "system/*.rs").await;
+    assert_eq!(scope, "system/*.rs");
+    assert_eq!(
+        send(&app, reqwest::Method::GET, "/$export", Some(&token))
+            .await
+            .status(),
+        202
+    );
+    let other = Key::ec("remote-2");
+    let assertion = other.sign(&assertion_claims(&app, "remote"), None);
+    refused(
+        &app,
+        &grant(&assertion, "system/*.rs"),
+        401,
+        "invalid_client",
+    )
+    .await;
+}
