@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use azure_core::{credentials::Secret, hmac::hmac_sha256};
 use common::*;
 use fhir_export::{
-    config::{Config, OutputUrls, StorageKind},
+    config::{AuthMode, ClientConfig, Config, OutputUrls, StorageKind},
     storage::{AzureStorage, Storage},
 };
 use serde_json::json;
@@ -384,5 +384,80 @@ async fn storage_that_refuses_writes_fails_the_job_instead_of_leaving_it_stuck()
         assert_eq!(response.status(), 202);
         assert!(std::time::Instant::now() < deadline, "the job is stuck");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_auth_server_urls_need_the_token_and_sas_urls_do_not() {
+    let key = keys::Key::ec("k");
+    let jwks = keys::jwks(&[&key]);
+    for urls in [OutputUrls::Server, OutputUrls::Sas] {
+        let jwks = jwks.clone();
+        let app = TestApp::spawn_with(move |c| {
+            azure(c);
+            c.export.output_urls = urls;
+            c.auth.mode = AuthMode::Smart;
+            c.auth.clients = vec![ClientConfig {
+                id: "c".into(),
+                scopes: vec!["system/*.read".into()],
+                jwks,
+                jwks_url: String::new(),
+            }];
+        })
+        .await;
+        // Data goes in through the database: the client may only read.
+        load_generated(&app, 1).await;
+        let token = smart_token(&app, &key, "c", "system/*.read").await;
+        let kick = app
+            .client
+            .get(app.url("/$export?_type=Patient"))
+            .bearer_auth(&token)
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kick.status(), 202);
+        let status_url = kick.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            app.client.get(&status_url).send().await.unwrap().status(),
+            401
+        );
+        let manifest = loop {
+            let r = app
+                .client
+                .get(&status_url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break json(r).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let url = manifest["output"][0]["url"].as_str().unwrap();
+        let anonymous = reqwest::get(url).await.unwrap();
+        match urls {
+            OutputUrls::Server => {
+                assert_eq!(manifest["requiresAccessToken"], true);
+                assert_eq!(anonymous.status(), 401);
+                let with_token = app
+                    .client
+                    .get(url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(with_token.text().await.unwrap().lines().count(), 1);
+            }
+            _ => {
+                assert_eq!(manifest["requiresAccessToken"], false);
+                assert_eq!(anonymous.text().await.unwrap().lines().count(), 1);
+            }
+        }
     }
 }

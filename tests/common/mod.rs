@@ -1,6 +1,8 @@
 //! Test harness: a fresh database per test and the real server on a free port.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod keys;
+
 use std::{path::PathBuf, time::Duration};
 
 use fhir_export::{Server, config::Config};
@@ -389,4 +391,33 @@ impl TestApp {
         tokio::spawn(server.run(token.clone()));
         token
     }
+}
+
+/// A SMART access token for `client`, signing its assertion with `key`.
+pub async fn smart_token(app: &TestApp, key: &keys::Key, client: &str, scope: &str) -> String {
+    let claims = serde_json::json!({
+        "iss": client, "sub": client, "aud": app.url("/auth/token"),
+        "exp": keys::now() + 240, "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    let assertion = key.sign(&claims, None);
+    let response = app
+        .client
+        .post(app.url("/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", &assertion),
+            ("scope", scope),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    json(response).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
