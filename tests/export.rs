@@ -773,11 +773,16 @@ async fn patient_parameter_limits_patient_and_group_exports() {
         .unwrap()
         .to_string();
     assert!(json(lenient).await.to_string().contains("Patient/nobody"));
-    let got = resources_by_key(&download_all(&app, &wait_manifest(&app, &location).await).await);
+    let manifest = wait_manifest(&app, &location).await;
+    let got = resources_by_key(&download_all(&app, &manifest).await);
     assert_eq!(
         got.keys().cloned().collect::<Vec<_>>(),
         vec!["Observation/o-p5", "Patient/p5"]
     );
+    // The manifest's error file names it too.
+    let error_url = manifest["error"][0]["url"].as_str().unwrap();
+    let errors = app.client.get(error_url).send().await.unwrap();
+    assert!(errors.text().await.unwrap().contains("Patient/nobody does not exist"));
 }
 
 #[tokio::test]
