@@ -432,11 +432,23 @@ async fn every_bad_kick_off_is_a_400_operation_outcome() {
         ),
         ("_typeFilter=Observation%3Fsubject.name%3Dx", "chained"),
         ("_typeFilter=Observation%3Fdate%3Dsoon", "not a date"),
-        ("_typeFilter=Observation%3Fcode-value-quantity%3Dx", "composite"),
-        ("_typeFilter=Observation%3F_include%3DObservation%3Asubject", "_include"),
+        (
+            "_typeFilter=Observation%3Fcode-value-quantity%3Dx",
+            "composite",
+        ),
+        (
+            "_typeFilter=Observation%3F_include%3DObservation%3Asubject",
+            "_include",
+        ),
         ("_typeFilter=Observation%3F_sort%3Ddate", "_sort"),
-        ("_typeFilter=Observation%3Fcode%3Atext%3Dx", "modifier ':text'"),
-        ("_typeFilter=Observation%3Fvalue-quantity%3Dlots", "not a number"),
+        (
+            "_typeFilter=Observation%3Fcode%3Atext%3Dx",
+            "modifier ':text'",
+        ),
+        (
+            "_typeFilter=Observation%3Fvalue-quantity%3Dlots",
+            "not a number",
+        ),
         ("_typeFilter=Observation", "Type?query"),
         (
             "_type=Patient&_typeFilter=Observation%3Fstatus%3Dfinal",
@@ -788,7 +800,13 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     // The manifest's error file names it too.
     let error_url = manifest["error"][0]["url"].as_str().unwrap();
     let errors = app.client.get(error_url).send().await.unwrap();
-    assert!(errors.text().await.unwrap().contains("Patient/nobody does not exist"));
+    assert!(
+        errors
+            .text()
+            .await
+            .unwrap()
+            .contains("Patient/nobody does not exist")
+    );
 }
 
 #[tokio::test]

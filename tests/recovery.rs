@@ -257,3 +257,93 @@ async fn sigterm_stops_gracefully_and_gives_the_task_back() {
     let files = download_all(&app, &wait_manifest(&app, &status_url).await).await;
     assert_exact(&files, &loaded, &["Observation"]);
 }
+
+#[tokio::test]
+async fn a_killed_worker_resumes_filtered_and_history_tasks_exactly() {
+    let app = api_only_app().await;
+    let loaded = load_generated(&app, 2).await;
+    // The same ids again: every resource gets a version 2, version 1 becomes history.
+    load_generated(&app, 2).await;
+    let codes = ["2093-3", "8867-4", "9279-1"];
+    let status_url = kick_off(
+        &app,
+        "/$export?_type=Observation&includeAssociatedData=_history\
+         &_typeFilter=Observation%3Fcode%3D2093-3%2C8867-4%2C9279-1",
+    )
+    .await;
+    let mut doomed = spawn_process(&app, SLOW_WORKER);
+    // Killed inside a history task: its first part is written, more are to come.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let history_parts = "SELECT count(*) FROM export_parts
+                         WHERE resource_type = 'Observation-history' AND resources IS NOT NULL";
+    while sqlx::query_scalar::<_, i64>(history_parts)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no history part");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let resumed_at: (i64, i32) = sqlx::query_as(
+        "SELECT checkpoint_seq, checkpoint_version FROM export_tasks
+         WHERE kind = 'history' AND parts_done > 0 ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(resumed_at.1, 1, "a history checkpoint names the version");
+
+    let _rescuer = app.spawn_sibling(|_| {}).await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let files = download_all(&app, &manifest).await;
+    let expected: std::collections::BTreeSet<String> = loaded["Observation"]
+        .iter()
+        .filter(|o| codes.contains(&o["code"]["coding"][0]["code"].as_str().unwrap()))
+        .map(|o| o["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(expected.len() > 60);
+    for (kind, version) in [("Observation", "2"), ("Observation-history", "1")] {
+        let mine: Vec<&OutputFile> = files
+            .iter()
+            .filter(|f| f.name.rsplit_once('-').unwrap().0 == kind)
+            .collect();
+        let mut ids = Vec::new();
+        for f in &mine {
+            for line in f.text.lines() {
+                let r: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(r["meta"]["versionId"], version, "{kind}");
+                ids.push(r["id"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(
+            ids.len(),
+            expected.len(),
+            "{kind}: missing or duplicate lines"
+        );
+        assert_eq!(
+            ids.into_iter().collect::<std::collections::BTreeSet<_>>(),
+            expected
+        );
+        let mut numbers: Vec<usize> = mine
+            .iter()
+            .map(|f| {
+                let stem = f.name.trim_end_matches(".ndjson");
+                stem.rsplit_once('-').unwrap().1.parse().unwrap()
+            })
+            .collect();
+        numbers.sort();
+        assert_eq!(
+            numbers,
+            (1..=mine.len()).collect::<Vec<_>>(),
+            "{kind} numbering"
+        );
+    }
+    assert_eq!(
+        max_failures(&app.pool).await,
+        1,
+        "the killed task was rescued once"
+    );
+}
