@@ -39,6 +39,10 @@ pub fn range(s: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     use chrono::{Datelike, Months, NaiveDate, TimeDelta, TimeZone};
     let midnight = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("valid"));
     let date = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
+    // Byte offsets below assume ASCII; anything else is not a date anyway.
+    if !s.is_ascii() {
+        return None;
+    }
     match s.len() {
         4 => {
             let start = date(s.parse().ok()?, 1, 1)?;

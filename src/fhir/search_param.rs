@@ -177,7 +177,7 @@ pub fn reference_parts(reference: &str) -> Option<(&str, &str)> {
         None => reference,
     };
     let mut segments = reference.rsplit('/');
-    let id = segments.next()?;
+    let id = segments.next().filter(|id| !id.is_empty())?;
     let target = segments.next()?;
     super::is_resource_type(target).then_some((target, id))
 }
@@ -235,6 +235,7 @@ mod tests {
             Some(("Patient", "1"))
         );
         assert_eq!(reference_parts("urn:uuid:1"), None);
+        assert_eq!(reference_parts("Patient/"), None);
         assert_eq!(reference_parts("#contained"), None);
     }
 }

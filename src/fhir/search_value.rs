@@ -269,6 +269,9 @@ impl DateValue {
 /// The range of a search date: like an element's, and a time without zone is UTC (the server's
 /// zone), and minutes may end it (`2020-01-01T10:00`).
 fn date_range(text: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    if !text.is_ascii() {
+        return None; // and the byte offsets below are safe
+    }
     if text.len() <= 10 {
         return super::instant::range(text);
     }
@@ -499,6 +502,7 @@ mod tests {
         let ours = json!({"reference": "http://fhir.example/r4/Patient/123/_history/2"});
         assert!(p("Patient/123", None).matches(&ours, base));
         assert!(ReferenceValue::parse("Nope/1", base, None).is_err());
+        assert!(ReferenceValue::parse("Patient/", base, None).is_err());
         assert!(ReferenceValue::parse("Group/1", base, Some("Patient")).is_err());
     }
 
@@ -528,6 +532,28 @@ mod tests {
         assert!(DateValue::parse("ap2020").is_err());
         assert!(DateValue::parse("2020-13").is_err());
         assert!(DateValue::parse("soon").is_err());
+    }
+
+    #[test]
+    fn odd_text_is_no_date_and_no_panic() {
+        for text in [
+            "2020-01-01é",
+            "2020-01-01T1é:00",
+            "é",
+            "2é20",
+            "2020-0é",
+            "2020-01-01T10:00:00.5é",
+            "",
+            "T",
+            "2020-01-01T",
+        ] {
+            assert!(DateValue::parse(text).is_err(), "{text}");
+            assert!(
+                !DateValue::parse("2020").unwrap().matches(&json!(text)),
+                "{text}"
+            );
+            assert!(super::super::instant::range(text).is_none(), "{text}");
+        }
     }
 
     #[test]

@@ -448,6 +448,33 @@ mod tests {
     }
 
     #[test]
+    fn garbage_is_refused_without_panicking() {
+        let resource = json!({"resourceType": "Observation", "effectiveDateTime": "2020é",
+            "valueQuantity": {"value": 1e300}, "code": {"coding": "not a list"}});
+        for entry in [
+            "Observation?code=%FF%FE",
+            "Observation?date=gé2020",
+            "Observation?date=ge",
+            "Observation?value-quantity=1e99999999999",
+            "Observation?value-quantity=1e400",
+            "Observation?value-quantity=ap",
+            "Observation?value-quantity=5|x",
+            "Observation?subject=Patient/",
+            "Observation?subject=/",
+            "Observation?code=|",
+            "Observation?:missing=true",
+            "Observation?=x",
+            "Observation?code:=x",
+            "?code=x",
+        ] {
+            if let Ok(query) = Query::parse(entry, BASE) {
+                query.matches(&resource, BASE); // evaluates without panicking
+            }
+        }
+        assert!(q("Observation?date=ge2020").matches(&json!({"effectiveDateTime": "2021"}), BASE));
+    }
+
+    #[test]
     fn pushdown_of_id_and_last_updated() {
         let p =
             q("Observation?_id=a,b&_lastUpdated=ge2024-01-01&_lastUpdated=lt2024-02").pushdown();
