@@ -132,7 +132,7 @@ async fn id_and_last_updated_filters_are_exact() {
     let put = app.put_json(&format!("/Observation/{id}"), &changed).await;
     assert_eq!(put.status(), 200);
     let filter = format!(
-        "Patient?_id={},{}&gender=male,female,other,unknown,Observation?_lastUpdated=gt{mark}",
+        "Patient?_id={}&gender=male,female,other,unknown,Patient?_id={},Observation?_lastUpdated=gt{mark}",
         patients[0], patients[2]
     );
     let query: String = form_urlencoded::Serializer::new(String::new())

@@ -156,6 +156,24 @@ pub struct Pushdown {
 }
 
 impl Pushdown {
+    /// Narrowing that holds for rows matching either side: a bound only where both have one.
+    fn union(self, other: Pushdown) -> Pushdown {
+        let both = |a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>, pick: fn(_, _) -> _| {
+            Some(pick(a?, b?))
+        };
+        Pushdown {
+            ids: match (self.ids, other.ids) {
+                (Some(mut a), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                _ => None,
+            },
+            updated_from: both(self.updated_from, other.updated_from, DateTime::min),
+            updated_before: both(self.updated_before, other.updated_before, DateTime::max),
+        }
+    }
+
     fn narrow(&mut self, d: &DateValue) {
         let (from, before) = match d.prefix {
             Prefix::Eq => (Some(d.start), Some(d.end)),
@@ -336,12 +354,11 @@ impl TypeFilter {
             .any(|q| q.matches(resource, &self.base_url))
     }
 
-    /// SQL narrowing, when there is one query (ORed queries would need a union of them).
+    /// SQL narrowing: what covers every query (they are ORed).
     pub fn pushdown(&self) -> Pushdown {
-        match self.queries.as_slice() {
-            [only] => only.pushdown(),
-            _ => Pushdown::default(),
-        }
+        let mut each = self.queries.iter().map(Query::pushdown);
+        let first = each.next().unwrap_or_default();
+        each.fold(first, Pushdown::union)
     }
 }
 
@@ -488,13 +505,26 @@ mod tests {
             Some(crate::fhir::instant::parse("2024-02-01T00:00:00Z").unwrap())
         );
         assert_eq!(q("Observation?_id:not=a").pushdown(), Pushdown::default());
-        let two = TypeFilter::for_type(
-            &["Observation?_id=a".into(), "Observation?_id=b".into()],
-            "Observation",
-            BASE,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(two.pushdown(), Pushdown::default());
+        // ORed queries narrow to what covers them all.
+        let filter = |entries: &[&str]| {
+            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            TypeFilter::for_type(&entries, "Observation", BASE)
+                .unwrap()
+                .unwrap()
+        };
+        let two = filter(&["Observation?_id=a", "Observation?_id=b&status=final"]);
+        assert_eq!(two.pushdown().ids, Some(vec!["a".into(), "b".into()]));
+        let open = filter(&["Observation?_id=a", "Observation?status=final"]);
+        assert_eq!(open.pushdown(), Pushdown::default());
+        let dates = filter(&[
+            "Observation?_lastUpdated=ge2024-01-01&_lastUpdated=lt2024-02",
+            "Observation?_lastUpdated=ge2023-06-01",
+        ]);
+        let p = dates.pushdown();
+        assert_eq!(
+            p.updated_from,
+            Some(crate::fhir::instant::parse("2023-06-01T00:00:00Z").unwrap())
+        );
+        assert_eq!(p.updated_before, None);
     }
 }
