@@ -235,14 +235,15 @@ pub struct DateValue {
 impl DateValue {
     pub fn parse(value: &str) -> Result<DateValue, String> {
         let (prefix, text) = prefix(value);
-        if prefix == Prefix::Ap {
-            return Err(format!(
-                "the ap prefix is not supported for dates ('{value}')"
-            ));
-        }
-        let (start, end) = date_range(text).ok_or_else(|| {
+        let (mut start, mut end) = date_range(text).ok_or_else(|| {
             format!("'{text}' is not a date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime)")
         })?;
+        if prefix == Prefix::Ap {
+            // "Approximately": R4 suggests 10 % of the distance from now, on either side.
+            let middle = start + (end - start) / 2;
+            let margin = (Utc::now() - middle).abs() / 10;
+            (start, end) = (start - margin, end + margin);
+        }
         Ok(DateValue { prefix, start, end })
     }
 
@@ -261,7 +262,7 @@ impl DateValue {
             Prefix::Le => start < self.start || eq,
             Prefix::Sa => start >= self.end,
             Prefix::Eb => end <= self.start,
-            Prefix::Ap => false,
+            Prefix::Ap => start < self.end && end > self.start,
         }
     }
 }
@@ -529,7 +530,19 @@ mod tests {
         assert!(!d("sa2020-03-04").matches(&day));
         assert!(d("eb2020-03-05").matches(&day));
         assert!(!d("eb2020-03-04").matches(&day));
-        assert!(DateValue::parse("ap2020").is_err());
+        // Ten years ago give or take a year: ±10 % of the distance from now.
+        let decade_ago = (Utc::now() - TimeDelta::days(3650))
+            .format("%Y-%m-%d")
+            .to_string();
+        let close = (Utc::now() - TimeDelta::days(3650 + 200))
+            .format("%Y-%m-%d")
+            .to_string();
+        let far = (Utc::now() - TimeDelta::days(3650 + 500))
+            .format("%Y-%m-%d")
+            .to_string();
+        let ap = DateValue::parse(&format!("ap{decade_ago}")).unwrap();
+        assert!(ap.matches(&json!(close)));
+        assert!(!ap.matches(&json!(far)));
         assert!(DateValue::parse("2020-13").is_err());
         assert!(DateValue::parse("soon").is_err());
     }
