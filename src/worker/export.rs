@@ -14,14 +14,13 @@ use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Ended, lease::Lease};
+use super::{Context, Ended, lease::Lease, part};
 use crate::{
     db::{
         jobs::{self, Job, Task},
         resources::{self, PatientFilter, Position, Rows, Selection},
     },
     fhir::{bulk, elements, type_filter::TypeFilter},
-    storage::PartWriter,
 };
 
 enum Part {
@@ -157,8 +156,7 @@ async fn write_part(
     let config = &context.config.export;
     let started = std::time::Instant::now();
     let limit = config.part_size as i64;
-    let mut file: Option<(Box<dyn PartWriter>, String)> = None;
-    let (mut count, mut bytes) = (0i32, 0u64);
+    let mut file: Option<part::OpenPart> = None;
     let mut last_written = None;
     let mut page_after = after;
     'pages: loop {
@@ -175,30 +173,20 @@ async fn write_part(
             let Some(line) = render(output, &row)? else {
                 continue;
             };
-            let size = line.len() as u64 + 1;
-            // One resource always fits; past that the byte cap ends the part early.
-            if count > 0 && bytes + size > config.part_max_bytes {
-                break 'pages;
-            }
-            let writer = match &mut file {
-                Some((writer, _)) => writer,
-                None => {
-                    let Some(part_no) =
-                        jobs::reserve_part(&context.pool, task, &output.file_kind, seq).await?
-                    else {
-                        return Ok(Part::LeaseLost);
-                    };
-                    let name = format!("{}/{}-{part_no}.ndjson", job.folder, output.file_kind);
-                    let writer = context.storage.create(&job.container, &name).await?;
-                    &mut file.insert((writer, name)).0
+            let part = match &mut file {
+                // One resource always fits; past that the byte cap ends the part early.
+                Some(part) if part.bytes + line.len() as u64 + 1 > config.part_max_bytes => {
+                    break 'pages;
                 }
+                Some(part) => part,
+                None => match part::open(context, job, task, &output.file_kind, seq).await? {
+                    Some(part) => file.insert(part),
+                    None => return Ok(Part::LeaseLost),
+                },
             };
-            writer.write(line.as_bytes()).await?;
-            writer.write(b"\n").await?;
-            count += 1;
-            bytes += size;
+            part.write_line(line.as_bytes()).await?;
             last_written = Some(position);
-            if count as i64 == limit {
+            if part.lines as i64 == limit {
                 break 'pages;
             }
         }
@@ -206,19 +194,17 @@ async fn write_part(
             break; // the range is exhausted
         }
     }
-    let (Some(last), Some((writer, name))) = (last_written, file) else {
+    let (Some(last), Some(part)) = (last_written, file) else {
         return Ok(Part::Empty);
     };
-    let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
-    let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
-    if !writer.commit(fence).await? {
+    let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
+    if !part
+        .finish(context, task, (last.seq, last.version_id))
+        .await?
+    {
         return Ok(Part::LeaseLost);
     }
-    let last_pair = (last.seq, last.version_id);
-    if !jobs::checkpoint(&context.pool, task, seq, last_pair, count, bytes as i64).await? {
-        return Ok(Part::LeaseLost);
-    }
-    tracing::debug!(file = %name, resources = count, bytes, ms = started.elapsed().as_millis() as u64, "part written");
+    tracing::debug!(file = %name, resources = lines, bytes, ms = started.elapsed().as_millis() as u64, "part written");
     Ok(Part::Written { last })
 }
 

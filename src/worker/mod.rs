@@ -4,6 +4,7 @@
 mod export;
 mod lease;
 mod maintenance;
+mod part;
 mod plan;
 
 use std::{sync::Arc, time::Duration};

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Context, Ended, lease::Lease};
+use super::{Context, Ended, lease::Lease, part};
 use crate::{
     db::{jobs, resources},
     fhir::{
@@ -105,29 +105,19 @@ async fn write_notes(
     if job.notes.is_empty() || task.parts_done > 0 {
         return Ok(true);
     }
-    let Some(part_no) = jobs::reserve_part(&context.pool, task, KIND, 0).await? else {
+    let Some(mut part) = part::open(context, job, task, KIND, 0).await? else {
         return Ok(false);
     };
-    let name = format!("{}/{KIND}-{part_no}.ndjson", job.folder);
-    let mut writer = context.storage.create(&job.container, &name).await?;
-    let mut bytes = 0;
     for note in &job.notes {
         let issue = Issue::new(
             Severity::Warning,
             "not-supported",
             format!("ignored: {note}"),
         );
-        let line = outcome::operation_outcome(&[issue]).to_string() + "\n";
-        writer.write(line.as_bytes()).await?;
-        bytes += line.len() as i64;
+        let line = outcome::operation_outcome(&[issue]).to_string();
+        part.write_line(line.as_bytes()).await?;
     }
-    let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
-    let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
-    if !writer.commit(fence).await? {
-        return Ok(false);
-    }
-    let count = job.notes.len() as i32;
-    Ok(jobs::checkpoint(&context.pool, task, 0, (0, 0), count, bytes).await?)
+    part.finish(context, task, (0, 0)).await
 }
 
 /// Types that can be in a patient's compartment (Patient and Group export read only these).
