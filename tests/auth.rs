@@ -7,7 +7,6 @@ use common::{keys::*, *};
 use fhir_export::config::{AuthMode, ClientConfig, Config};
 use serde_json::{Value, json};
 
-const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";
 
 fn client(id: &str, scopes: &[&str], keys: &[&Key]) -> ClientConfig {
@@ -28,17 +27,6 @@ async fn smart_app(clients: Vec<ClientConfig>) -> TestApp {
     .await
 }
 
-/// Claims of a valid assertion by `client` for `app`.
-fn assertion_claims(app: &TestApp, client: &str) -> Value {
-    json!({
-        "iss": client,
-        "sub": client,
-        "aud": app.url("/auth/token"),
-        "exp": now() + 240,
-        "jti": uuid::Uuid::new_v4().to_string(),
-    })
-}
-
 async fn token_request(app: &TestApp, form: &[(&str, &str)]) -> reqwest::Response {
     app.client
         .post(app.url("/auth/token"))
@@ -46,15 +34,6 @@ async fn token_request(app: &TestApp, form: &[(&str, &str)]) -> reqwest::Respons
         .send()
         .await
         .unwrap()
-}
-
-fn grant<'a>(assertion: &'a str, scope: &'a str) -> Vec<(&'static str, &'a str)> {
-    vec![
-        ("grant_type", "client_credentials"),
-        ("client_assertion_type", ASSERTION_TYPE),
-        ("client_assertion", assertion),
-        ("scope", scope),
-    ]
 }
 
 /// A granted access token and the granted scope.
@@ -88,6 +67,17 @@ async fn refused(app: &TestApp, form: &[(&str, &str)], status: u16, code: &str) 
     body["error_description"].as_str().unwrap().to_string()
 }
 
+/// An assertion refused as `invalid_client`; returns the description.
+async fn refused_client(app: &TestApp, assertion: &str) -> String {
+    refused(
+        app,
+        &grant(assertion, "system/*.read"),
+        401,
+        "invalid_client",
+    )
+    .await
+}
+
 async fn send(
     app: &TestApp,
     method: reqwest::Method,
@@ -103,24 +93,6 @@ async fn send(
         request = request.bearer_auth(token);
     }
     request.send().await.unwrap()
-}
-
-async fn wait_manifest_with(app: &TestApp, status_url: &str, token: &str) -> Value {
-    for _ in 0..600 {
-        let response = app
-            .client
-            .get(status_url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        match response.status().as_u16() {
-            202 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-            200 => return json(response).await,
-            other => panic!("status {other}: {}", response.text().await.unwrap()),
-        }
-    }
-    panic!("export did not finish");
 }
 
 #[tokio::test]
@@ -174,11 +146,8 @@ async fn token_flow_with_rs384_and_es384_then_exports_owned_by_their_client() {
     // analytics exports everything.
     let kick = send(&app, reqwest::Method::GET, "/$export", Some(&analytics)).await;
     assert_eq!(kick.status(), 202);
-    let status_url = kick.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest = wait_manifest_with(&app, &status_url, &analytics).await;
+    let status_url = content_location(&kick);
+    let manifest = wait_manifest_as(&app, &status_url, Some(&analytics)).await;
     assert_eq!(manifest["requiresAccessToken"], true);
     let types: std::collections::BTreeSet<&str> = manifest["output"]
         .as_array()
@@ -220,11 +189,8 @@ async fn token_flow_with_rs384_and_es384_then_exports_owned_by_their_client() {
     // registry exports only its granted types, and may not ask for others.
     let kick = send(&app, reqwest::Method::GET, "/$export", Some(&registry)).await;
     assert_eq!(kick.status(), 202);
-    let status_url = kick.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest = wait_manifest_with(&app, &status_url, &registry).await;
+    let status_url = content_location(&kick);
+    let manifest = wait_manifest_as(&app, &status_url, Some(&registry)).await;
     let types: std::collections::BTreeSet<&str> = manifest["output"]
         .as_array()
         .unwrap()
@@ -417,13 +383,7 @@ async fn token_refuses_a_bad_signature() {
     let (app, _) = one_client_app().await;
     let impostor = Key::rsa("k1"); // same kid, other key
     let assertion = impostor.sign(&assertion_claims(&app, "c1"), None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("signature"), "{why}");
 }
 
@@ -433,13 +393,7 @@ async fn token_refuses_a_wrong_audience() {
     let mut claims = assertion_claims(&app, "c1");
     claims["aud"] = json!("https://elsewhere.example/token");
     let assertion = key.sign(&claims, None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("aud"), "{why}");
 }
 
@@ -449,13 +403,7 @@ async fn token_refuses_an_expired_assertion() {
     let mut claims = assertion_claims(&app, "c1");
     claims["exp"] = json!(now() - 60);
     let assertion = key.sign(&claims, None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("expired"), "{why}");
 }
 
@@ -465,13 +413,7 @@ async fn token_refuses_an_assertion_valid_too_long() {
     let mut claims = assertion_claims(&app, "c1");
     claims["exp"] = json!(now() + 3600);
     let assertion = key.sign(&claims, None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("five minutes"), "{why}");
 }
 
@@ -489,13 +431,7 @@ async fn token_refuses_a_replayed_jti() {
 async fn token_refuses_an_unknown_client() {
     let (app, key) = one_client_app().await;
     let assertion = key.sign(&assertion_claims(&app, "nobody"), None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("unknown client"), "{why}");
 }
 
@@ -504,13 +440,7 @@ async fn token_refuses_an_unknown_kid() {
     let (app, key) = one_client_app().await;
     let header = json!({"alg": "RS384", "kid": "k9", "typ": "JWT"});
     let assertion = key.sign(&assertion_claims(&app, "c1"), Some(header));
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("kid"), "{why}");
 }
 
@@ -532,13 +462,7 @@ async fn token_refuses_other_algorithms_and_missing_fields() {
     let (app, key) = one_client_app().await;
     let header = json!({"alg": "RS256", "kid": "k1", "typ": "JWT"});
     let assertion = key.sign(&assertion_claims(&app, "c1"), Some(header));
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("RS384 or ES384"), "{why}");
     let assertion = key.sign(&assertion_claims(&app, "c1"), None);
     let mut no_scope = grant(&assertion, "system/*.read");
@@ -547,13 +471,7 @@ async fn token_refuses_other_algorithms_and_missing_fields() {
     let mut claims = assertion_claims(&app, "c1");
     claims.as_object_mut().unwrap().remove("jti");
     let assertion = key.sign(&claims, None);
-    let why = refused(
-        &app,
-        &grant(&assertion, "system/*.read"),
-        401,
-        "invalid_client",
-    )
-    .await;
+    let why = refused_client(&app, &assertion).await;
     assert!(why.contains("jti"), "{why}");
 }
 
@@ -621,11 +539,8 @@ async fn external_tokens_are_checked_against_the_issuers_keys() {
     )
     .await;
     assert_eq!(kick.status(), 202);
-    let status_url = kick.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let manifest = wait_manifest_with(&app, &status_url, &good).await;
+    let status_url = content_location(&kick);
+    let manifest = wait_manifest_as(&app, &status_url, Some(&good)).await;
     assert_eq!(manifest["output"][0]["type"], "Patient");
 
     let mut refusals = Vec::new();

@@ -408,37 +408,20 @@ async fn with_auth_server_urls_need_the_token_and_sas_urls_do_not() {
         // Data goes in through the database: the client may only read.
         load_generated(&app, 1).await;
         let token = smart_token(&app, &key, "c", "system/*.read").await;
-        let kick = app
-            .client
-            .get(app.url("/$export?_type=Patient"))
-            .bearer_auth(&token)
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap();
+        let kick = kick_off_request(
+            &app,
+            "/$export?_type=Patient",
+            "respond-async",
+            Some(&token),
+        )
+        .await;
         assert_eq!(kick.status(), 202);
-        let status_url = kick.headers()["content-location"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let status_url = content_location(&kick);
         assert_eq!(
             app.client.get(&status_url).send().await.unwrap().status(),
             401
         );
-        let manifest = loop {
-            let r = app
-                .client
-                .get(&status_url)
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            if r.status() == 200 {
-                break json(r).await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        let manifest = wait_manifest_as(&app, &status_url, Some(&token)).await;
         let url = manifest["output"][0]["url"].as_str().unwrap();
         let anonymous = reqwest::get(url).await.unwrap();
         match urls {

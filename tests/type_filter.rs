@@ -35,19 +35,9 @@ fn year(observation: &Value) -> i32 {
 }
 
 async fn lenient_kick_off(app: &TestApp, path: &str) -> (String, Value) {
-    let response = app
-        .client
-        .get(app.url(path))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async, handling=lenient")
-        .send()
-        .await
-        .unwrap();
+    let response = kick_off_request(app, path, "respond-async, handling=lenient", None).await;
     assert_eq!(response.status(), 202);
-    let location = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let location = content_location(&response);
     (location, json(response).await)
 }
 
@@ -57,7 +47,7 @@ async fn type_filters_export_exactly_the_matching_resources() {
     let loaded = load_generated(&app, 3).await;
     // Two ORed entries for Observation (the second one with an ORed value list, its comma
     // sent as %2C), one for MedicationRequest; Patient has none and comes out whole.
-    let status = kick_off(
+    let files = export_files(
         &app,
         "/$export?_type=Observation,MedicationRequest,Patient\
          &_typeFilter=Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C2093-3%26date%3Dge2010-01-01,\
@@ -65,8 +55,6 @@ async fn type_filters_export_exactly_the_matching_resources() {
          &_typeFilter=MedicationRequest%3Fstatus%3Dactive",
     )
     .await;
-    let manifest = wait_manifest(&app, &status).await;
-    let files = download_all(&app, &manifest).await;
 
     let observations = &loaded["Observation"];
     let expected = ids(observations.iter().filter(|o| {
@@ -92,13 +80,11 @@ async fn filtered_parts_are_full_and_numbered_without_gaps() {
     // A selective filter must not leave a trail of tiny or empty files.
     let app = TestApp::spawn_with(|c| c.export.part_size = 10).await;
     let loaded = load_generated(&app, 2).await;
-    let status = kick_off(
+    let files = export_files(
         &app,
         "/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D2093-3",
     )
     .await;
-    let manifest = wait_manifest(&app, &status).await;
-    let files = download_all(&app, &manifest).await;
     let expected = ids(loaded["Observation"]
         .iter()
         .filter(|o| loinc(o) == "2093-3"));
@@ -139,8 +125,7 @@ async fn id_and_last_updated_filters_are_exact() {
         .append_pair("_type", "Patient,Observation")
         .append_pair("_typeFilter", &filter)
         .finish();
-    let status = kick_off(&app, &format!("/$export?{query}")).await;
-    let files = download_all(&app, &wait_manifest(&app, &status).await).await;
+    let files = export_files(&app, &format!("/$export?{query}")).await;
     assert_eq!(
         exported_ids(&files, "Patient"),
         BTreeSet::from([patients[0].to_string(), patients[2].to_string()])
@@ -245,13 +230,11 @@ async fn associated_data_adds_history_and_last_states() {
     }
     assert_eq!(app.delete("/Patient/b").await.status(), 204);
 
-    let both = kick_off(
+    let files = export_files(
         &app,
         "/$export?_type=Patient&includeAssociatedData=_history,_deleted",
     )
     .await;
-    let manifest = wait_manifest(&app, &both).await;
-    let files = download_all(&app, &manifest).await;
     assert!(files.iter().all(|f| f.resource_type == "Patient"));
     assert_eq!(
         versions(&files),
@@ -273,12 +256,11 @@ async fn associated_data_adds_history_and_last_states() {
     assert_eq!(b["meta"]["extension"][0]["valueString"], "soft-deleted");
 
     // History alone lists the deleted resource's last version as history, unmarked.
-    let history = kick_off(
+    let files = export_files(
         &app,
         "/$export?_type=Patient&includeAssociatedData=_history",
     )
     .await;
-    let files = download_all(&app, &wait_manifest(&app, &history).await).await;
     assert_eq!(
         versions(&files),
         set(&[
@@ -291,12 +273,11 @@ async fn associated_data_adds_history_and_last_states() {
         ])
     );
     // A filter applies to older versions too.
-    let filtered = kick_off(
+    let files = export_files(
         &app,
         "/$export?_type=Patient&includeAssociatedData=_history&_typeFilter=Patient%3Ffamily%3Da",
     )
     .await;
-    let files = download_all(&app, &wait_manifest(&app, &filtered).await).await;
     assert_eq!(
         versions(&files),
         set(&[

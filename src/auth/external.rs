@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::Jwk};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 
@@ -60,6 +60,10 @@ impl ExternalIssuer {
             .await
     }
 
+    async fn find_key(&self, http: &reqwest::Client, kid: &str) -> anyhow::Result<Option<Jwk>> {
+        self.keys(http).await?.find(http, kid).await
+    }
+
     /// The caller a token names, or why it is refused (for the 401's description).
     pub async fn verify(&self, http: &reqwest::Client, token: &str) -> Result<Principal, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "not a signed JWT")?;
@@ -67,12 +71,8 @@ impl ExternalIssuer {
             return Err("the token's signing algorithm is not accepted".into());
         }
         let kid = header.kid.ok_or("the token has no kid")?;
-        let keys = self.keys(http).await.map_err(|e| {
-            tracing::warn!(issuer = %self.issuer, error = %e, "issuer keys unavailable");
-            "the issuer's keys could not be read".to_string()
-        })?;
-        let jwk = keys
-            .find(http, &kid)
+        let jwk = self
+            .find_key(http, &kid)
             .await
             .map_err(|e| {
                 tracing::warn!(issuer = %self.issuer, error = %e, "issuer keys unavailable");

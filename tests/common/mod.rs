@@ -209,16 +209,35 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fhir-export"))
 }
 
-/// Kicks off an export (GET) and returns the status URL.
-pub async fn kick_off(app: &TestApp, path_and_query: &str) -> String {
-    let response = app
+/// A GET kick-off with the bulk headers, `prefer` and, if given, a bearer token.
+pub async fn kick_off_request(
+    app: &TestApp,
+    path_and_query: &str,
+    prefer: &str,
+    token: Option<&str>,
+) -> Response {
+    let mut request = app
         .client
         .get(app.url(path_and_query))
         .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
+        .header("prefer", prefer);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+/// The status URL a kick-off answered with.
+pub fn content_location(response: &Response) -> String {
+    response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Kicks off an export (GET) and returns the status URL.
+pub async fn kick_off(app: &TestApp, path_and_query: &str) -> String {
+    let response = kick_off_request(app, path_and_query, "respond-async", None).await;
     let status = response.status();
     let location = response
         .headers()
@@ -231,9 +250,18 @@ pub async fn kick_off(app: &TestApp, path_and_query: &str) -> String {
 
 /// Polls a status URL until the manifest is there (or the export failed).
 pub async fn wait_manifest(app: &TestApp, status_url: &str) -> Value {
+    wait_manifest_as(app, status_url, None).await
+}
+
+/// `wait_manifest` with a bearer token.
+pub async fn wait_manifest_as(app: &TestApp, status_url: &str, token: Option<&str>) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let response = app.client.get(status_url).send().await.unwrap();
+        let mut request = app.client.get(status_url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
         match response.status().as_u16() {
             202 => {
                 let progress = response
@@ -258,6 +286,12 @@ pub async fn wait_manifest(app: &TestApp, status_url: &str) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Kicks off an export, waits for it and downloads its output files.
+pub async fn export_files(app: &TestApp, path_and_query: &str) -> Vec<OutputFile> {
+    let status_url = kick_off(app, path_and_query).await;
+    download_all(app, &wait_manifest(app, &status_url).await).await
 }
 
 /// One downloaded output file.
@@ -393,25 +427,36 @@ impl TestApp {
     }
 }
 
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Claims of a valid SMART client assertion by `client` for `app`.
+pub fn assertion_claims(app: &TestApp, client: &str) -> Value {
+    serde_json::json!({
+        "iss": client,
+        "sub": client,
+        "aud": app.url("/auth/token"),
+        "exp": keys::now() + 240,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    })
+}
+
+/// The form of a `client_credentials` token request.
+pub fn grant<'a>(assertion: &'a str, scope: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", ASSERTION_TYPE),
+        ("client_assertion", assertion),
+        ("scope", scope),
+    ]
+}
+
 /// A SMART access token for `client`, signing its assertion with `key`.
 pub async fn smart_token(app: &TestApp, key: &keys::Key, client: &str, scope: &str) -> String {
-    let claims = serde_json::json!({
-        "iss": client, "sub": client, "aud": app.url("/auth/token"),
-        "exp": keys::now() + 240, "jti": uuid::Uuid::new_v4().to_string(),
-    });
-    let assertion = key.sign(&claims, None);
+    let assertion = key.sign(&assertion_claims(app, client), None);
     let response = app
         .client
         .post(app.url("/auth/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", &assertion),
-            ("scope", scope),
-        ])
+        .form(&grant(&assertion, scope))
         .send()
         .await
         .unwrap();
