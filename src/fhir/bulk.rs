@@ -161,7 +161,7 @@ pub fn parse(
     if !out.types.is_empty() {
         let mut kept = Vec::new();
         for entry in std::mem::take(&mut out.type_filters) {
-            let filtered = entry.split_once('?').map_or("", |(t, _)| t);
+            let filtered = type_filter::entry_type(&entry);
             if out.types.iter().any(|t| t == filtered) {
                 kept.push(entry);
             } else {

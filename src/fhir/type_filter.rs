@@ -48,6 +48,11 @@ pub fn split_entries(value: &str) -> Vec<&str> {
     entries
 }
 
+/// The type a `Type?query` entry filters (empty if it names none).
+pub fn entry_type(entry: &str) -> &str {
+    entry.split_once('?').map_or("", |(t, _)| t)
+}
+
 /// One `Type?query` entry.
 #[derive(Debug, Clone)]
 pub struct Query {
@@ -338,7 +343,7 @@ impl TypeFilter {
     ) -> Result<Option<TypeFilter>, String> {
         let mut queries = Vec::new();
         for entry in entries {
-            if entry.split_once('?').map(|(t, _)| t) == Some(resource_type) {
+            if entry_type(entry) == resource_type {
                 queries.push(Query::parse(entry, base_url)?);
             }
         }

@@ -28,6 +28,7 @@ use crate::{
         group,
         outcome::{self, Issue, Severity},
         r4::RESOURCE_TYPES,
+        type_filter,
     },
     storage,
 };
@@ -208,7 +209,7 @@ fn exported_types(principal: &Principal, params: &bulk::ExportParams) -> ApiResu
     let filtered = params
         .type_filters
         .iter()
-        .filter_map(|entry| entry.split_once('?').map(|(t, _)| t));
+        .map(|entry| type_filter::entry_type(entry));
     for t in params.types.iter().map(String::as_str).chain(filtered) {
         require(principal, Access::Export, t)?;
     }
