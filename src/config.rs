@@ -9,12 +9,20 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub database_url: String,
+    pub database: DatabaseConfig,
     pub server: ServerConfig,
     pub log: LogConfig,
     pub export: ExportConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    /// Connections this process opens at most; 0 means `export.workers × 2 + 8`.
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,7 +171,7 @@ pub struct ExternalAuthConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            database_url: "postgres://postgres@127.0.0.1:5432/fhir_export".into(),
+            database: DatabaseConfig::default(),
             server: ServerConfig::default(),
             log: LogConfig {
                 format: LogFormat::Text,
@@ -171,6 +179,15 @@ impl Default for Config {
             export: ExportConfig::default(),
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/fhir_export".into(),
+            max_connections: 0,
         }
     }
 }
@@ -265,7 +282,11 @@ type EnvSetter = fn(&mut Config, &str) -> anyhow::Result<()>;
 /// Every environment variable the server reads (the README's config table lists the same).
 pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     ("DATABASE_URL", |c, v| {
-        c.database_url = v.into();
+        c.database.url = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_DATABASE_MAX_CONNECTIONS", |c, v| {
+        c.database.max_connections = v.parse()?;
         Ok(())
     }),
     ("FHIR_EXPORT_LISTEN", |c, v| {
@@ -419,8 +440,8 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         let e = &self.export;
-        if e.part_size == 0 {
-            bail!("export.part_size must be at least 1");
+        if !(1..=1_000_000).contains(&e.part_size) {
+            bail!("export.part_size must be between 1 and 1000000");
         }
         if e.part_max_bytes < 1024 {
             bail!("export.part_max_bytes must be at least 1024");
@@ -433,6 +454,13 @@ impl Config {
         }
         if e.range_size < 1 {
             bail!("export.range_size must be at least 1");
+        }
+        let needed = self.export.workers as u32 + 2;
+        if self.database.max_connections != 0 && self.database.max_connections < needed {
+            bail!(
+                "database.max_connections must be at least export.workers + 2 ({needed}): one \
+                 page connection per worker, and two for the queue and the API"
+            );
         }
         let azure = &self.storage.azure;
         if self.storage.kind == StorageKind::Azure {
@@ -517,6 +545,14 @@ impl Config {
             format!("http://{}", self.server.listen)
         } else {
             self.server.public_url.trim_end_matches('/').to_string()
+        }
+    }
+
+    /// Connections this process opens at most (see `database.max_connections`).
+    pub fn max_connections(&self) -> u32 {
+        match self.database.max_connections {
+            0 => self.export.workers as u32 * 2 + 8,
+            n => n,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod db;
 pub mod fhir;
 pub mod generate;
 pub mod http;
+pub mod liveness;
 pub mod load;
 pub mod storage;
 pub mod store;
@@ -19,19 +20,21 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::Config, http::AppState};
+use crate::{config::Config, db::Pools, http::AppState, liveness::Liveness};
 
 /// A server bound to its address, ready to run.
 pub struct Server {
     listener: TcpListener,
     state: AppState,
+    pools: Pools,
 }
 
 impl Server {
     /// Connects to the database (creating it if missing), applies migrations and binds.
     pub async fn build(config: Config) -> anyhow::Result<Server> {
-        let pool = db::connect(&config.database_url, pool_size(&config)).await?;
-        db::migrate(&pool).await?;
+        let workers = config.export.workers as u32;
+        let pools = Pools::connect(&config.database.url, config.max_connections(), workers).await?;
+        db::migrate(&pools.primary).await?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -55,14 +58,24 @@ impl Server {
                 .context("export.output_urls = sas")?;
         }
         let auth = auth::Auth::new(&config.auth, &base_url).context("auth")?;
+        let liveness = Liveness::new(
+            config.export.workers,
+            config.stale_after(),
+            std::time::Duration::from_millis(config.export.poll_interval_ms),
+        );
         let state = AppState {
-            pool,
+            pool: pools.primary.clone(),
             config: Arc::new(config),
             storage,
             base_url: base_url.into(),
             auth: Arc::new(auth),
+            liveness: Arc::new(liveness),
         };
-        Ok(Server { listener, state })
+        Ok(Server {
+            listener,
+            state,
+            pools,
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -72,13 +85,18 @@ impl Server {
     /// Serves and runs the export workers until `shutdown` is cancelled, then finishes
     /// in-flight requests and gives running tasks back to the queue.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Server { listener, state } = self;
+        let Server {
+            listener,
+            state,
+            pools,
+        } = self;
         tracing::info!(base_url = %state.base_url, workers = state.config.export.workers, "serving");
         let context = worker::Context::new(
-            state.pool.clone(),
+            pools,
             state.storage.clone(),
             state.config.clone(),
             state.base_url.to_string(),
+            state.liveness.clone(),
         );
         let mut workers = worker::spawn(context, shutdown.clone());
         let router = http::router(state);
@@ -90,11 +108,6 @@ impl Server {
         while workers.join_next().await.is_some() {}
         served
     }
-}
-
-fn pool_size(config: &Config) -> u32 {
-    // Each worker holds at most one connection at a time; the rest serve the API.
-    (config.export.workers as u32) * 2 + 10
 }
 
 /// `fhir-export serve`: runs until SIGTERM or ctrl-c.
@@ -128,7 +141,7 @@ async fn cancel_on_signal(token: CancellationToken) {
 
 /// `fhir-export migrate`.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pool = db::connect(&config.database_url, 2).await?;
+    let pool = db::connect(&config.database.url, 2).await?;
     db::migrate(&pool).await?;
     tracing::info!("migrations applied");
     Ok(())

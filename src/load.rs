@@ -65,7 +65,7 @@ impl LoadReport {
 
 pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     let files = collect_files(&args.paths)?;
-    let pool = db::connect(&config.database_url, 4).await?;
+    let pool = db::connect(&config.database.url, 4).await?;
     db::migrate(&pool).await?;
     let report = load_files(&pool, files, &args).await?;
     println!("{:<28} {:>10}", "resource type", "resources");
@@ -215,9 +215,7 @@ async fn write_batches(
 ) -> anyhow::Result<LoadReport> {
     let mut report = LoadReport::default();
     while let Some(batch) = batches.recv().await {
-        let mut tx = db::resources::begin_write(&pool).await?;
-        report.updated += store::put_many(&mut tx, &batch).await? as u64;
-        tx.commit().await?;
+        report.updated += write_batch(&pool, &batch).await? as u64;
         for p in &batch {
             // Counted per resource: allocate the type's name only the first time it is seen.
             match report.per_type.get_mut(&p.resource_type) {
@@ -231,6 +229,36 @@ async fn write_batches(
         progress.set_message(format!("{total} resources"));
     }
     Ok(report)
+}
+
+/// Writes one batch in one transaction. A batch that collides with a concurrent writer of the
+/// same resource (it created the resource first, or retired the row this batch waited for), or
+/// that a database blip interrupted, wrote nothing and is tried again.
+async fn write_batch(pool: &PgPool, batch: &[Prepared]) -> anyhow::Result<usize> {
+    const TRIES: u32 = 10;
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1.. {
+        let result = async {
+            let mut tx = db::resources::begin_write(pool).await?;
+            let updates = store::put_many(&mut tx, batch).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(updates)
+        }
+        .await;
+        match result {
+            Ok(updates) => return Ok(updates),
+            Err(e)
+                if attempt < TRIES
+                    && (db::is_transient(&e) || db::resources::is_version_collision(&e)) =>
+            {
+                tracing::debug!(error = %e, attempt, "batch collided or was interrupted; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// Reads every file, sending full batches to the writers. An invalid resource ends the run

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
 use crate::{
-    db::resources::{self, CopyRow, CopyWriter, NewVersion, ResourceKey},
+    db::resources::{self, CopyRow, CopyWriter, Head, NewVersion, ResourceKey},
     fhir::{compartment, instant, resource::Template},
 };
 
@@ -62,36 +62,69 @@ impl Prepared {
     }
 }
 
+/// Why a single write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// `If-Match` named another version than the current one (`None`: there is none).
+    #[error("If-Match expected version {expected}, the current version is {current:?}")]
+    VersionMismatch { expected: i32, current: Option<i32> },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+fn check_version(if_match: Option<i32>, current: Option<&Head>) -> Result<(), WriteError> {
+    match if_match {
+        Some(expected) if current.map(|h| h.version_id) != Some(expected) => {
+            Err(WriteError::VersionMismatch {
+                expected,
+                current: current.map(|h| h.version_id),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Creates or updates one resource inside a write transaction (`db::resources::begin_write`).
-pub async fn put(tx: &mut PgConnection, prepared: Prepared) -> sqlx::Result<Written> {
-    let current = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
-    let head = current.as_ref().map(|c| c.head);
-    let last_updated = resources::next_timestamp(tx, head.map(|h| h.last_updated)).await?;
-    let seq = match head {
-        Some(h) => h.seq,
-        None => resources::next_seqs(tx, 1).await?[0],
-    };
-    let version_id = head.map_or(1, |h| h.version_id + 1);
-    let body = prepared
-        .template
-        .fill(version_id, &instant::format(last_updated));
-    let version = NewVersion {
-        resource_type: prepared.resource_type,
-        id: prepared.id,
-        version_id,
-        seq,
-        last_updated,
-        is_current: true,
-        patient_ids: prepared.patient_ids,
-        body: Some(body),
-    };
-    replace_current(tx, current.map(|c| c.address), &version).await?;
-    Ok(Written {
-        version_id,
-        last_updated,
-        created: head.is_none_or(|h| h.deleted),
-        body: version.body,
-    })
+/// Concurrent writes of the resource queue behind each other and each becomes the next
+/// version; with `if_match`, only if the current version is that one.
+pub async fn put(
+    tx: &mut PgConnection,
+    prepared: &Prepared,
+    if_match: Option<i32>,
+) -> Result<Written, WriteError> {
+    loop {
+        let current = resources::lock_current(tx, &prepared.resource_type, &prepared.id).await?;
+        let head = current.as_ref().map(|c| c.head);
+        check_version(if_match, head.as_ref())?;
+        let last_updated = resources::next_timestamp(tx, head.map(|h| h.last_updated)).await?;
+        let seq = match head {
+            Some(h) => h.seq,
+            None => resources::next_seqs(tx, 1).await?[0],
+        };
+        let version_id = head.map_or(1, |h| h.version_id + 1);
+        let body = prepared
+            .template
+            .fill(version_id, &instant::format(last_updated));
+        let version = NewVersion {
+            resource_type: prepared.resource_type.clone(),
+            id: prepared.id.clone(),
+            version_id,
+            seq,
+            last_updated,
+            is_current: true,
+            patient_ids: prepared.patient_ids.clone(),
+            body: Some(body),
+        };
+        if !replace_current(tx, current.map(|c| c.address), &version).await? {
+            continue; // created concurrently: it is an update now
+        }
+        return Ok(Written {
+            version_id,
+            last_updated,
+            created: head.is_none_or(|h| h.deleted),
+            body: version.body,
+        });
+    }
 }
 
 /// Creates or updates many resources in one write transaction with a single COPY. A resource
@@ -148,50 +181,61 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
     Ok(updates)
 }
 
-/// Deletes a resource (adds a tombstone version). `None` when there was nothing live to delete.
+/// Deletes a resource (adds a tombstone version). `None` when there was nothing live to
+/// delete. With `if_match`, only if the current version is that one.
 pub async fn delete(
     tx: &mut PgConnection,
     resource_type: &str,
     id: &str,
-) -> sqlx::Result<Option<Written>> {
-    let Some(current) = resources::lock_current(tx, resource_type, id).await? else {
-        return Ok(None);
-    };
-    let head = current.head;
-    if head.deleted {
-        return Ok(None);
+    if_match: Option<i32>,
+) -> Result<Option<Written>, WriteError> {
+    loop {
+        let current = resources::lock_current(tx, resource_type, id).await?;
+        check_version(if_match, current.as_ref().map(|c| &c.head))?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let head = current.head;
+        if head.deleted {
+            return Ok(None);
+        }
+        let last_updated = resources::next_timestamp(tx, Some(head.last_updated)).await?;
+        // The tombstone keeps the compartments of what it deletes, so Patient and Group exports
+        // can list the deletion.
+        let tombstone = NewVersion {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version_id: head.version_id + 1,
+            seq: head.seq,
+            last_updated,
+            is_current: true,
+            patient_ids: current.patient_ids,
+            body: None,
+        };
+        if !replace_current(tx, Some(current.address), &tombstone).await? {
+            continue;
+        }
+        return Ok(Some(Written {
+            version_id: tombstone.version_id,
+            last_updated,
+            created: false,
+            body: None,
+        }));
     }
-    let last_updated = resources::next_timestamp(tx, Some(head.last_updated)).await?;
-    // The tombstone keeps the compartments of what it deletes, so Patient and Group exports
-    // can list the deletion.
-    let patient_ids = current.patient_ids;
-    let tombstone = NewVersion {
-        resource_type: resource_type.to_string(),
-        id: id.to_string(),
-        version_id: head.version_id + 1,
-        seq: head.seq,
-        last_updated,
-        is_current: true,
-        patient_ids,
-        body: None,
-    };
-    replace_current(tx, Some(current.address), &tombstone).await?;
-    Ok(Some(Written {
-        version_id: tombstone.version_id,
-        last_updated,
-        created: false,
-        body: None,
-    }))
 }
 
-/// Retires the locked current row (if any) and inserts its successor.
+/// Inserts the successor of the locked current row (if any), then retires that row. `false`:
+/// the version exists already (a concurrent first write); nothing was changed.
 async fn replace_current(
     tx: &mut PgConnection,
     current: Option<String>,
     version: &NewVersion,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<bool> {
+    if !resources::insert_version(tx, version).await? {
+        return Ok(false);
+    }
     if let Some(address) = current {
         resources::retire_rows(tx, &[address]).await?;
     }
-    resources::insert_version(tx, version).await
+    Ok(true)
 }

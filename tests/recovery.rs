@@ -158,7 +158,7 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
         .await
         .unwrap();
         let tasks: Vec<(i64, String, i32, i64)> = sqlx::query_as(
-            "SELECT id, status, parts_done, checkpoint_seq FROM export_tasks ORDER BY id",
+            "SELECT id, status::text, parts_done, checkpoint_seq FROM export_tasks ORDER BY id",
         )
         .fetch_all(&app.pool)
         .await
@@ -196,7 +196,7 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
             path.display()
         );
     }
-    let job_status: String = sqlx::query_scalar("SELECT status FROM export_jobs")
+    let job_status: String = sqlx::query_scalar("SELECT status::text FROM export_jobs")
         .fetch_one(&app.pool)
         .await
         .unwrap();
@@ -234,7 +234,7 @@ async fn sigterm_stops_gracefully_and_gives_the_task_back() {
     assert!(started.elapsed() < Duration::from_secs(10));
     // Released, not failed: back in the queue with no failure counted.
     let tasks: Vec<(String, i32)> =
-        sqlx::query_as("SELECT status, failures FROM export_tasks WHERE kind = 'export'")
+        sqlx::query_as("SELECT status::text, failures FROM export_tasks WHERE kind = 'export'")
             .fetch_all(&app.pool)
             .await
             .unwrap();

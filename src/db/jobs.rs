@@ -1,30 +1,66 @@
-//! The export job queue: jobs, their tasks, leases with attempt fencing, output-file numbering.
-//!
-//! Every statement a worker runs for a task names the attempt it holds; when a statement finds
-//! no row, the lease is gone (rescued, cancelled, expired) and the worker stops without having
-//! changed anything.
+//! Export jobs: one row per `$export` request, holding what it exports (its spec, fixed at
+//! kick-off), its state, and where its files are. The tasks workers claim are in `db::tasks`.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, PgConnection, PgPool, postgres::PgQueryResult};
+use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-/// The NOTIFY channel that wakes idle workers.
-pub const CHANNEL: &str = "fhir_export_tasks";
+use super::tasks;
 
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    pub id: Uuid,
-    pub level: &'static str,
+/// The level of an export (`/$export`, `/Patient/$export`, `/Group/{id}/$export`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "export_level", rename_all = "lowercase")]
+pub enum Level {
+    System,
+    Patient,
+    Group,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::System => "system",
+            Level::Patient => "patient",
+            Level::Group => "group",
+        }
+    }
+}
+
+/// queued → running → completed | failed; cancelled when the client deletes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "job_state", rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// What a job exports and how its files are cut: everything fixed at kick-off, so that every
+/// replica and every retry produces the same files.
+#[derive(Debug, Clone, FromRow)]
+pub struct JobSpec {
+    pub level: Level,
+    /// The kick-off URL, echoed as the manifest's `request`.
     pub request_url: String,
+    /// The snapshot instant: the kick-off time, or `_till`.
     pub transaction_time: DateTime<Utc>,
     pub since: Option<DateTime<Utc>>,
+    /// Types to export; empty means every type that has data.
     pub types: Vec<String>,
+    /// The patients a Patient or Group export reads (Group members, narrowed by `patient`);
+    /// None: every patient.
     pub patient_ids: Option<Vec<String>>,
+    /// Group export: the Groups walked, which are not exported themselves.
     pub excluded_groups: Vec<String>,
+    /// `_elements` entries: `element` or `Type.element`.
     pub elements: Vec<String>,
+    /// `_typeFilter` entries (`Type?query`), validated at kick-off.
     pub type_filters: Vec<String>,
+    /// `includeAssociatedData`: older versions, and the last state of deleted resources.
     pub include_history: bool,
     pub include_deleted: bool,
     /// What a lenient kick-off ignored: the manifest's error file.
@@ -32,62 +68,31 @@ pub struct NewJob {
     /// The client that started it (None without auth).
     pub owner: Option<String>,
     pub container: String,
+    /// The container was made for this export alone (deleted with it).
     pub own_container: bool,
     pub folder: String,
+    pub part_size: i32,
+    pub part_max_bytes: i64,
+    /// Resources per export task: larger types are split into seq ranges.
+    pub range_size: i64,
+    /// The kick-off instant (database clock); also the "now" of `ap` date filters.
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, FromRow)]
 pub struct Job {
     pub id: Uuid,
-    pub status: String,
-    pub level: String,
-    pub request_url: String,
-    pub transaction_time: DateTime<Utc>,
-    pub since: Option<DateTime<Utc>>,
-    pub types: Vec<String>,
-    pub patient_ids: Option<Vec<String>>,
-    pub excluded_groups: Vec<String>,
-    pub elements: Vec<String>,
-    pub type_filters: Vec<String>,
-    pub include_history: bool,
-    pub include_deleted: bool,
-    /// What a lenient kick-off ignored: the manifest's error file.
-    pub notes: Vec<String>,
-    /// The client that started it (None without auth).
-    pub owner: Option<String>,
-    pub container: String,
-    pub own_container: bool,
-    pub folder: String,
+    pub status: JobState,
+    #[sqlx(flatten)]
+    pub spec: JobSpec,
     pub error: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, FromRow)]
-pub struct Task {
-    pub id: i64,
-    pub job_id: Uuid,
-    pub kind: String,
-    pub resource_type: Option<String>,
-    pub range_start: i64,
-    pub range_end: i64,
-    pub attempt: i32,
-    pub checkpoint_seq: i64,
-    /// With `checkpoint_seq`, the position of a history task (versions share a seq).
-    pub checkpoint_version: i32,
-    pub parts_done: i32,
-}
-
-/// An export task the planner asks for.
-#[derive(Debug, Clone)]
-pub struct PlannedTask {
-    /// `export` (the resources) or `deleted` (the deletions, for `_since` exports).
-    pub kind: &'static str,
-    pub resource_type: String,
-    pub range_start: i64,
-    pub range_end: i64,
-    pub estimate: i64,
-}
+const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, patient_ids, \
+    excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
+    container, own_container, folder, part_size, part_max_bytes, range_size, created_at";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -98,6 +103,7 @@ pub struct JobFiles {
     pub folder: String,
 }
 
+/// A running job's tasks, summed up for its status.
 #[derive(Debug, Clone, FromRow)]
 pub struct Progress {
     pub tasks: i64,
@@ -107,6 +113,8 @@ pub struct Progress {
     pub estimate: i64,
     /// Types being exported right now.
     pub running_types: Vec<String>,
+    /// Write transactions open since kick-off that the plan still waits for.
+    pub waiting_writers: i32,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -116,17 +124,19 @@ pub struct Part {
     pub resources: i32,
 }
 
-fn secs(d: Duration) -> f64 {
+pub(super) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-async fn notify(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
+/// The write transactions of this database that hold a write lock on `resources` (every writer
+/// takes one before it reads the clock; see `resources::begin_write`), by virtual transaction
+/// id. Locks of other databases and of this connection are not theirs.
+const WRITERS: &str = "SELECT DISTINCT virtualtransaction FROM pg_locks
+    WHERE locktype = 'relation' AND relation = 'resources'::regclass
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                   'AccessExclusiveLock')
+      AND pid IS DISTINCT FROM pg_backend_pid()";
 
 /// The database clock: the transaction time of a kick-off.
 pub async fn now(pool: &PgPool) -> sqlx::Result<DateTime<Utc>> {
@@ -143,53 +153,68 @@ pub async fn count_active(pool: &PgPool) -> sqlx::Result<i64> {
 }
 
 /// Stores a job with its plan task and wakes the workers. Must run after `now()` gave the
-/// transaction time: the in-flight transactions recorded here are those of a later snapshot.
-pub async fn create(pool: &PgPool, job: &NewJob) -> sqlx::Result<()> {
+/// transaction time: the writers recorded here are those still open after it, which include
+/// every writer that could stamp a version at or before it.
+pub async fn create(pool: &PgPool, id: Uuid, spec: &JobSpec) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO export_jobs (id, level, request_url, transaction_time, since, types,
-            patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted,
-            notes, owner, container, own_container, folder, in_flight)
+    sqlx::query(&format!(
+        "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-            ARRAY(SELECT pg_snapshot_xip(pg_current_snapshot())))",
-    )
-    .bind(job.id)
-    .bind(job.level)
-    .bind(&job.request_url)
-    .bind(job.transaction_time)
-    .bind(job.since)
-    .bind(&job.types)
-    .bind(&job.patient_ids)
-    .bind(&job.excluded_groups)
-    .bind(&job.elements)
-    .bind(&job.type_filters)
-    .bind(job.include_history)
-    .bind(job.include_deleted)
-    .bind(&job.notes)
-    .bind(&job.owner)
-    .bind(&job.container)
-    .bind(job.own_container)
-    .bind(&job.folder)
+                 $18, $19, $20, $21, ARRAY({WRITERS}))"
+    ))
+    .bind(id)
+    .bind(spec.level)
+    .bind(&spec.request_url)
+    .bind(spec.transaction_time)
+    .bind(spec.since)
+    .bind(&spec.types)
+    .bind(&spec.patient_ids)
+    .bind(&spec.excluded_groups)
+    .bind(&spec.elements)
+    .bind(&spec.type_filters)
+    .bind(spec.include_history)
+    .bind(spec.include_deleted)
+    .bind(&spec.notes)
+    .bind(&spec.owner)
+    .bind(&spec.container)
+    .bind(spec.own_container)
+    .bind(&spec.folder)
+    .bind(spec.part_size)
+    .bind(spec.part_max_bytes)
+    .bind(spec.range_size)
+    .bind(spec.created_at)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")
-        .bind(job.id)
+        .bind(id)
         .execute(&mut *tx)
         .await?;
-    notify(&mut tx).await?;
+    tasks::notify(&mut tx, tasks::CHANNEL, "").await?;
     tx.commit().await
 }
 
-const JOB_COLUMNS: &str = "id, status, level, request_url, transaction_time, since, types, \
-    patient_ids, excluded_groups, elements, type_filters, include_history, include_deleted, notes, \
-    owner, container, own_container, folder, error, finished_at, expires_at";
+/// How many of the writers recorded at a job's kick-off are still open.
+pub async fn writers_remaining(pool: &PgPool, id: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM ({WRITERS}) w, export_jobs j
+         WHERE j.id = $1 AND w.virtualtransaction = ANY(j.writers)"
+    ))
+    .bind(id)
+    .fetch_one(pool)
+    .await
+}
+
+fn job_columns() -> String {
+    format!("id, status, {SPEC_COLUMNS}, error, finished_at, expires_at")
+}
 
 /// A job its owner can still see: not cancelled, not expired. Other callers see nothing.
 pub async fn visible(pool: &PgPool, id: Uuid, owner: Option<&str>) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM export_jobs
+        "SELECT {} FROM export_jobs
          WHERE id = $1 AND owner IS NOT DISTINCT FROM $2 AND status <> 'cancelled'
-           AND (expires_at IS NULL OR expires_at > now())"
+           AND (expires_at IS NULL OR expires_at > now())",
+        job_columns()
     ))
     .bind(id)
     .bind(owner)
@@ -199,7 +224,8 @@ pub async fn visible(pool: &PgPool, id: Uuid, owner: Option<&str>) -> sqlx::Resu
 
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
-        "SELECT {JOB_COLUMNS} FROM export_jobs WHERE id = $1"
+        "SELECT {} FROM export_jobs WHERE id = $1",
+        job_columns()
     ))
     .bind(id)
     .fetch_optional(pool)
@@ -215,7 +241,9 @@ pub async fn progress(pool: &PgPool, id: Uuid) -> sqlx::Result<Progress> {
                 coalesce(sum(estimate), 0)::bigint AS estimate,
                 coalesce(array_agg(DISTINCT resource_type)
                     FILTER (WHERE status = 'running' AND resource_type IS NOT NULL), '{}')
-                    AS running_types
+                    AS running_types,
+                coalesce(max(waiting_writers) FILTER (WHERE kind = 'plan' AND status = 'running'),
+                         0) AS waiting_writers
          FROM export_tasks WHERE job_id = $1",
     )
     .bind(id)
@@ -234,25 +262,21 @@ pub async fn parts(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<Part>> {
     .await
 }
 
-/// Is `name` (`{Type}-{n}.ndjson`) a committed file of this job?
-pub async fn has_part(
-    pool: &PgPool,
-    id: Uuid,
-    resource_type: &str,
-    part_no: i32,
-) -> sqlx::Result<bool> {
+/// Is `{kind}-{n}.ndjson` a committed file of this job?
+pub async fn has_part(pool: &PgPool, id: Uuid, kind: &str, part_no: i32) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM export_parts WHERE job_id = $1 AND resource_type = $2
                         AND part_no = $3 AND resources IS NOT NULL)",
     )
     .bind(id)
-    .bind(resource_type)
+    .bind(kind)
     .bind(part_no)
     .fetch_one(pool)
     .await
 }
 
-/// Cancels a visible job and fences out its workers. Returns where its files are.
+/// Cancels a visible job, fences out its workers and tells them at once. Returns where its
+/// files are.
 pub async fn cancel(
     pool: &PgPool,
     id: Uuid,
@@ -282,145 +306,15 @@ pub async fn cancel(
     .bind(id)
     .execute(&mut *tx)
     .await?;
+    tasks::notify(&mut tx, tasks::CANCEL_CHANNEL, &id.to_string()).await?;
     tx.commit().await?;
     Ok(files)
 }
 
-/// Claims the oldest queued task of a live job, with a lease of `lease`.
-pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result<Option<Task>> {
-    let task: Option<Task> = sqlx::query_as(
-        "WITH next AS (
-            SELECT t.id FROM export_tasks t JOIN export_jobs j ON j.id = t.job_id
-            WHERE t.status = 'queued' AND j.status IN ('queued', 'running')
-            ORDER BY t.id LIMIT 1 FOR UPDATE OF t SKIP LOCKED)
-         UPDATE export_tasks t
-         SET status = 'running', attempt = t.attempt + 1, worker = $1,
-             leased_until = now() + make_interval(secs => $2), updated_at = now()
-         FROM next WHERE t.id = next.id
-         RETURNING t.id, t.job_id, t.kind, t.resource_type, t.range_start, t.range_end,
-                   t.attempt, t.checkpoint_seq, t.checkpoint_version, t.parts_done",
-    )
-    .bind(worker)
-    .bind(secs(lease))
-    .fetch_optional(pool)
-    .await?;
-    if let Some(task) = &task {
-        sqlx::query(
-            "UPDATE export_jobs SET status = 'running' WHERE id = $1 AND status = 'queued'",
-        )
-        .bind(task.job_id)
-        .execute(pool)
-        .await?;
-    }
-    Ok(task)
-}
-
-fn held(result: PgQueryResult) -> bool {
-    result.rows_affected() > 0
-}
-
-/// Renews the lease. `false`: the lease is lost (rescued elsewhere, cancelled): stop.
-pub async fn heartbeat(pool: &PgPool, task: &Task, lease: Duration) -> sqlx::Result<bool> {
-    sqlx::query(
-        "UPDATE export_tasks SET leased_until = now() + make_interval(secs => $3), updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .bind(secs(lease))
-    .execute(pool)
-    .await
-    .map(held)
-}
-
-/// Does this attempt still hold the task? Checked right before a file becomes visible.
-pub async fn holds_lease(pool: &PgPool, task_id: i64, attempt: i32) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM export_tasks
-                        WHERE id = $1 AND attempt = $2 AND status = 'running'
-                          AND leased_until > now())",
-    )
-    .bind(task_id)
-    .bind(attempt)
-    .fetch_one(pool)
-    .await
-}
-
-/// Write transactions that were in flight at kick-off and still are.
-pub async fn in_flight_remaining(pool: &PgPool, job_id: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM export_jobs j, unnest(j.in_flight) AS x
-         WHERE j.id = $1 AND pg_xact_status(x) = 'in progress'",
-    )
-    .bind(job_id)
-    .fetch_one(pool)
-    .await
-}
-
-/// Marks a task done, adds the tasks it hands on (a plan task's export tasks), and completes
-/// the job when nothing is left. `false`: lease lost, nothing changed.
-pub async fn finish_task(
-    pool: &PgPool,
-    task: &Task,
-    follow_ups: &[PlannedTask],
-    retention: Duration,
-) -> sqlx::Result<bool> {
-    let mut tx = pool.begin().await?;
-    lock_job(&mut tx, task.job_id).await?;
-    let done = sqlx::query(
-        "UPDATE export_tasks SET status = 'done', leased_until = NULL, updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .execute(&mut *tx)
-    .await?;
-    if !held(done) {
-        return Ok(false);
-    }
-    if !follow_ups.is_empty() {
-        let (mut kinds, mut types, mut starts, mut ends, mut estimates) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for p in follow_ups {
-            kinds.push(p.kind);
-            types.push(p.resource_type.as_str());
-            starts.push(p.range_start);
-            ends.push(p.range_end);
-            estimates.push(p.estimate);
-        }
-        sqlx::query(
-            "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
-             SELECT $1, k, t, s, e, n
-             FROM unnest($6::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-                 AS p(k, t, s, e, n)",
-        )
-        .bind(task.job_id)
-        .bind(&types)
-        .bind(&starts)
-        .bind(&ends)
-        .bind(&estimates)
-        .bind(&kinds)
-        .execute(&mut *tx)
-        .await?;
-        notify(&mut tx).await?;
-    }
-    complete_if_all_done(&mut tx, task.job_id, retention).await?;
-    tx.commit().await?;
-    Ok(true)
-}
-
-async fn lock_job(conn: &mut PgConnection, job_id: Uuid) -> sqlx::Result<()> {
-    // Serializes the "was this the last task?" check of tasks finishing at the same moment.
-    sqlx::query("SELECT 1 FROM export_jobs WHERE id = $1 FOR UPDATE")
-        .bind(job_id)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn complete_if_all_done(
+/// Completes the job when every task is done (called under the job's lock).
+pub(super) async fn complete_if_all_done(
     conn: &mut PgConnection,
-    job_id: Uuid,
+    id: Uuid,
     retention: Duration,
 ) -> sqlx::Result<()> {
     sqlx::query(
@@ -429,143 +323,18 @@ async fn complete_if_all_done(
          WHERE id = $1 AND status = 'running'
            AND NOT EXISTS (SELECT 1 FROM export_tasks WHERE job_id = $1 AND status <> 'done')",
     )
-    .bind(job_id)
+    .bind(id)
     .bind(secs(retention))
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Reserves the file number for part `seq` of a task; a retried task gets the number it had
-/// reserved before. `None`: lease lost.
-pub async fn reserve_part(
-    pool: &PgPool,
-    task: &Task,
-    resource_type: &str,
-    seq: i32,
-) -> sqlx::Result<Option<i32>> {
-    let mut tx = pool.begin().await?;
-    let fenced = sqlx::query(
-        "SELECT 1 FROM export_tasks WHERE id = $1 AND attempt = $2 AND status = 'running'
-           AND leased_until > now() FOR UPDATE",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if fenced.is_none() {
-        return Ok(None);
-    }
-    let existing: Option<i32> =
-        sqlx::query_scalar("SELECT part_no FROM export_parts WHERE task_id = $1 AND task_seq = $2")
-            .bind(task.id)
-            .bind(seq)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(part_no) = existing {
-        return Ok(Some(part_no));
-    }
-    // One numbering per (job, type): take its lock for the max+1 below.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 0))")
-        .bind(task.job_id)
-        .bind(resource_type)
-        .execute(&mut *tx)
-        .await?;
-    let part_no: i32 = sqlx::query_scalar(
-        "INSERT INTO export_parts (job_id, resource_type, part_no, task_id, task_seq)
-         SELECT $1, $2, coalesce(max(part_no), 0) + 1, $3, $4
-         FROM export_parts WHERE job_id = $1 AND resource_type = $2
-         RETURNING part_no",
-    )
-    .bind(task.job_id)
-    .bind(resource_type)
-    .bind(task.id)
-    .bind(seq)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Some(part_no))
-}
-
-/// Records a committed part and moves the task's checkpoint past it. `false`: lease lost.
-pub async fn checkpoint(
-    pool: &PgPool,
-    task: &Task,
-    seq: i32,
-    last: (i64, i32),
-    resources: i32,
-    bytes: i64,
-) -> sqlx::Result<bool> {
-    sqlx::query(
-        "WITH t AS (
-            UPDATE export_tasks SET checkpoint_seq = $4, checkpoint_version = $7,
-                   parts_done = $3 + 1,
-                   resources_done = resources_done + $5, updated_at = now()
-            WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()
-              AND parts_done = $3
-            RETURNING id)
-         UPDATE export_parts p SET resources = $5, bytes = $6
-         FROM t WHERE p.task_id = t.id AND p.task_seq = $3",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .bind(seq)
-    .bind(last.0)
-    .bind(resources)
-    .bind(bytes)
-    .bind(last.1)
-    .execute(pool)
-    .await
-    .map(held)
-}
-
-/// Gives a task back to the queue without counting a failure (graceful shutdown).
-pub async fn release(pool: &PgPool, task: &Task) -> sqlx::Result<()> {
-    let mut conn = pool.acquire().await?;
-    sqlx::query(
-        "UPDATE export_tasks SET status = 'queued', leased_until = NULL, updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .execute(&mut *conn)
-    .await?;
-    notify(&mut conn).await
-}
-
-/// Records a failed attempt: the task goes back to the queue, or, at `max_attempts` failures,
-/// the task and its job fail.
-pub async fn record_failure(
-    pool: &PgPool,
-    task: &Task,
-    error: &str,
-    max_attempts: i32,
-    retention: Duration,
-) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    let failed: Option<bool> = sqlx::query_scalar(
-        "UPDATE export_tasks
-         SET failures = failures + 1, last_error = $3, leased_until = NULL, updated_at = now(),
-             status = CASE WHEN failures + 1 >= $4 THEN 'failed' ELSE 'queued' END
-         WHERE id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()
-         RETURNING status = 'failed'",
-    )
-    .bind(task.id)
-    .bind(task.attempt)
-    .bind(error)
-    .bind(max_attempts)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if failed == Some(true) {
-        fail_jobs(&mut tx, &[task.job_id], retention).await?;
-    }
-    notify(&mut tx).await?;
-    tx.commit().await
-}
-
-async fn fail_jobs(
+/// Fails jobs whose task ran out of attempts, naming that task's last error, and stops their
+/// other tasks.
+pub(super) async fn fail(
     conn: &mut PgConnection,
-    job_ids: &[Uuid],
+    ids: &[Uuid],
     retention: Duration,
 ) -> sqlx::Result<()> {
     sqlx::query(
@@ -578,7 +347,7 @@ async fn fail_jobs(
                       ORDER BY t.id LIMIT 1)
          WHERE j.id = ANY($1) AND j.status IN ('queued', 'running')",
     )
-    .bind(job_ids)
+    .bind(ids)
     .bind(secs(retention))
     .execute(&mut *conn)
     .await?;
@@ -586,41 +355,19 @@ async fn fail_jobs(
         "UPDATE export_tasks SET status = 'cancelled'
          WHERE job_id = ANY($1) AND status IN ('queued', 'running')",
     )
-    .bind(job_ids)
+    .bind(ids)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Re-queues tasks whose lease ran out (their worker died or froze); a task out of attempts
-/// fails its job. Returns how many tasks were rescued.
-pub async fn rescue_expired(
-    pool: &PgPool,
-    max_attempts: i32,
-    retention: Duration,
-) -> sqlx::Result<u64> {
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
-        "UPDATE export_tasks
-         SET failures = failures + 1, leased_until = NULL, updated_at = now(),
-             last_error = 'the worker stopped renewing its lease (crashed, frozen or cut off)',
-             status = CASE WHEN failures + 1 >= $1 THEN 'failed' ELSE 'queued' END
-         WHERE id IN (SELECT id FROM export_tasks WHERE status = 'running' AND leased_until < now()
-                      FOR UPDATE SKIP LOCKED)
-         RETURNING job_id, status = 'failed'",
-    )
-    .bind(max_attempts)
-    .fetch_all(&mut *tx)
-    .await?;
-    let failed: Vec<Uuid> = rows.iter().filter(|(_, f)| *f).map(|(j, _)| *j).collect();
-    if !failed.is_empty() {
-        fail_jobs(&mut tx, &failed, retention).await?;
-    }
-    if !rows.is_empty() {
-        notify(&mut tx).await?;
-    }
-    tx.commit().await?;
-    Ok(rows.len() as u64)
+/// Serializes the "was this the last task?" check of tasks finishing at the same moment.
+pub(super) async fn lock(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1 FROM export_jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Jobs whose time is up (expired results, cancelled jobs due for their last sweep).

@@ -3,6 +3,7 @@
 pub mod assertions;
 pub mod jobs;
 pub mod resources;
+pub mod tasks;
 
 use std::{str::FromStr, time::Duration};
 
@@ -14,16 +15,62 @@ use sqlx::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The connections of a server process.
+#[derive(Clone)]
+pub struct Pools {
+    /// The queue, writes, and the API.
+    pub primary: PgPool,
+    /// Export page reads: one connection per worker, which a worker holds while it streams a
+    /// part. Separate, so that a worker holding one never waits for another from the pool it
+    /// holds it from (the queue statements it makes meanwhile come from `primary`).
+    pub pages: PgPool,
+}
+
+impl Pools {
+    /// `max_connections` in all: `workers` page connections, the rest for `primary`.
+    pub async fn connect(url: &str, max_connections: u32, workers: u32) -> anyhow::Result<Pools> {
+        let primary = connect(url, max_connections - workers).await?;
+        let options =
+            PgConnectOptions::from_str(url).context("DATABASE_URL is not a Postgres URL")?;
+        let pages = pool_options(workers.max(1)).connect_lazy_with(options);
+        Ok(Pools { primary, pages })
+    }
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+}
+
 /// Connects a pool of `max_connections`, creating the database first if it does not exist.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a Postgres URL")?;
     create_database_if_missing(&options).await?;
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(30))
+    pool_options(max_connections)
         .connect_with(options)
         .await
         .with_context(|| format!("connecting to {}", redact(url)))
+}
+
+/// Errors that go away by themselves: a dropped or refused connection (a restart, a failover),
+/// a pool that was briefly exhausted, a serialization failure or deadlock. Worth retrying.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08") // connection exception
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" // shutdown, crash, starting up
+                        | "40001" | "40P01" // serialization failure, deadlock
+                        | "53300" // too many connections
+                        | "25006" // read-only: a failover in progress
+                )
+        }),
+        _ => false,
+    }
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
@@ -72,18 +119,49 @@ pub async fn ping(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
 }
 
-/// The URL without its password, for messages.
+/// The URL without its secrets (a password in the user part or in the query), for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (head.find("://"), head.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &head[scheme + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
+                Some((user, _)) => format!("{}{user}:***{}", &head[..scheme + 3], &head[at..]),
+                None => head.to_string(),
             }
         }
-        _ => url.to_string(),
+        _ => head.to_string(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_key(key) => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "passfile",
+        "sslpassword",
+        "sig",
+        "secret",
+        "key",
+        "token",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
 }
 
 #[cfg(test)]
@@ -95,5 +173,9 @@ mod tests {
             "postgres://u:***@h/db"
         );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            super::redact("postgres://u@h/db?sslmode=disable&password=hunter2"),
+            "postgres://u@h/db?sslmode=disable&password=***"
+        );
     }
 }

@@ -37,14 +37,15 @@ pub struct NewVersion {
 
 pub type ResourceKey = (String, String);
 
-/// Starts a write transaction and gives it a transaction id before any timestamp is taken.
+/// Starts a write transaction and announces it as a writer before any timestamp is taken.
 ///
-/// Why: an export snapshots at time T and then waits for the transactions that were in flight
-/// at T (see `db::jobs`). A writer that read the clock before T must therefore already be
-/// visible as in flight, so the id comes first.
+/// Why: an export's transaction time T is only handed out once every writer that could stamp a
+/// version at or before T has ended (see `db::jobs::create`). Writers are found by the lock this
+/// takes (ROW EXCLUSIVE: it conflicts with no other writer or reader), so it must be held before
+/// the clock is read.
 pub async fn begin_write(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_current_xact_id()")
+    sqlx::query("LOCK TABLE resources IN ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
     Ok(tx)
@@ -59,30 +60,48 @@ pub struct Current {
     pub patient_ids: Vec<String>,
 }
 
-/// Locks and returns the current version of one resource.
+/// Locks and returns the current version of one resource; concurrent writers of the resource
+/// queue here, one after the other.
 pub async fn lock_current(
     tx: &mut PgConnection,
     resource_type: &str,
     id: &str,
 ) -> sqlx::Result<Option<Current>> {
-    let row = sqlx::query(
-        "SELECT version_id, seq, last_updated, body IS NULL AS deleted, ctid::text, patient_ids
-         FROM resources WHERE resource_type = $1 AND id = $2 AND is_current FOR UPDATE",
-    )
-    .bind(resource_type)
-    .bind(id)
-    .fetch_optional(tx)
-    .await?;
-    Ok(row.map(|r| Current {
-        head: Head {
-            version_id: r.get(0),
-            seq: r.get(1),
-            last_updated: r.get(2),
-            deleted: r.get(3),
-        },
-        address: r.get(4),
-        patient_ids: r.get(5),
-    }))
+    loop {
+        let row = sqlx::query(
+            "SELECT version_id, seq, last_updated, body IS NULL AS deleted, ctid::text, patient_ids
+             FROM resources WHERE resource_type = $1 AND id = $2 AND is_current FOR UPDATE",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = row {
+            return Ok(Some(Current {
+                head: Head {
+                    version_id: r.get(0),
+                    seq: r.get(1),
+                    last_updated: r.get(2),
+                    deleted: r.get(3),
+                },
+                address: r.get(4),
+                patient_ids: r.get(5),
+            }));
+        }
+        // Nothing current: the resource is new, or the writer we queued behind retired the row
+        // we waited for (READ COMMITTED re-checks only that row, not its successor). A resource
+        // with any version always has a current one, which a new statement sees.
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM resources WHERE resource_type = $1 AND id = $2)",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !exists {
+            return Ok(None);
+        }
+    }
 }
 
 /// Locks and returns the current versions of many resources (one round trip).
@@ -159,12 +178,14 @@ pub async fn retire_rows(tx: &mut PgConnection, rows: &[String]) -> sqlx::Result
     Ok(())
 }
 
-/// Inserts one version.
-pub async fn insert_version(tx: &mut PgConnection, v: &NewVersion) -> sqlx::Result<()> {
-    sqlx::query(
+/// Inserts one version. `false`: that version already exists — a concurrent writer created
+/// the resource first (the insert waited for it to commit); start over from `lock_current`.
+pub async fn insert_version(tx: &mut PgConnection, v: &NewVersion) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
         "INSERT INTO resources
            (resource_type, id, version_id, seq, last_updated, is_current, patient_ids, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (resource_type, id, version_id) DO NOTHING",
     )
     .bind(&v.resource_type)
     .bind(&v.id)
@@ -176,7 +197,12 @@ pub async fn insert_version(tx: &mut PgConnection, v: &NewVersion) -> sqlx::Resu
     .bind(&v.body)
     .execute(tx)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Two writers wrote the same version of a resource: the later one must start over.
+pub fn is_version_collision(error: &sqlx::Error) -> bool {
+    error.as_database_error().and_then(|d| d.constraint()) == Some("resources_pkey")
 }
 
 /// A version as COPY writes it; the body comes in pieces written one after the other

@@ -6,23 +6,6 @@ use serde_json::Value;
 
 use super::{instant, is_resource_type, type_filter};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    System,
-    Patient,
-    Group,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::System => "system",
-            Level::Patient => "patient",
-            Level::Group => "group",
-        }
-    }
-}
-
 /// Output formats the server writes (all are ndjson).
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
@@ -50,11 +33,11 @@ pub struct ExportParams {
     pub ignored: Vec<String>,
 }
 
-/// Reads the parameters of a kick-off. `now` bounds `_till`; `base_url` makes references
-/// to this server in `_typeFilter` local.
+/// Reads the parameters of a kick-off at system level (`/$export`) or not (Patient, Group).
+/// `now` bounds `_till`; `base_url` makes references to this server in `_typeFilter` local.
 pub fn parse(
     params: &[(String, String)],
-    level: Level,
+    system_level: bool,
     lenient: bool,
     now: DateTime<Utc>,
     base_url: &str,
@@ -89,7 +72,7 @@ pub fn parse(
             }
             "_since" => set_once(&mut out.since, name, instant::parse(value)?)?,
             "_till" => {
-                if level != Level::System {
+                if !system_level {
                     return Err("_till is only supported for system-level export (/$export)".into());
                 }
                 let till = instant::parse(value)?;
@@ -107,7 +90,7 @@ pub fn parse(
                 }
             }
             "patient" => {
-                if level == Level::System {
+                if system_level {
                     return Err("patient is only supported for Patient and Group export".into());
                 }
                 for reference in value.split(',').map(str::trim) {
@@ -121,14 +104,14 @@ pub fn parse(
             }
             "_typeFilter" => {
                 for entry in type_filter::split_entries(value) {
-                    match type_filter::Query::parse(entry, base_url) {
+                    match type_filter::Query::parse(entry, base_url, now) {
                         Ok(_) => out.type_filters.push(entry.to_string()),
                         Err(why) => ignore(&mut out, why)?,
                     }
                 }
             }
             "includeAssociatedData" => {
-                if level != Level::System {
+                if !system_level {
                     return Err(
                         "includeAssociatedData is only supported for system-level export".into(),
                     );
@@ -288,7 +271,7 @@ mod tests {
                 ("_type", "Patient"),
                 ("_type", "Condition"),
             ]),
-            Level::System,
+            true,
             false,
             now(),
             BASE,
@@ -296,24 +279,11 @@ mod tests {
         .unwrap();
         assert_eq!(r.types, vec!["Patient", "Observation", "Condition"]);
         assert!(
-            parse(
-                &p(&[("_type", "Patient,Nope")]),
-                Level::System,
-                false,
-                now(),
-                BASE,
-            )
-            .unwrap_err()
-            .contains("Nope")
+            parse(&p(&[("_type", "Patient,Nope")]), true, false, now(), BASE,)
+                .unwrap_err()
+                .contains("Nope")
         );
-        let lenient = parse(
-            &p(&[("_type", "Patient,Nope")]),
-            Level::System,
-            true,
-            now(),
-            BASE,
-        )
-        .unwrap();
+        let lenient = parse(&p(&[("_type", "Patient,Nope")]), true, true, now(), BASE).unwrap();
         assert_eq!(lenient.types, vec!["Patient"]);
         assert_eq!(lenient.ignored.len(), 1);
     }
@@ -321,21 +291,12 @@ mod tests {
     #[test]
     fn output_formats() {
         for f in OUTPUT_FORMATS {
-            assert!(
-                parse(
-                    &p(&[("_outputFormat", f)]),
-                    Level::System,
-                    false,
-                    now(),
-                    BASE
-                )
-                .is_ok()
-            );
+            assert!(parse(&p(&[("_outputFormat", f)]), true, false, now(), BASE).is_ok());
         }
         assert!(
             parse(
                 &p(&[("_outputFormat", "text/csv")]),
-                Level::System,
+                true,
                 true,
                 now(),
                 BASE,
@@ -352,7 +313,7 @@ mod tests {
                 ("_till", "2025-06-01T00:00:00Z"),
                 ("_container", "my-exports"),
             ]),
-            Level::System,
+            true,
             false,
             now(),
             BASE,
@@ -360,23 +321,14 @@ mod tests {
         .unwrap();
         assert_eq!(r.container.as_deref(), Some("my-exports"));
         assert!(r.since.unwrap() < r.till.unwrap());
-        assert!(
-            parse(
-                &p(&[("_since", "2025-01-01")]),
-                Level::System,
-                false,
-                now(),
-                BASE
-            )
-            .is_err()
-        );
+        assert!(parse(&p(&[("_since", "2025-01-01")]), true, false, now(), BASE).is_err());
         assert!(
             parse(
                 &p(&[
                     ("_since", "2025-01-01T00:00:00Z"),
                     ("_since", "2025-01-01T00:00:00Z")
                 ]),
-                Level::System,
+                true,
                 false,
                 now(),
                 BASE,
@@ -386,7 +338,7 @@ mod tests {
         assert!(
             parse(
                 &p(&[("_till", "2025-01-01T00:00:00Z")]),
-                Level::Patient,
+                false,
                 false,
                 now(),
                 BASE,
@@ -397,7 +349,7 @@ mod tests {
         assert!(
             parse(
                 &p(&[("_till", "2027-01-01T00:00:00Z")]),
-                Level::System,
+                true,
                 false,
                 now(),
                 BASE,
@@ -411,7 +363,7 @@ mod tests {
                     ("_since", "2025-06-01T00:00:00Z"),
                     ("_till", "2025-01-01T00:00:00Z")
                 ]),
-                Level::System,
+                true,
                 false,
                 now(),
                 BASE,
@@ -423,14 +375,14 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_parameters() {
         assert!(
-            parse(&p(&[("foo", "1")]), Level::System, false, now(), BASE)
+            parse(&p(&[("foo", "1")]), true, false, now(), BASE)
                 .unwrap_err()
                 .contains("foo")
         );
         assert!(
             parse(
                 &p(&[("organizeOutputBy", "Patient")]),
-                Level::System,
+                true,
                 false,
                 now(),
                 BASE,
@@ -440,7 +392,7 @@ mod tests {
         );
         let r = parse(
             &p(&[("foo", "1"), ("_typeFilter", "x")]),
-            Level::System,
+            true,
             true,
             now(),
             BASE,
@@ -459,7 +411,7 @@ mod tests {
                 ),
                 ("_typeFilter", "Observation?status=final"),
             ]),
-            Level::System,
+            true,
             false,
             now(),
             BASE,
@@ -475,11 +427,11 @@ mod tests {
         );
         let bad = p(&[("_typeFilter", "Observation?nope=1,Patient?active=true")]);
         assert!(
-            parse(&bad, Level::System, false, now(), BASE)
+            parse(&bad, true, false, now(), BASE)
                 .unwrap_err()
                 .contains("nope")
         );
-        let lenient = parse(&bad, Level::System, true, now(), BASE).unwrap();
+        let lenient = parse(&bad, true, true, now(), BASE).unwrap();
         assert_eq!(lenient.type_filters, vec!["Patient?active=true"]);
         assert!(lenient.ignored[0].contains("nope"));
         let outside = p(&[
@@ -487,12 +439,12 @@ mod tests {
             ("_typeFilter", "Observation?status=final"),
         ]);
         assert!(
-            parse(&outside, Level::System, false, now(), BASE)
+            parse(&outside, true, false, now(), BASE)
                 .unwrap_err()
                 .contains("_type leaves out")
         );
         assert!(
-            parse(&outside, Level::System, true, now(), BASE)
+            parse(&outside, true, true, now(), BASE)
                 .unwrap()
                 .type_filters
                 .is_empty()
@@ -503,7 +455,7 @@ mod tests {
     fn associated_data() {
         let r = parse(
             &p(&[("includeAssociatedData", "_history,_deleted")]),
-            Level::System,
+            true,
             false,
             now(),
             BASE,
@@ -515,17 +467,17 @@ mod tests {
             "_history,LatestProvenanceResources",
         )]);
         assert!(
-            parse(&other, Level::System, false, now(), BASE)
+            parse(&other, true, false, now(), BASE)
                 .unwrap_err()
                 .contains("LatestProvenanceResources")
         );
-        let lenient = parse(&other, Level::System, true, now(), BASE).unwrap();
+        let lenient = parse(&other, true, true, now(), BASE).unwrap();
         assert!(lenient.include_history && !lenient.include_deleted);
         assert_eq!(lenient.ignored.len(), 1);
         assert!(
             parse(
                 &p(&[("includeAssociatedData", "_history")]),
-                Level::Patient,
+                false,
                 false,
                 now(),
                 BASE
@@ -538,27 +490,18 @@ mod tests {
     fn patient_references() {
         let r = parse(
             &p(&[("patient", "Patient/a"), ("patient", "Patient/b,Patient/a")]),
-            Level::Group,
+            false,
             false,
             now(),
             BASE,
         )
         .unwrap();
         assert_eq!(r.patients, vec!["a", "b"]);
-        assert!(
-            parse(
-                &p(&[("patient", "Patient/a")]),
-                Level::System,
-                false,
-                now(),
-                BASE
-            )
-            .is_err()
-        );
+        assert!(parse(&p(&[("patient", "Patient/a")]), true, false, now(), BASE).is_err());
         assert!(
             parse(
                 &p(&[("patient", "Observation/a")]),
-                Level::Patient,
+                false,
                 false,
                 now(),
                 BASE,

@@ -233,7 +233,8 @@ pub struct DateValue {
 }
 
 impl DateValue {
-    pub fn parse(value: &str) -> Result<DateValue, String> {
+    /// `now` is the instant `ap` measures its distance from (an export's kick-off).
+    pub fn parse(value: &str, now: DateTime<Utc>) -> Result<DateValue, String> {
         let (prefix, text) = prefix(value);
         let (mut start, mut end) = date_range(text).ok_or_else(|| {
             format!("'{text}' is not a date (YYYY, YYYY-MM, YYYY-MM-DD or a dateTime)")
@@ -241,7 +242,7 @@ impl DateValue {
         if prefix == Prefix::Ap {
             // "Approximately": R4 suggests 10 % of the distance from now, on either side.
             let middle = start + (end - start) / 2;
-            let margin = (Utc::now() - middle).abs() / 10;
+            let margin = (now - middle).abs() / 10;
             (start, end) = (start - margin, end + margin);
         }
         Ok(DateValue { prefix, start, end })
@@ -509,7 +510,7 @@ mod tests {
 
     #[test]
     fn date_precision_and_prefixes() {
-        let d = |v: &str| DateValue::parse(v).unwrap();
+        let d = |v: &str| DateValue::parse(v, Utc::now()).unwrap();
         let day = json!("2020-03-04");
         let instant = json!("2020-03-04T10:00:00Z");
         assert!(d("2020").matches(&day));
@@ -540,11 +541,11 @@ mod tests {
         let far = (Utc::now() - TimeDelta::days(3650 + 500))
             .format("%Y-%m-%d")
             .to_string();
-        let ap = DateValue::parse(&format!("ap{decade_ago}")).unwrap();
+        let ap = DateValue::parse(&format!("ap{decade_ago}"), Utc::now()).unwrap();
         assert!(ap.matches(&json!(close)));
         assert!(!ap.matches(&json!(far)));
-        assert!(DateValue::parse("2020-13").is_err());
-        assert!(DateValue::parse("soon").is_err());
+        assert!(DateValue::parse("2020-13", Utc::now()).is_err());
+        assert!(DateValue::parse("soon", Utc::now()).is_err());
     }
 
     #[test]
@@ -560,9 +561,11 @@ mod tests {
             "T",
             "2020-01-01T",
         ] {
-            assert!(DateValue::parse(text).is_err(), "{text}");
+            assert!(DateValue::parse(text, Utc::now()).is_err(), "{text}");
             assert!(
-                !DateValue::parse("2020").unwrap().matches(&json!(text)),
+                !DateValue::parse("2020", Utc::now())
+                    .unwrap()
+                    .matches(&json!(text)),
                 "{text}"
             );
             assert!(super::super::instant::range(text).is_none(), "{text}");
@@ -571,7 +574,7 @@ mod tests {
 
     #[test]
     fn periods_overlap_by_prefix() {
-        let d = |v: &str| DateValue::parse(v).unwrap();
+        let d = |v: &str| DateValue::parse(v, Utc::now()).unwrap();
         let period = json!({"start": "2020-01-10", "end": "2020-01-20"});
         assert!(d("2020-01").matches(&period));
         assert!(!d("2020-01-15").matches(&period)); // eq needs the period inside the value

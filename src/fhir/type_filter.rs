@@ -87,8 +87,8 @@ enum Matcher {
 
 impl Query {
     /// Parses `Type?name[:modifier]=value&…`. `base_url` makes our own absolute references
-    /// local.
-    pub fn parse(entry: &str, base_url: &str) -> Result<Query, String> {
+    /// local; `now` is the instant `ap` dates measure from.
+    pub fn parse(entry: &str, base_url: &str, now: DateTime<Utc>) -> Result<Query, String> {
         let (resource_type, query) = entry
             .split_once('?')
             .ok_or_else(|| format!("_typeFilter '{entry}' is not of the form Type?query"))?;
@@ -99,7 +99,7 @@ impl Query {
         }
         let mut criteria = Vec::new();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let criterion = Criterion::parse(resource_type, &name, &value, base_url)
+            let criterion = Criterion::parse(resource_type, &name, &value, base_url, now)
                 .map_err(|why| format!("_typeFilter '{entry}': {why}"))?;
             criteria.push(criterion);
         }
@@ -198,7 +198,13 @@ impl Pushdown {
 }
 
 impl Criterion {
-    fn parse(resource_type: &str, name: &str, value: &str, base_url: &str) -> Result<Self, String> {
+    fn parse(
+        resource_type: &str,
+        name: &str,
+        value: &str,
+        base_url: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Self, String> {
         let (code, modifier) = match name.split_once(':') {
             Some((code, modifier)) => (code, Some(modifier)),
             None => (name, None),
@@ -265,7 +271,7 @@ impl Criterion {
                 SearchParamType::Token => values().map(token).collect::<Result<_, _>>()?,
                 SearchParamType::Reference => reference_matchers(value, base_url, None)?,
                 SearchParamType::Date => values()
-                    .map(|v| DateValue::parse(v).map(Matcher::Date))
+                    .map(|v| DateValue::parse(v, now).map(Matcher::Date))
                     .collect::<Result<_, _>>()?,
                 SearchParamType::Number | SearchParamType::Quantity => values()
                     .map(|v| {
@@ -335,16 +341,17 @@ pub struct TypeFilter {
 
 impl TypeFilter {
     /// The filter `entries` (already validated at kick-off) put on `resource_type`; None when
-    /// they leave it unfiltered.
+    /// they leave it unfiltered. `now` is the job's clock for `ap` dates.
     pub fn for_type(
         entries: &[String],
         resource_type: &str,
         base_url: &str,
+        now: DateTime<Utc>,
     ) -> Result<Option<TypeFilter>, String> {
         let mut queries = Vec::new();
         for entry in entries {
             if entry_type(entry) == resource_type {
-                queries.push(Query::parse(entry, base_url)?);
+                queries.push(Query::parse(entry, base_url, now)?);
             }
         }
         Ok((!queries.is_empty()).then(|| TypeFilter {
@@ -375,11 +382,11 @@ mod tests {
     const BASE: &str = "http://fhir.example";
 
     fn q(entry: &str) -> Query {
-        Query::parse(entry, BASE).unwrap()
+        Query::parse(entry, BASE, Utc::now()).unwrap()
     }
 
     fn err(entry: &str) -> String {
-        Query::parse(entry, BASE).unwrap_err()
+        Query::parse(entry, BASE, Utc::now()).unwrap_err()
     }
 
     #[test]
@@ -488,7 +495,7 @@ mod tests {
             "Observation?code:=x",
             "?code=x",
         ] {
-            if let Ok(query) = Query::parse(entry, BASE) {
+            if let Ok(query) = Query::parse(entry, BASE, Utc::now()) {
                 query.matches(&resource, BASE); // evaluates without panicking
             }
         }
@@ -512,7 +519,7 @@ mod tests {
         // ORed queries narrow to what covers them all.
         let filter = |entries: &[&str]| {
             let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
-            TypeFilter::for_type(&entries, "Observation", BASE)
+            TypeFilter::for_type(&entries, "Observation", BASE, Utc::now())
                 .unwrap()
                 .unwrap()
         };

@@ -10,8 +10,11 @@ use serde_json::{Map, Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    ApiError, ApiResult, AppState, auth::require, extract::FhirJson, fhir_response,
-    rest::resource_of_type,
+    ApiError, ApiResult, AppState,
+    auth::require,
+    extract::FhirJson,
+    fhir_response,
+    rest::{parse_version_tag, resource_of_type},
 };
 use crate::{
     auth::{Principal, scopes::Access},
@@ -37,6 +40,8 @@ struct Entry {
     resource_type: String,
     id: String,
     resource: Option<Map<String, Value>>,
+    /// `request.ifMatch`: the version the entry expects to replace.
+    if_match: Option<i32>,
 }
 
 async fn bundle(
@@ -209,6 +214,19 @@ fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<
             )));
         }
     };
+    let if_match = match text("ifMatch") {
+        None => None,
+        Some(tag) => Some(parse_version_tag(&tag).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "request.ifMatch '{tag}' is not a version ETag such as W/\"3\""
+            ))
+        })?),
+    };
+    if method == Method::Post && if_match.is_some() {
+        return Err(ApiError::bad_request(
+            "request.ifMatch applies to PUT and DELETE, not to POST",
+        ));
+    }
     let resource = match (method, entry.remove("resource")) {
         (Method::Delete, _) => None,
         (_, Some(Value::Object(body))) => {
@@ -236,6 +254,7 @@ fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<
             resource_type,
             id,
             resource,
+            if_match,
         },
         full_url,
     ))
@@ -247,19 +266,23 @@ async fn apply(tx: &mut PgConnection, entry: Entry) -> ApiResult<Value> {
         resource_type,
         id,
         resource,
+        if_match,
     } = entry;
     let location = |v: i32| format!("{resource_type}/{id}/_history/{v}");
     match (method, resource) {
-        (Method::Delete, _) => Ok(match store::delete(tx, &resource_type, &id).await? {
-            Some(w) => json!({"response": {
-                "status": "204 No Content",
-                "etag": format!("W/\"{}\"", w.version_id),
-                "lastModified": instant::format(w.last_updated),
-            }}),
-            None => json!({"response": {"status": "200 OK"}}),
-        }),
+        (Method::Delete, _) => Ok(
+            match store::delete(tx, &resource_type, &id, if_match).await? {
+                Some(w) => json!({"response": {
+                    "status": "204 No Content",
+                    "etag": format!("W/\"{}\"", w.version_id),
+                    "lastModified": instant::format(w.last_updated),
+                }}),
+                None => json!({"response": {"status": "200 OK"}}),
+            },
+        ),
         (_, Some(resource)) => {
-            let w = store::put(tx, store::Prepared::new(&resource_type, &id, resource)).await?;
+            let prepared = store::Prepared::new(&resource_type, &id, resource);
+            let w = store::put(tx, &prepared, if_match).await?;
             let status = if w.created { "201 Created" } else { "200 OK" };
             Ok(json!({
                 "fullUrl": format!("{resource_type}/{id}"),

@@ -106,6 +106,26 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::store::WriteError> for ApiError {
+    fn from(e: crate::store::WriteError) -> ApiError {
+        match e {
+            crate::store::WriteError::VersionMismatch { expected, current } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "conflict",
+                match current {
+                    Some(v) => {
+                        format!("If-Match names version {expected}, but the current version is {v}")
+                    }
+                    None => format!(
+                        "If-Match names version {expected}, but the resource does not exist"
+                    ),
+                },
+            ),
+            crate::store::WriteError::Database(e) => e.into(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.log();

@@ -22,10 +22,12 @@ use super::{
 };
 use crate::{
     auth::{Principal, scopes::Access},
-    db::{jobs, resources},
+    db::{
+        jobs::{self, JobSpec, Level},
+        resources,
+    },
     fhir::{
-        bulk::{self, Level},
-        group,
+        bulk, group,
         outcome::{self, Issue, Severity},
         r4::RESOURCE_TYPES,
         type_filter,
@@ -103,8 +105,14 @@ async fn kick_off(
             .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
         pairs.extend(bulk::parameters_pairs(&value).map_err(ApiError::bad_request)?);
     }
-    let params = bulk::parse(&pairs, level, lenient, Utc::now(), &state.base_url)
-        .map_err(ApiError::bad_request)?;
+    let params = bulk::parse(
+        &pairs,
+        level == Level::System,
+        lenient,
+        Utc::now(),
+        &state.base_url,
+    )
+    .map_err(ApiError::bad_request)?;
     if let Some(container) = &params.container {
         storage::validate_container_name(container).map_err(ApiError::bad_request)?;
     }
@@ -138,10 +146,8 @@ async fn kick_off(
         .await?;
         patient_ids = Some(chosen);
     }
-    let transaction_time = match params.till {
-        Some(till) => till,
-        None => jobs::now(&state.pool).await?,
-    };
+    let kicked_off = jobs::now(&state.pool).await?;
+    let transaction_time = params.till.unwrap_or(kicked_off);
     let id = Uuid::new_v4();
     let default_container = &state.config.storage.default_container;
     let (container, own_container) = match (&params.container, default_container.is_empty()) {
@@ -149,9 +155,9 @@ async fn kick_off(
         (None, false) => (default_container.clone(), false),
         (None, true) => (format!("export-{}", id.simple()), true),
     };
-    let job = jobs::NewJob {
-        id,
-        level: level.as_str(),
+    let settings = &state.config.export;
+    let spec = JobSpec {
+        level,
         request_url: format!(
             "{}{}",
             state.base_url,
@@ -175,8 +181,12 @@ async fn kick_off(
             transaction_time.format("%Y%m%dT%H%M%S"),
             id.simple()
         ),
+        part_size: settings.part_size as i32,
+        part_max_bytes: settings.part_max_bytes as i64,
+        range_size: settings.range_size,
+        created_at: kicked_off,
     };
-    jobs::create(&state.pool, &job).await?;
+    jobs::create(&state.pool, id, &spec).await?;
     tracing::info!(job = %id, level = level.as_str(), "export accepted");
 
     let mut issues = vec![Issue::new(

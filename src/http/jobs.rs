@@ -18,7 +18,7 @@ use super::{
 use crate::{
     auth::Principal,
     config::{AuthMode, OutputUrls},
-    db::jobs::{self, Job},
+    db::jobs::{self, Job, JobState},
     fhir::{instant, outcome},
     storage,
 };
@@ -49,9 +49,9 @@ async fn status(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let job = visible_job(&state, &principal, &id).await?;
-    match job.status.as_str() {
-        "completed" => manifest(&state, &job).await,
-        "failed" => Err(ApiError::new(
+    match job.status {
+        JobState::Completed => manifest(&state, &job).await,
+        JobState::Failed => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "exception",
             format!(
@@ -59,7 +59,7 @@ async fn status(
                 job.error.as_deref().unwrap_or("unknown error")
             ),
         )),
-        _ => {
+        JobState::Queued | JobState::Running | JobState::Cancelled => {
             let progress = jobs::progress(&state.pool, job.id).await?;
             let mut response = StatusCode::ACCEPTED.into_response();
             let headers = response.headers_mut();
@@ -76,11 +76,15 @@ async fn status(
 
 /// A short progress line (IG: under 100 characters).
 fn progress_text(job: &Job, p: &jobs::Progress) -> String {
-    if job.status == "queued" {
+    if job.status == JobState::Queued {
         return "queued".into();
     }
     if p.tasks == 0 {
-        return "planning".into();
+        return match p.waiting_writers {
+            0 => "planning".into(),
+            1 => "planning: waiting for 1 write transaction open since kick-off".into(),
+            n => format!("planning: waiting for {n} write transactions open since kick-off"),
+        };
     }
     let percent = if p.estimate > 0 {
         (p.resources_done * 100 / p.estimate).min(99)
@@ -118,11 +122,16 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
         OutputUrls::Blob | OutputUrls::Sas => {
             let names: Vec<String> = files
                 .iter()
-                .map(|f| format!("{}/{f}", job.folder))
+                .map(|f| format!("{}/{f}", job.spec.folder))
                 .collect();
             state
                 .storage
-                .direct_urls(&job.container, &names, mode == OutputUrls::Sas, expires)
+                .direct_urls(
+                    &job.spec.container,
+                    &names,
+                    mode == OutputUrls::Sas,
+                    expires,
+                )
                 .await?
                 .ok_or_else(|| {
                     ApiError::Internal(anyhow::anyhow!("the storage gives no direct file URLs"))
@@ -149,13 +158,13 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
         OutputUrls::Sas => false,
     };
     let mut body = json!({
-        "transactionTime": instant::format(job.transaction_time),
-        "request": job.request_url,
+        "transactionTime": instant::format(job.spec.transaction_time),
+        "request": job.spec.request_url,
         "requiresAccessToken": requires_access_token,
         "output": output,
         "error": error,
     });
-    if job.since.is_some() {
+    if job.spec.since.is_some() {
         body["deleted"] = json!(deleted);
     }
     let mut response = (StatusCode::OK, body.to_string()).into_response();
@@ -211,15 +220,15 @@ async fn download(
         .and_then(|stem| stem.rsplit_once('-'))
         .and_then(|(t, n)| Some((t, n.parse::<i32>().ok()?)))
         .ok_or_else(no_file)?;
-    if job.status != "completed"
+    if job.status != JobState::Completed
         || !jobs::has_part(&state.pool, job.id, resource_type, part_no).await?
     {
         return Err(no_file());
     }
-    let name = format!("{}/{file}", job.folder);
+    let name = format!("{}/{file}", job.spec.folder);
     let stream = state
         .storage
-        .read(&job.container, &name)
+        .read(&job.spec.container, &name)
         .await?
         .ok_or_else(no_file)?;
     let mut response = Body::from_stream(stream).into_response();

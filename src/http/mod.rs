@@ -24,7 +24,7 @@ use axum::{
 use sqlx::PgPool;
 use tower_http::{catch_panic::CatchPanicLayer, compression::CompressionLayer, trace::TraceLayer};
 
-use crate::{auth::Auth, config::Config, storage::Storage};
+use crate::{auth::Auth, config::Config, liveness::Liveness, storage::Storage};
 pub use error::{ApiError, ApiResult};
 
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -37,6 +37,8 @@ pub struct AppState {
     /// Base of every absolute URL, without a trailing slash.
     pub base_url: Arc<str>,
     pub auth: Arc<Auth>,
+    /// The export workers of this process.
+    pub liveness: Arc<Liveness>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -79,7 +79,8 @@ async fn create(
     // The server assigns the id of a created resource; an id in the body is ignored.
     let id = uuid::Uuid::new_v4().to_string();
     let mut tx = resources::begin_write(&state.pool).await?;
-    let written = store::put(&mut tx, store::Prepared::new(&resource_type, &id, body)).await?;
+    let prepared = store::Prepared::new(&resource_type, &id, body);
+    let written = store::put(&mut tx, &prepared, None).await?;
     tx.commit().await?;
     Ok(written_response(
         &state,
@@ -94,6 +95,7 @@ async fn update(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
+    headers: HeaderMap,
     FhirJson(body): FhirJson,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
@@ -113,8 +115,10 @@ async fn update(
             ));
         }
     }
+    let if_match = if_match(&headers)?;
     let mut tx = resources::begin_write(&state.pool).await?;
-    let written = store::put(&mut tx, store::Prepared::new(&resource_type, &id, body)).await?;
+    let prepared = store::Prepared::new(&resource_type, &id, body);
+    let written = store::put(&mut tx, &prepared, if_match).await?;
     tx.commit().await?;
     let status = if written.created {
         StatusCode::CREATED
@@ -128,6 +132,27 @@ async fn update(
         &id,
         written,
     ))
+}
+
+/// The version an `If-Match` header names (`W/"3"`), for optimistic locking.
+fn if_match(headers: &HeaderMap) -> ApiResult<Option<i32>> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default();
+    parse_version_tag(text).map(Some).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "If-Match '{text}' is not a version ETag such as W/\"3\""
+        ))
+    })
+}
+
+/// `W/"3"` (or `"3"`) → 3.
+pub fn parse_version_tag(text: &str) -> Option<i32> {
+    let text = text.trim();
+    let quoted = text.strip_prefix("W/").unwrap_or(text);
+    let number = quoted.strip_prefix('"')?.strip_suffix('"')?;
+    number.parse().ok().filter(|v| *v > 0)
 }
 
 fn written_response(
@@ -216,12 +241,14 @@ async fn delete(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
     require(&principal, Access::Delete, &resource_type)?;
     valid_id(&id)?;
+    let if_match = if_match(&headers)?;
     let mut tx = resources::begin_write(&state.pool).await?;
-    let deleted = store::delete(&mut tx, &resource_type, &id).await?;
+    let deleted = store::delete(&mut tx, &resource_type, &id, if_match).await?;
     tx.commit().await?;
     Ok(match deleted {
         Some(written) => {

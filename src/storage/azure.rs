@@ -253,9 +253,18 @@ fn k_only(part: &str) -> &str {
     part.split('=').next().unwrap_or("")
 }
 
-/// An SDK error with what it means for the operator; never includes credentials.
+/// An SDK error with what it means for the operator; never includes credentials. A fault that
+/// goes away by itself (5xx, throttling, a timeout, no answer) is marked `Transient`.
 fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
-    let hint = match e.http_status() {
+    let status = e.http_status();
+    let transient = match status {
+        None => true,
+        Some(s) => {
+            let code = u16::from(s);
+            code >= 500 || code == 408 || code == 429
+        }
+    };
+    let hint = match status {
         Some(StatusCode::Forbidden) => {
             " (authorization failed: wrong account key or SAS, an expired SAS, or a credential without write permission)"
         }
@@ -263,7 +272,12 @@ fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
         None => " (no answer: check the account URL and the network)",
         _ => "",
     };
-    anyhow!("{doing}: {e}{hint}")
+    let message = format!("{doing}: {e}{hint}");
+    if transient {
+        anyhow::Error::new(super::Transient(message))
+    } else {
+        anyhow!(message)
+    }
 }
 
 #[async_trait]

@@ -1,5 +1,6 @@
 //! Filesystem storage rooted at one folder. A file is written to a temporary name beside its
-//! final one, synced, then renamed into place: readers never see a torn file.
+//! final one, synced, renamed into place, and the folder synced: readers never see a torn
+//! file, and a committed file survives a power loss.
 
 use std::path::{Path, PathBuf};
 
@@ -129,6 +130,11 @@ impl PartWriter for FilesystemWriter {
         fs::rename(&self.temp, &self.path)
             .await
             .with_context(|| format!("renaming into {}", self.path.display()))?;
+        // The rename lives in the folder's entry list: sync it too.
+        let dir = self.path.parent().expect("a file path has a parent");
+        let sync = async { fs::File::open(dir).await?.sync_all().await };
+        sync.await
+            .with_context(|| format!("syncing {}", dir.display()))?;
         Ok(true)
     }
 }

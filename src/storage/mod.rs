@@ -16,6 +16,12 @@ pub use filesystem::FilesystemStorage;
 
 use crate::config::{StorageConfig, StorageKind};
 
+/// A storage fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the
+/// worker retries it inside its attempt instead of spending one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(pub String);
+
 /// Checked just before a written file becomes visible; `false` drops the file instead.
 pub type Fence<'a> = BoxFuture<'a, anyhow::Result<bool>>;
 

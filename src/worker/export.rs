@@ -17,20 +17,12 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, Ended, lease::Lease, part};
 use crate::{
     db::{
-        jobs::{self, Job, Task},
+        jobs::{Job, Level},
         resources::{self, PatientFilter, Position, Rows, Selection},
+        tasks::{HeldTask, TaskKind},
     },
     fhir::{bulk, elements, type_filter::TypeFilter},
 };
-
-enum Part {
-    /// Nothing (more) in the range.
-    Empty,
-    Written {
-        last: Position,
-    },
-    LeaseLost,
-}
 
 /// What a task writes and how each row becomes a line.
 struct Output<'a> {
@@ -44,38 +36,46 @@ struct Output<'a> {
 pub async fn run(
     context: &Arc<Context>,
     job: &Job,
-    task: &Task,
+    held: &mut HeldTask,
     lease: &Lease,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
+    let spec = &job.spec;
+    let task = held.task.clone();
     let resource_type = task.resource_type.as_deref().unwrap_or_default();
     // Group members, or the patients a `patient` parameter named.
-    let patients = match (&job.patient_ids, job.level.as_str()) {
+    let patients = match (&spec.patient_ids, spec.level) {
         (Some(ids), _) => PatientFilter::Patients(ids),
-        (None, "system") => PatientFilter::None,
-        (None, _) => PatientFilter::AnyPatient,
+        (None, Level::System) => PatientFilter::None,
+        (None, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
     };
     let excluded: &[String] = if resource_type == "Group" {
-        &job.excluded_groups
+        &spec.excluded_groups
     } else {
         &[]
     };
-    let (rows, file_kind) = match task.kind.as_str() {
-        "deleted" => (Rows::Deleted, format!("{resource_type}-deleted")),
-        "history" => (
+    let (rows, file_kind) = match task.kind {
+        TaskKind::Deleted => (Rows::Deleted, format!("{resource_type}-deleted")),
+        TaskKind::History => (
             Rows::History {
-                skip_last_state: job.include_deleted,
+                skip_last_state: spec.include_deleted,
             },
             format!("{resource_type}-history"),
         ),
-        "softdeleted" => (Rows::LastState, format!("{resource_type}-softdeleted")),
-        _ => (Rows::Live, resource_type.to_string()),
+        TaskKind::SoftDeleted => (Rows::LastState, format!("{resource_type}-softdeleted")),
+        TaskKind::Export => (Rows::Live, resource_type.to_string()),
+        TaskKind::Plan => anyhow::bail!("a plan task is not an export task"),
     };
     // Deletions are listed whole: a tombstone has nothing to filter on.
     let filter = match rows {
         Rows::Deleted => None,
-        _ => TypeFilter::for_type(&job.type_filters, resource_type, &context.base_url)
-            .map_err(anyhow::Error::msg)?,
+        _ => TypeFilter::for_type(
+            &spec.type_filters,
+            resource_type,
+            &context.base_url,
+            spec.created_at,
+        )
+        .map_err(anyhow::Error::msg)?,
     };
     let pushdown = filter
         .as_ref()
@@ -85,8 +85,8 @@ pub async fn run(
         selection: Selection {
             resource_type,
             range_end: task.range_end,
-            transaction_time: job.transaction_time,
-            since: job.since,
+            transaction_time: spec.transaction_time,
+            since: spec.since,
             patients,
             excluded_ids: excluded,
             rows,
@@ -96,37 +96,32 @@ pub async fn run(
         },
         file_kind,
         filter,
-        elements: elements::for_type(&job.elements, resource_type),
+        elements: elements::for_type(&spec.elements, resource_type),
     };
-    // The checkpoint is the last row written; a fresh task starts at its range's lower bound.
-    let mut after = if task.parts_done == 0 {
-        Position {
-            seq: task.range_start,
-            version_id: i32::MAX,
-        }
-    } else {
-        Position {
-            seq: task.checkpoint_seq,
-            version_id: task.checkpoint_version,
-        }
-    };
-    let mut seq = task.parts_done;
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
     loop {
         if lease.is_lost() {
             return Ok(Ended::LeaseLost);
         }
         if shutdown.is_cancelled() {
-            jobs::release(&context.pool, task).await?;
+            held.release().await?;
             return Ok(Ended::Released);
         }
-        match write_part(context, job, task, &output, after, seq).await? {
-            Part::Empty => break,
-            Part::LeaseLost => return Ok(Ended::LeaseLost),
-            Part::Written { last } => {
-                after = last;
-                seq += 1;
+        // The checkpoint is the last row written; a fresh task starts at its range's lower
+        // bound.
+        let after = if held.task.parts_done == 0 {
+            Position {
+                seq: task.range_start,
+                version_id: i32::MAX,
             }
+        } else {
+            Position {
+                seq: held.task.checkpoint_seq,
+                version_id: held.task.checkpoint_version,
+            }
+        };
+        if !write_part(context, job, held, &output, after).await? {
+            break;
         }
         if !throttle.is_zero() {
             tokio::select! {
@@ -135,32 +130,32 @@ pub async fn run(
             }
         }
     }
-    if jobs::finish_task(&context.pool, task, &[], context.retention()).await? {
-        Ok(Ended::Done)
-    } else {
-        Ok(Ended::LeaseLost)
-    }
+    held.finish(&[], context.retention()).await?;
+    Ok(Ended::Done)
 }
 
-/// Writes the next part: up to `part_size` lines (and `part_max_bytes`) from the rows after
-/// `after`. A filter may skip rows, so this reads page after page until the part is full or the
-/// range ends; the file is created at the first line, so no empty file is ever written.
+/// Writes the task's next part: up to `part_size` lines (and `part_max_bytes`) from the rows
+/// after `after`, then checkpoints it. `false`: nothing was left. A filter may skip rows, so
+/// this reads page after page until the part is full or the range ends; the file is created at
+/// the first line, so no empty file is ever written.
 async fn write_part(
     context: &Context,
     job: &Job,
-    task: &Task,
+    held: &mut HeldTask,
     output: &Output<'_>,
     after: Position,
-    seq: i32,
-) -> anyhow::Result<Part> {
-    let config = &context.config.export;
+) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
-    let limit = config.part_size as i64;
+    let limit = i64::from(job.spec.part_size);
+    let max_bytes = job.spec.part_max_bytes as u64;
+    let seq = held.task.parts_done;
     let mut file: Option<part::OpenPart> = None;
     let mut last_written = None;
     let mut page_after = after;
     'pages: loop {
-        let mut conn = context.pool.acquire().await?;
+        // Page reads have a pool of their own: the queue statements below never wait for a
+        // connection from the pool this one came from.
+        let mut conn = context.pools.pages.acquire().await?;
         let mut rows = resources::snapshot_page(&mut conn, &output.selection, page_after, limit);
         let mut scanned = 0;
         while let Some(row) = rows.try_next().await? {
@@ -175,18 +170,13 @@ async fn write_part(
             };
             let part = match &mut file {
                 // One resource always fits; past that the byte cap ends the part early.
-                Some(part) if part.bytes + line.len() as u64 + 1 > config.part_max_bytes => {
-                    break 'pages;
-                }
+                Some(part) if part.bytes + line.len() as u64 + 1 > max_bytes => break 'pages,
                 Some(part) => part,
-                None => match part::open(context, job, task, &output.file_kind, seq).await? {
-                    Some(part) => file.insert(part),
-                    None => return Ok(Part::LeaseLost),
-                },
+                None => file.insert(part::open(context, job, held, &output.file_kind, seq).await?),
             };
             part.write_line(line.as_bytes()).await?;
             last_written = Some(position);
-            if part.lines as i64 == limit {
+            if i64::from(part.lines) == limit {
                 break 'pages;
             }
         }
@@ -195,17 +185,12 @@ async fn write_part(
         }
     }
     let (Some(last), Some(part)) = (last_written, file) else {
-        return Ok(Part::Empty);
+        return Ok(false);
     };
     let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
-    if !part
-        .finish(context, task, (last.seq, last.version_id))
-        .await?
-    {
-        return Ok(Part::LeaseLost);
-    }
+    part.finish(held, (last.seq, last.version_id)).await?;
     tracing::debug!(file = %name, resources = lines, bytes, ms = started.elapsed().as_millis() as u64, "part written");
-    Ok(Part::Written { last })
+    Ok(true)
 }
 
 /// The line a row becomes, or None when `_typeFilter` leaves it out. Stored text streams out

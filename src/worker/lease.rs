@@ -1,12 +1,15 @@
-//! A task's lease: renewed in the background several times per stale period; once a renewal
-//! finds the task no longer ours, the lease is lost for good.
+//! A task's lease, renewed in the background several times per stale period. The lease is lost
+//! for good once a renewal finds the task no longer ours, or once it has run out without a
+//! successful renewal (the database was unreachable for a whole stale period: by then the task
+//! may be rescued elsewhere). A cancelled job's leases check themselves at once.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use tokio::{sync::broadcast::error::RecvError, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use crate::db::jobs::{self, Task};
+use crate::db::tasks::{Fenced, HeldTask};
 
 pub struct Lease {
     lost: CancellationToken,
@@ -14,9 +17,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn start(context: &Arc<Context>, task: &Task) -> Lease {
+    /// Starts renewing `held`'s lease; each renewal shows worker `slot` alive.
+    pub fn start(context: &Arc<Context>, held: &HeldTask, slot: usize) -> Lease {
         let lost = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(context.clone(), task.clone(), lost.clone()));
+        let heartbeat = tokio::spawn(heartbeat(context.clone(), held.clone(), slot, lost.clone()));
         Lease { lost, heartbeat }
     }
 
@@ -35,18 +39,49 @@ impl Drop for Lease {
     }
 }
 
-async fn heartbeat(context: Arc<Context>, task: Task, lost: CancellationToken) {
-    let every = context.lease_duration() / 4;
+async fn heartbeat(context: Arc<Context>, held: HeldTask, slot: usize, lost: CancellationToken) {
+    let every = held.lease() / 4;
+    // After a failed renewal, try again soon: the lease keeps running out meanwhile.
+    let soon = every.min(Duration::from_secs(2));
+    let mut valid_until = Instant::now() + held.lease();
+    let mut next_beat = Instant::now() + every;
+    let mut cancelled = Some(context.cancelled.subscribe());
     loop {
-        tokio::time::sleep(every).await;
-        match jobs::heartbeat(&context.pool, &task, context.lease_duration()).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let cancel = async {
+            match &mut cancelled {
+                Some(receiver) => receiver.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_beat) => {}
+            job = cancel => match job {
+                Ok(job) if job != held.task.job_id => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => {
+                    cancelled = None;
+                    continue;
+                }
+            },
+        }
+        match held.heartbeat().await {
+            Ok(()) => {
+                valid_until = Instant::now() + held.lease();
+                next_beat = Instant::now() + every;
+                context.mark_alive(slot);
+            }
+            Err(Fenced::LeaseLost) => {
                 lost.cancel();
                 return;
             }
-            // The database may be back before the lease runs out; fenced writes stay safe.
-            Err(e) => tracing::warn!(task = task.id, error = %e, "heartbeat failed"),
+            Err(Fenced::Database(e)) => {
+                tracing::warn!(task = held.task.id, error = %e, "heartbeat failed");
+                if Instant::now() >= valid_until {
+                    lost.cancel();
+                    return;
+                }
+                next_beat = Instant::now() + soon;
+            }
         }
     }
 }

@@ -6,7 +6,10 @@ use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
-use crate::{db::jobs, storage};
+use crate::{
+    db::{jobs, tasks},
+    storage,
+};
 
 pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
     // Often enough that a stale task waits at most a fraction of the stale period extra.
@@ -17,7 +20,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         let max = context.config.export.max_attempts;
-        match jobs::rescue_expired(&context.pool, max, context.retention()).await {
+        match tasks::rescue_expired(&context.pools.primary, max, context.retention()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(tasks = n, "rescued tasks whose lease ran out"),
             Err(e) => tracing::warn!(error = %e, "rescuing stale tasks failed"),
@@ -30,7 +33,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
 
 /// Deletes the files, then the rows, of expired jobs. Safe to run in several processes.
 pub async fn sweep(context: &Context) -> anyhow::Result<()> {
-    for job in jobs::expired(&context.pool, 20).await? {
+    for job in jobs::expired(&context.pools.primary, 20).await? {
         storage::delete_export(
             &*context.storage,
             &job.container,
@@ -38,7 +41,7 @@ pub async fn sweep(context: &Context) -> anyhow::Result<()> {
             job.own_container,
         )
         .await?;
-        jobs::delete(&context.pool, job.id).await?;
+        jobs::delete(&context.pools.primary, job.id).await?;
         tracing::info!(job = %job.id, "expired job deleted");
     }
     Ok(())

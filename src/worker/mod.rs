@@ -1,54 +1,82 @@
 //! The export worker pool: claims tasks from the Postgres queue, runs them under a lease, and
 //! keeps the queue healthy (rescues stale tasks, sweeps expired jobs).
+//!
+//! A fault that goes away by itself (a dropped database connection, a storage 5xx) is retried
+//! with backoff inside the attempt while the lease holds, resuming from the task's checkpoint;
+//! only real failures, and panics, spend an attempt.
 
+mod backoff;
 mod export;
 mod lease;
 mod maintenance;
 mod part;
 mod plan;
 
-use std::{sync::Arc, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use sqlx::{PgPool, postgres::PgListener};
-use tokio::{sync::Notify, task::JoinSet};
+use futures::FutureExt;
+use sqlx::postgres::PgListener;
+use tokio::{
+    sync::{Notify, broadcast},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
-use crate::{config::Config, db::jobs, storage::Storage};
+use crate::{
+    config::Config,
+    db::{
+        self, Pools, jobs,
+        tasks::{self, Fenced, HeldTask, Resumed, TaskKind},
+    },
+    liveness::Liveness,
+    storage::{self, Storage},
+};
+use backoff::Backoff;
 use lease::Lease;
 
 /// What the workers of one process share.
 pub struct Context {
-    pub pool: PgPool,
+    pub pools: Pools,
     pub storage: Arc<dyn Storage>,
     pub config: Arc<Config>,
     /// This server's FHIR base: `_typeFilter` references to it are local ones.
     pub base_url: String,
     wake: Notify,
+    /// Jobs cancelled anywhere (from NOTIFY): their leases check themselves at once.
+    cancelled: broadcast::Sender<Uuid>,
+    /// When each worker last showed life, for `/health`.
+    pub liveness: Arc<Liveness>,
 }
 
-/// How a task run ended, when it did not fail.
+/// How a task run ended.
 pub enum Ended {
     Done,
     /// The lease went away (rescued elsewhere, cancelled, expired): nothing more was written.
     LeaseLost,
     /// Shutting down: the task went back to the queue.
     Released,
+    /// A real failure (or a panic): the attempt is spent.
+    Failed(String),
 }
 
 impl Context {
     pub fn new(
-        pool: PgPool,
+        pools: Pools,
         storage: Arc<dyn Storage>,
         config: Arc<Config>,
         base_url: String,
+        liveness: Arc<Liveness>,
     ) -> Arc<Context> {
         Arc::new(Context {
-            pool,
+            pools,
             storage,
+            liveness,
             config,
             base_url,
             wake: Notify::new(),
+            cancelled: broadcast::channel(64).0,
         })
     }
 
@@ -59,6 +87,10 @@ impl Context {
     fn retention(&self) -> Duration {
         Duration::from_secs(self.config.export.retention_secs)
     }
+
+    fn mark_alive(&self, worker: usize) {
+        self.liveness.mark(worker);
+    }
 }
 
 /// Starts `config.export.workers` workers, the wake-up listener and the maintenance loop.
@@ -68,19 +100,25 @@ pub fn spawn(context: Arc<Context>, shutdown: CancellationToken) -> JoinSet<()> 
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
     for n in 0..context.config.export.workers {
         let name = format!("{host}:{}:{n}", std::process::id());
-        set.spawn(work(context.clone(), name, shutdown.clone()));
+        set.spawn(work(context.clone(), n, name, shutdown.clone()));
     }
     set.spawn(listen(context.clone(), shutdown.clone()));
     set.spawn(maintenance::run(context, shutdown));
     set
 }
 
-async fn work(context: Arc<Context>, name: String, shutdown: CancellationToken) {
+async fn work(context: Arc<Context>, slot: usize, name: String, shutdown: CancellationToken) {
     let poll = Duration::from_millis(context.config.export.poll_interval_ms);
+    let mut backoff = Backoff::new(poll);
     while !shutdown.is_cancelled() {
-        match jobs::claim(&context.pool, &name, context.lease_duration()).await {
-            Ok(Some(task)) => run_task(&context, task, &shutdown).await,
+        context.mark_alive(slot);
+        match tasks::claim(&context.pools.primary, &name, context.lease_duration()).await {
+            Ok(Some(task)) => {
+                backoff.reset();
+                run_task(&context, slot, task, &shutdown).await;
+            }
             Ok(None) => {
+                backoff.reset();
                 tokio::select! {
                     _ = context.wake.notified() => {}
                     _ = tokio::time::sleep(poll) => {}
@@ -90,7 +128,7 @@ async fn work(context: Arc<Context>, name: String, shutdown: CancellationToken) 
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "claiming a task failed");
                 tokio::select! {
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = tokio::time::sleep(backoff.next()) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -98,68 +136,182 @@ async fn work(context: Arc<Context>, name: String, shutdown: CancellationToken) 
     }
 }
 
-async fn run_task(context: &Arc<Context>, task: jobs::Task, shutdown: &CancellationToken) {
-    let span = tracing::info_span!("task", id = task.id, job = %task.job_id, kind = %task.kind,
+async fn run_task(
+    context: &Arc<Context>,
+    slot: usize,
+    mut held: HeldTask,
+    shutdown: &CancellationToken,
+) {
+    let task = held.task.clone();
+    let span = tracing::info_span!("task", job = %task.job_id, task = task.id, kind = ?task.kind,
         resource_type = task.resource_type.as_deref().unwrap_or(""), attempt = task.attempt);
-    let lease = Lease::start(context, &task);
-    let result = async {
-        let job = jobs::get(&context.pool, task.job_id)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("job {} vanished", task.job_id))?;
-        match task.kind.as_str() {
-            "plan" => plan::run(context, &job, &task, &lease).await,
-            _ => export::run(context, &job, &task, &lease, shutdown).await,
+    async {
+        let lease = Lease::start(context, &held, slot);
+        match run_with_retries(context, &mut held, &lease, shutdown).await {
+            Ended::Done => tracing::debug!("task done"),
+            Ended::LeaseLost => tracing::info!("lease lost; stopped without writing more"),
+            Ended::Released => tracing::info!("released for shutdown"),
+            Ended::Failed(message) => {
+                tracing::warn!(error = %message, "task attempt failed");
+                record_failure(context, &held, &message, &lease).await;
+            }
         }
     }
     .instrument(span)
-    .await;
-    match result {
-        Ok(Ended::Done) => tracing::debug!(task = task.id, "task done"),
-        Ok(Ended::LeaseLost) => {
-            tracing::info!(task = task.id, "lease lost; stopped without writing more")
+    .await
+}
+
+/// Runs the task; a transient fault resumes it from its checkpoint after a pause, as long as
+/// the lease holds.
+async fn run_with_retries(
+    context: &Arc<Context>,
+    held: &mut HeldTask,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut backoff = Backoff::new(Duration::from_secs(10));
+    loop {
+        let attempt = AssertUnwindSafe(run_kind(context, held, lease, shutdown))
+            .catch_unwind()
+            .await;
+        let error = match attempt {
+            Ok(Ok(ended)) => return ended,
+            Ok(Err(error)) => error,
+            Err(panic) => {
+                return Ended::Failed(format!("the task panicked: {}", panic_text(&panic)));
+            }
+        };
+        if lease_lost(&error) || lease.is_lost() {
+            return Ended::LeaseLost;
         }
-        Ok(Ended::Released) => tracing::info!(task = task.id, "released for shutdown"),
-        Err(e) => {
-            let message = format!("{e:#}");
-            tracing::warn!(task = task.id, job = %task.job_id, error = %message, "task attempt failed");
-            let max = context.config.export.max_attempts;
-            if let Err(e) =
-                jobs::record_failure(&context.pool, &task, &message, max, context.retention()).await
-            {
-                tracing::error!(task = task.id, error = %e, "recording a task failure failed");
+        if !is_transient(&error) {
+            return Ended::Failed(format!("{error:#}"));
+        }
+        tracing::warn!(error = %format!("{error:#}"), "transient fault; resuming from the checkpoint");
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = lease.lost() => return Ended::LeaseLost,
+            }
+            match held.resume().await {
+                Ok(Resumed::Held) => break,
+                Ok(Resumed::Finished) => return Ended::Done,
+                Err(Fenced::LeaseLost) => return Ended::LeaseLost,
+                Err(Fenced::Database(e)) if db::is_transient(&e) => {
+                    tracing::warn!(error = %e, "database still unavailable");
+                }
+                Err(Fenced::Database(e)) => return Ended::Failed(format!("{e:#}")),
             }
         }
     }
 }
 
-/// LISTEN for new tasks and wake idle workers at once; polling covers the gaps.
-async fn listen(context: Arc<Context>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&context.pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-        };
-        if let Err(e) = listener.listen(jobs::CHANNEL).await {
-            tracing::warn!(error = %e, "LISTEN failed");
-            continue;
+async fn run_kind(
+    context: &Arc<Context>,
+    held: &mut HeldTask,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Ended> {
+    // A job that is gone (expired, deleted) took its tasks with it.
+    let job = jobs::get(&context.pools.primary, held.task.job_id)
+        .await?
+        .ok_or(Fenced::LeaseLost)?;
+    match held.task.kind {
+        TaskKind::Plan => plan::run(context, &job, held, lease).await,
+        TaskKind::Export | TaskKind::Deleted | TaskKind::History | TaskKind::SoftDeleted => {
+            export::run(context, &job, held, lease, shutdown).await
         }
-        loop {
-            tokio::select! {
-                n = listener.recv() => match n {
-                    Ok(_) => context.wake.notify_waiters(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN connection lost");
-                        break;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
+    }
+}
+
+/// Spends the attempt; retried through a database blip while the lease holds (after that the
+/// rescuer counts it).
+async fn record_failure(context: &Context, held: &HeldTask, message: &str, lease: &Lease) {
+    let max = context.config.export.max_attempts;
+    let mut backoff = Backoff::new(Duration::from_secs(5));
+    while !lease.is_lost() {
+        match held.fail(message, max, context.retention()).await {
+            Ok(()) | Err(Fenced::LeaseLost) => return,
+            Err(Fenced::Database(e)) => {
+                tracing::warn!(error = %e, "recording a task failure failed; retrying");
+                tokio::time::sleep(backoff.next()).await;
             }
+        }
+    }
+}
+
+fn lease_lost(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|e| matches!(e.downcast_ref::<Fenced>(), Some(Fenced::LeaseLost)))
+}
+
+/// A fault worth retrying inside the attempt: see `db::is_transient` and `storage::Transient`.
+fn is_transient(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+            return db::is_transient(e);
+        }
+        if let Some(Fenced::Database(e)) = e.downcast_ref::<Fenced>() {
+            return db::is_transient(e);
+        }
+        e.downcast_ref::<storage::Transient>().is_some()
+    })
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// LISTEN for new tasks (wake idle workers at once) and cancelled jobs (their leases check
+/// themselves at once); polling and heartbeats cover the gaps while the connection is down.
+async fn listen(context: Arc<Context>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_secs(30));
+    while !shutdown.is_cancelled() {
+        match listen_once(&context, &shutdown, &mut backoff).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One LISTEN connection, until it fails (`Err`) or shutdown (`Ok`).
+async fn listen_once(
+    context: &Context,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> sqlx::Result<()> {
+    let mut listener = PgListener::connect_with(&context.pools.primary).await?;
+    // A lost connection comes back as `None`: start over through the backoff above.
+    listener.eager_reconnect(false);
+    listener
+        .listen_all([tasks::CHANNEL, tasks::CANCEL_CHANNEL])
+        .await?;
+    backoff.reset();
+    // Tasks queued while the connection was down would otherwise wait for a poll.
+    context.wake.notify_waiters();
+    loop {
+        tokio::select! {
+            n = listener.try_recv() => match n? {
+                Some(n) if n.channel() == tasks::CANCEL_CHANNEL => {
+                    if let Ok(job) = n.payload().parse() {
+                        let _ = context.cancelled.send(job);
+                    }
+                }
+                Some(_) => context.wake.notify_waiters(),
+                None => return Err(sqlx::Error::Protocol("the LISTEN connection was lost".into())),
+            },
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }

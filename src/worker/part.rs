@@ -3,7 +3,10 @@
 
 use super::Context;
 use crate::{
-    db::jobs::{self, Job, Task},
+    db::{
+        jobs::Job,
+        tasks::{Fenced, HeldTask},
+    },
     storage::PartWriter,
 };
 
@@ -18,26 +21,24 @@ pub struct OpenPart {
 }
 
 /// Reserves the file number of the task's part `seq` (kept across retries) and creates the
-/// file. None: the lease is lost.
+/// file. A lost lease is a `Fenced::LeaseLost` error.
 pub async fn open(
     context: &Context,
     job: &Job,
-    task: &Task,
+    held: &HeldTask,
     kind: &str,
     seq: i32,
-) -> anyhow::Result<Option<OpenPart>> {
-    let Some(part_no) = jobs::reserve_part(&context.pool, task, kind, seq).await? else {
-        return Ok(None);
-    };
-    let name = format!("{}/{kind}-{part_no}.ndjson", job.folder);
-    let writer = context.storage.create(&job.container, &name).await?;
-    Ok(Some(OpenPart {
+) -> anyhow::Result<OpenPart> {
+    let part_no = held.reserve_part(kind, seq).await?;
+    let name = format!("{}/{kind}-{part_no}.ndjson", job.spec.folder);
+    let writer = context.storage.create(&job.spec.container, &name).await?;
+    Ok(OpenPart {
         writer,
         name,
         seq,
         lines: 0,
         bytes: 0,
-    }))
+    })
 }
 
 impl OpenPart {
@@ -51,19 +52,19 @@ impl OpenPart {
     }
 
     /// Commits the file if the lease still holds, then checkpoints `last` (seq, version).
-    /// `false`: the lease is lost and nothing was recorded.
-    pub async fn finish(
-        self,
-        context: &Context,
-        task: &Task,
-        last: (i64, i32),
-    ) -> anyhow::Result<bool> {
-        let (pool, task_id, attempt) = (context.pool.clone(), task.id, task.attempt);
-        let fence = Box::pin(async move { Ok(jobs::holds_lease(&pool, task_id, attempt).await?) });
+    pub async fn finish(self, held: &mut HeldTask, last: (i64, i32)) -> anyhow::Result<()> {
+        let fence = Box::pin(async {
+            match held.holds().await {
+                Ok(()) => Ok(true),
+                Err(Fenced::LeaseLost) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        });
         if !self.writer.commit(fence).await? {
-            return Ok(false);
+            return Err(Fenced::LeaseLost.into());
         }
-        let bytes = self.bytes as i64;
-        Ok(jobs::checkpoint(&context.pool, task, self.seq, last, self.lines, bytes).await?)
+        held.checkpoint(self.seq, last, self.lines, self.bytes as i64)
+            .await?;
+        Ok(())
     }
 }

@@ -6,46 +6,40 @@ use std::{sync::Arc, time::Duration};
 
 use super::{Context, Ended, lease::Lease, part};
 use crate::{
-    db::{jobs, resources},
+    db::{
+        jobs::{self, Job, Level},
+        resources,
+        tasks::{Fenced, HeldTask, PlannedTask, TaskKind},
+    },
     fhir::{
         outcome::{self, Issue, Severity},
         r4::{PATIENT_COMPARTMENT, RESOURCE_TYPES},
     },
 };
 
+/// How long a plan waits for writers before it says so in the log (it keeps waiting).
+const WRITERS_WARN_AFTER: Duration = Duration::from_secs(30);
+
 pub async fn run(
     context: &Arc<Context>,
-    job: &jobs::Job,
-    task: &jobs::Task,
+    job: &Job,
+    held: &mut HeldTask,
     lease: &Lease,
 ) -> anyhow::Result<Ended> {
-    let pool = &context.pool;
-    // Every write with last_updated <= transaction_time must be committed before we read.
-    // Writes are short; a transaction left open elsewhere must not hold the export forever.
-    let deadline = tokio::time::Instant::now() + context.lease_duration();
-    while jobs::in_flight_remaining(pool, job.id).await? > 0 {
-        if tokio::time::Instant::now() > deadline {
-            tracing::warn!(job = %job.id, "transactions open since kick-off are still running; exporting without them");
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = lease.lost() => return Ok(Ended::LeaseLost),
-        }
-    }
-    if !write_notes(context, job, task).await? {
-        return Ok(Ended::LeaseLost);
-    }
-    let types = if job.types.is_empty() {
-        let candidates: Vec<&str> = match job.level.as_str() {
-            "system" => RESOURCE_TYPES.to_vec(),
-            _ => compartment_types(),
+    wait_for_writers(context, job, held, lease).await?;
+    write_notes(context, job, held).await?;
+    let pool = &context.pools.primary;
+    let spec = &job.spec;
+    let types = if spec.types.is_empty() {
+        let candidates: Vec<&str> = match spec.level {
+            Level::System => RESOURCE_TYPES.to_vec(),
+            Level::Patient | Level::Group => compartment_types(),
         };
         resources::types_with_data(pool, &candidates).await?
     } else {
-        job.types.clone()
+        spec.types.clone()
     };
-    let step = context.config.export.range_size;
+    let step = spec.range_size;
     let mut planned = Vec::new();
     for resource_type in types {
         let Some(span) = resources::type_span(pool, &resource_type).await? else {
@@ -58,57 +52,83 @@ pub async fn run(
         let mut start = span.min_seq - 1;
         while start < span.max_seq {
             let end = (start + width).min(span.max_seq);
-            planned.push(jobs::PlannedTask {
-                kind: "export",
-                resource_type: resource_type.clone(),
-                range_start: start,
-                range_end: end,
-                estimate: span.count / slices,
-            });
             // The same range also lists what was deleted since `_since`, and older versions
             // and last states when asked for.
-            let extra = [
-                ("deleted", job.since.is_some()),
-                ("history", job.include_history),
-                ("softdeleted", job.include_deleted),
+            let kinds = [
+                (TaskKind::Export, true),
+                (TaskKind::Deleted, spec.since.is_some()),
+                (TaskKind::History, spec.include_history),
+                (TaskKind::SoftDeleted, spec.include_deleted),
             ];
-            for (kind, wanted) in extra {
+            for (kind, wanted) in kinds {
                 if wanted {
-                    planned.push(jobs::PlannedTask {
+                    planned.push(PlannedTask {
                         kind,
                         resource_type: resource_type.clone(),
                         range_start: start,
                         range_end: end,
-                        estimate: 0,
+                        estimate: if kind == TaskKind::Export {
+                            span.count / slices
+                        } else {
+                            0
+                        },
                     });
                 }
             }
             start = end;
         }
     }
-    if jobs::finish_task(pool, task, &planned, context.retention()).await? {
-        tracing::info!(job = %job.id, tasks = planned.len(), "planned");
-        Ok(Ended::Done)
-    } else {
-        Ok(Ended::LeaseLost)
+    held.finish(&planned, context.retention()).await?;
+    tracing::info!(tasks = planned.len(), "planned");
+    Ok(Ended::Done)
+}
+
+/// Waits until every write transaction open at kick-off has ended: then every version stamped
+/// at or before the transaction time is committed, and nothing read later can miss one. A
+/// writer that stays open keeps the job waiting (X-Progress says so); exporting without it
+/// could lose its versions for good, for this export and for the next `_since` one.
+async fn wait_for_writers(
+    context: &Context,
+    job: &Job,
+    held: &HeldTask,
+    lease: &Lease,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let (mut shown, mut warned) = (0, false);
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let remaining = jobs::writers_remaining(&context.pools.primary, job.id).await? as i32;
+        if remaining != shown {
+            held.set_waiting_writers(remaining).await?;
+            shown = remaining;
+        }
+        if remaining == 0 {
+            return Ok(());
+        }
+        if !warned && started.elapsed() > WRITERS_WARN_AFTER {
+            tracing::warn!(
+                writers = remaining,
+                "write transactions open since kick-off hold the export back"
+            );
+            warned = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = lease.lost() => return Err(Fenced::LeaseLost.into()),
+        }
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 
 /// The manifest's error file: one OperationOutcome per thing a lenient kick-off ignored.
-/// Written once (a retried plan finds its part done). `false`: the lease was lost.
-async fn write_notes(
-    context: &Context,
-    job: &jobs::Job,
-    task: &jobs::Task,
-) -> anyhow::Result<bool> {
+/// Written once (a retried plan finds its part done).
+async fn write_notes(context: &Context, job: &Job, held: &mut HeldTask) -> anyhow::Result<()> {
     const KIND: &str = "OperationOutcome-error";
-    if job.notes.is_empty() || task.parts_done > 0 {
-        return Ok(true);
+    if job.spec.notes.is_empty() || held.task.parts_done > 0 {
+        return Ok(());
     }
-    let Some(mut part) = part::open(context, job, task, KIND, 0).await? else {
-        return Ok(false);
-    };
-    for note in &job.notes {
+    let mut part = part::open(context, job, held, KIND, 0).await?;
+    for note in &job.spec.notes {
         let issue = Issue::new(
             Severity::Warning,
             "not-supported",
@@ -117,7 +137,7 @@ async fn write_notes(
         let line = outcome::operation_outcome(&[issue]).to_string();
         part.write_line(line.as_bytes()).await?;
     }
-    part.finish(context, task, (0, 0)).await
+    part.finish(held, (0, 0)).await
 }
 
 /// Types that can be in a patient's compartment (Patient and Group export read only these).

@@ -90,10 +90,8 @@ pub struct TestApp {
 }
 
 pub fn test_config(db_url: &str, storage: &std::path::Path) -> Config {
-    let mut config = Config {
-        database_url: db_url.to_string(),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.database.url = db_url.to_string();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.export.workers = 2;
     config.export.poll_interval_ms = 200;

@@ -1,0 +1,458 @@
+//! The tasks of export jobs, claimed by workers under a lease.
+//!
+//! A claimed task is a `HeldTask`. Its methods are the only writes a worker makes to the queue
+//! and each is fenced by the attempt it holds (`held!()`): when the fence matches no row, the
+//! lease is gone (rescued elsewhere, cancelled, expired) and the method returns
+//! `Fenced::LeaseLost` having changed nothing. A worker frozen for an hour and then resumed can
+//! therefore change nothing.
+
+use std::time::Duration;
+
+use sqlx::{FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::jobs::{self, secs};
+
+/// The NOTIFY channel that wakes idle workers.
+pub const CHANNEL: &str = "fhir_export_tasks";
+/// The NOTIFY channel that tells workers a job was cancelled (payload: the job id).
+pub const CANCEL_CHANNEL: &str = "fhir_export_cancel";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "task_kind", rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Waits for the snapshot, then splits the job into the tasks below.
+    Plan,
+    /// The resources of a seq range of one type.
+    Export,
+    /// The deletions since `_since` (transaction Bundles).
+    Deleted,
+    /// Older versions (`includeAssociatedData=_history`).
+    History,
+    /// The last state of deleted resources (`includeAssociatedData=_deleted`).
+    SoftDeleted,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "task_state", rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// The lease rule every fenced statement shares: `$1` is the task id, `$2` the attempt held.
+macro_rules! held {
+    () => {
+        "id = $1 AND attempt = $2 AND status = 'running' AND leased_until > now()"
+    };
+}
+
+/// A task the planner hands on.
+#[derive(Debug, Clone)]
+pub struct PlannedTask {
+    pub kind: TaskKind,
+    pub resource_type: String,
+    /// The resources with seq in (range_start, range_end].
+    pub range_start: i64,
+    pub range_end: i64,
+    pub estimate: i64,
+}
+
+/// A task's row as a claim returns it.
+#[derive(Debug, Clone, FromRow)]
+pub struct Task {
+    pub id: i64,
+    pub job_id: Uuid,
+    pub kind: TaskKind,
+    pub resource_type: Option<String>,
+    pub range_start: i64,
+    pub range_end: i64,
+    /// The fencing token: bumped by every claim.
+    pub attempt: i32,
+    /// The last row of the last committed part: (seq, version).
+    pub checkpoint_seq: i64,
+    pub checkpoint_version: i32,
+    /// Parts committed so far; the next part's number within the task.
+    pub parts_done: i32,
+}
+
+const TASK_COLUMNS: &str = "id, job_id, kind, resource_type, range_start, range_end, attempt, \
+    checkpoint_seq, checkpoint_version, parts_done";
+
+/// A fenced write found the lease gone, or the database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Fenced {
+    #[error("the task's lease is lost (rescued elsewhere, cancelled or expired)")]
+    LeaseLost,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A claimed task: the one owner of its lease.
+#[derive(Debug, Clone)]
+pub struct HeldTask {
+    pool: PgPool,
+    lease: Duration,
+    pub task: Task,
+}
+
+/// What a task's row says after a fault interrupted its attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// Still ours: go on from the checkpoint (now in `task`).
+    Held,
+    /// Its last step committed before the fault was noticed.
+    Finished,
+}
+
+pub(super) async fn notify(
+    conn: &mut PgConnection,
+    channel: &str,
+    payload: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Claims the oldest queued task of a live job with a lease of `lease`, and marks its job
+/// running: one statement, so a claim is never half done.
+pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result<Option<HeldTask>> {
+    let task: Option<Task> = sqlx::query_as(&format!(
+        "WITH next AS (
+            SELECT t.id FROM export_tasks t JOIN export_jobs j ON j.id = t.job_id
+            WHERE t.status = 'queued' AND j.status IN ('queued', 'running')
+            ORDER BY t.id LIMIT 1 FOR UPDATE OF t SKIP LOCKED),
+         claimed AS (
+            UPDATE export_tasks t
+            SET status = 'running', attempt = t.attempt + 1, worker = $1,
+                leased_until = now() + make_interval(secs => $2), updated_at = now()
+            FROM next WHERE t.id = next.id
+            RETURNING t.*),
+         job AS (
+            UPDATE export_jobs j SET status = 'running'
+            FROM claimed WHERE j.id = claimed.job_id AND j.status = 'queued')
+         SELECT {TASK_COLUMNS} FROM claimed"
+    ))
+    .bind(worker)
+    .bind(secs(lease))
+    .fetch_optional(pool)
+    .await?;
+    Ok(task.map(|task| HeldTask {
+        pool: pool.clone(),
+        lease,
+        task,
+    }))
+}
+
+fn fenced(rows: u64) -> Result<(), Fenced> {
+    if rows == 0 {
+        Err(Fenced::LeaseLost)
+    } else {
+        Ok(())
+    }
+}
+
+impl HeldTask {
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Renews the lease.
+    pub async fn heartbeat(&self) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET leased_until = now() + make_interval(secs => $3),
+                    updated_at = now() WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(secs(self.lease))
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())
+    }
+
+    /// Checks the lease still holds: right before a file becomes visible.
+    pub async fn holds(&self) -> Result<(), Fenced> {
+        let held: bool = sqlx::query_scalar(concat!(
+            "SELECT EXISTS (SELECT 1 FROM export_tasks WHERE ",
+            held!(),
+            ")"
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .fetch_one(&self.pool)
+        .await?;
+        fenced(u64::from(held))
+    }
+
+    /// Reserves the file number of the task's part `seq` among the job's `kind` files
+    /// (`{kind}-{n}.ndjson`). A retried task gets the number it had reserved before, so it
+    /// rewrites the same file.
+    pub async fn reserve_part(&self, kind: &str, seq: i32) -> Result<i32, Fenced> {
+        let mut tx = self.pool.begin().await?;
+        let locked = sqlx::query(concat!(
+            "SELECT 1 FROM export_tasks WHERE ",
+            held!(),
+            " FOR UPDATE"
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if locked.is_none() {
+            return Err(Fenced::LeaseLost);
+        }
+        let existing: Option<i32> = sqlx::query_scalar(
+            "SELECT part_no FROM export_parts WHERE task_id = $1 AND task_seq = $2",
+        )
+        .bind(self.task.id)
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(part_no) = existing {
+            return Ok(part_no);
+        }
+        // One numbering per (job, kind): take its lock for the max + 1 below.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 0))")
+            .bind(self.task.job_id)
+            .bind(kind)
+            .execute(&mut *tx)
+            .await?;
+        let part_no: i32 = sqlx::query_scalar(
+            "INSERT INTO export_parts (job_id, resource_type, part_no, task_id, task_seq)
+             SELECT $1, $2, coalesce(max(part_no), 0) + 1, $3, $4
+             FROM export_parts WHERE job_id = $1 AND resource_type = $2
+             RETURNING part_no",
+        )
+        .bind(self.task.job_id)
+        .bind(kind)
+        .bind(self.task.id)
+        .bind(seq)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(part_no)
+    }
+
+    /// Records the committed part `seq` (its line and byte counts) and moves the checkpoint
+    /// to `last` (seq, version).
+    pub async fn checkpoint(
+        &mut self,
+        seq: i32,
+        last: (i64, i32),
+        resources: i32,
+        bytes: i64,
+    ) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "WITH t AS (
+                UPDATE export_tasks SET checkpoint_seq = $4, checkpoint_version = $5,
+                       parts_done = $3 + 1, resources_done = resources_done + $6,
+                       updated_at = now()
+                WHERE parts_done = $3 AND ",
+            held!(),
+            " RETURNING id)
+             UPDATE export_parts p SET resources = $6, bytes = $7
+             FROM t WHERE p.task_id = t.id AND p.task_seq = $3"
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(seq)
+        .bind(last.0)
+        .bind(last.1)
+        .bind(resources)
+        .bind(bytes)
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())?;
+        self.task.parts_done = seq + 1;
+        (self.task.checkpoint_seq, self.task.checkpoint_version) = last;
+        Ok(())
+    }
+
+    /// Says how many write transactions the plan still waits for (for X-Progress).
+    pub async fn set_waiting_writers(&self, writers: i32) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET waiting_writers = $3, updated_at = now() WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(writers)
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())
+    }
+
+    /// Marks the task done, adds the tasks it hands on (a plan's export tasks), and completes
+    /// the job when nothing is left.
+    pub async fn finish(
+        &self,
+        follow_ups: &[PlannedTask],
+        retention: Duration,
+    ) -> Result<(), Fenced> {
+        let mut tx = self.pool.begin().await?;
+        jobs::lock(&mut tx, self.task.job_id).await?;
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET status = 'done', leased_until = NULL, waiting_writers = 0,
+                    updated_at = now() WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .execute(&mut *tx)
+        .await?;
+        fenced(done.rows_affected())?;
+        if !follow_ups.is_empty() {
+            insert_planned(&mut tx, self.task.job_id, follow_ups).await?;
+            notify(&mut tx, CHANNEL, "").await?;
+        }
+        jobs::complete_if_all_done(&mut tx, self.task.job_id, retention).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Gives the task back to the queue without counting a failure (graceful shutdown).
+    pub async fn release(&self) -> Result<(), Fenced> {
+        let mut conn = self.pool.acquire().await?;
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET status = 'queued', leased_until = NULL, updated_at = now()
+             WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .execute(&mut *conn)
+        .await?;
+        fenced(done.rows_affected())?;
+        notify(&mut conn, CHANNEL, "").await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: the task goes back to the queue, or, at `max_attempts`
+    /// failures, the task and its job fail.
+    pub async fn fail(
+        &self,
+        error: &str,
+        max_attempts: i32,
+        retention: Duration,
+    ) -> Result<(), Fenced> {
+        let mut tx = self.pool.begin().await?;
+        let failed: Option<bool> = sqlx::query_scalar(concat!(
+            "UPDATE export_tasks
+             SET failures = failures + 1, last_error = $3, leased_until = NULL, updated_at = now(),
+                 status = CASE WHEN failures + 1 >= $4 THEN 'failed' ELSE 'queued' END::task_state
+             WHERE ",
+            held!(),
+            " RETURNING status = 'failed'"
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(error)
+        .bind(max_attempts)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(failed) = failed else {
+            return Err(Fenced::LeaseLost);
+        };
+        if failed {
+            jobs::fail(&mut tx, &[self.task.job_id], retention).await?;
+        }
+        notify(&mut tx, CHANNEL, "").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Reads the task's row again after a fault interrupted the attempt: whatever committed
+    /// before the fault (a part, the finish) is taken as done.
+    pub async fn resume(&mut self) -> Result<Resumed, Fenced> {
+        let row: Option<(TaskState, bool, i64, i32, i32)> = sqlx::query_as(
+            "SELECT status, coalesce(leased_until > now(), false), checkpoint_seq,
+                    checkpoint_version, parts_done
+             FROM export_tasks WHERE id = $1 AND attempt = $2",
+        )
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some((TaskState::Running, true, seq, version, parts)) => {
+                self.task.checkpoint_seq = seq;
+                self.task.checkpoint_version = version;
+                self.task.parts_done = parts;
+                Ok(Resumed::Held)
+            }
+            Some((TaskState::Done, ..)) => Ok(Resumed::Finished),
+            _ => Err(Fenced::LeaseLost),
+        }
+    }
+}
+
+async fn insert_planned(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    planned: &[PlannedTask],
+) -> sqlx::Result<()> {
+    let (mut kinds, mut types, mut starts, mut ends, mut estimates) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for p in planned {
+        kinds.push(p.kind);
+        types.push(p.resource_type.as_str());
+        starts.push(p.range_start);
+        ends.push(p.range_end);
+        estimates.push(p.estimate);
+    }
+    sqlx::query(
+        "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
+         SELECT $1, k, t, s, e, n
+         FROM unnest($2::task_kind[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+             AS p(k, t, s, e, n)",
+    )
+    .bind(job_id)
+    .bind(&kinds)
+    .bind(&types)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&estimates)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Re-queues tasks whose lease ran out (their worker died, froze or was cut off); a task out of
+/// attempts fails its job. Returns how many tasks were rescued.
+pub async fn rescue_expired(
+    pool: &PgPool,
+    max_attempts: i32,
+    retention: Duration,
+) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
+        "UPDATE export_tasks
+         SET failures = failures + 1, leased_until = NULL, updated_at = now(),
+             last_error = 'the worker stopped renewing its lease (crashed, frozen or cut off)',
+             status = CASE WHEN failures + 1 >= $1 THEN 'failed' ELSE 'queued' END::task_state
+         WHERE id IN (SELECT id FROM export_tasks WHERE status = 'running' AND leased_until < now()
+                      FOR UPDATE SKIP LOCKED)
+         RETURNING job_id, status = 'failed'",
+    )
+    .bind(max_attempts)
+    .fetch_all(&mut *tx)
+    .await?;
+    let failed: Vec<Uuid> = rows.iter().filter(|(_, f)| *f).map(|(j, _)| *j).collect();
+    if !failed.is_empty() {
+        jobs::fail(&mut tx, &failed, retention).await?;
+    }
+    if !rows.is_empty() {
+        notify(&mut tx, CHANNEL, "").await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
