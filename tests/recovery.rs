@@ -53,14 +53,6 @@ async fn wait_for_parts(pool: &PgPool, n: i64) {
     }
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 fn assert_exact(
     files: &[OutputFile],
     loaded: &BTreeMap<String, Vec<serde_json::Value>>,
@@ -114,8 +106,7 @@ async fn a_worker_killed_mid_export_is_rescued_with_exact_output() {
 
     let mut doomed = spawn_process(&app, SLOW_WORKER);
     wait_for_parts(&app.pool, 3).await;
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    doomed.kill();
     let before = committed_parts(&app.pool).await;
 
     let _rescuer = app.spawn_sibling(|_| {}).await;
@@ -135,7 +126,7 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
 
     let mut frozen = spawn_process(&app, SLOW_WORKER);
     wait_for_parts(&app.pool, 2).await;
-    signal(&frozen, "-STOP");
+    frozen.signal("-STOP");
 
     let rescuer = app.spawn_sibling(|_| {}).await;
     let manifest = wait_manifest(&app, &status_url).await;
@@ -169,12 +160,11 @@ async fn a_frozen_worker_that_resumes_changes_nothing() {
     let rescued: i32 = max_failures(&app.pool).await;
     assert_eq!(rescued, 1, "the frozen worker's task was rescued");
 
-    signal(&frozen, "-CONT");
+    frozen.signal("-CONT");
     // Long enough for its heartbeat, its next part and its next claim.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = snapshot().await;
-    frozen.kill().unwrap();
-    frozen.wait().unwrap();
+    frozen.kill();
 
     assert_eq!(before.1, after.1, "export_parts changed");
     assert_eq!(before.2, after.2, "export_tasks changed");
@@ -227,9 +217,9 @@ async fn sigterm_stops_gracefully_and_gives_the_task_back() {
     let status_url = kick_off(&app, "/$export?_type=Observation").await;
     let mut server = spawn_process(&app, SLOW_WORKER);
     wait_for_parts(&app.pool, 2).await;
-    signal(&server, "-TERM");
+    server.signal("-TERM");
     let started = std::time::Instant::now();
-    let status = server.wait().unwrap();
+    let status = server.wait();
     assert!(status.success(), "serve exits cleanly on SIGTERM: {status}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // Released, not failed: back in the queue with no failure counted.
@@ -285,8 +275,7 @@ async fn a_killed_worker_resumes_filtered_and_history_tasks_exactly() {
         assert!(std::time::Instant::now() < deadline, "no history part");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    doomed.kill();
     let resumed_at: (i64, i32) = sqlx::query_as(
         "SELECT checkpoint_seq, checkpoint_version FROM export_tasks
          WHERE kind = 'history' AND parts_done > 0 ORDER BY id LIMIT 1",

@@ -53,6 +53,15 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
         .with_context(|| format!("connecting to {}", redact(url)))
 }
 
+/// A write transaction that lost a deadlock or a serialization conflict: it wrote nothing and
+/// can run again.
+pub fn is_write_conflict(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 /// Errors that go away by themselves: a dropped or refused connection (a restart, a failover),
 /// a pool that was briefly exhausted, a serialization failure or deadlock. Worth retrying.
 pub fn is_transient(error: &sqlx::Error) -> bool {

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     auth::{Principal, scopes::Access},
-    db::resources,
+    db::{self, resources},
     fhir::{self, instant, resource},
     store,
 };
@@ -101,17 +101,43 @@ async fn transaction(
         }
     }
 
-    let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by_key(|&i| entries[i].method);
-    let mut responses = vec![Value::Null; entries.len()];
-    let mut slots: Vec<Option<Entry>> = entries.into_iter().map(Some).collect();
+    let writes: Vec<Write> = entries.into_iter().map(Entry::into_write).collect();
+    // FHIR's order (DELETE, POST, PUT); within it a fixed order of resources, so that two
+    // transactions lock what they share in the same order.
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(|&a, &b| writes[a].sort_key().cmp(&writes[b].sort_key()));
+    let mut tries = 0;
+    let responses = loop {
+        tries += 1;
+        match apply_all(state, &writes, &order).await {
+            // Deadlocked with another transaction: nothing was written; go again.
+            Err(e) if tries < 5 && is_write_conflict(&e) => continue,
+            result => break result?,
+        }
+    };
+    Ok(response_bundle("transaction-response", responses))
+}
+
+/// Applies a transaction's writes in `order`, all or nothing.
+async fn apply_all(state: &AppState, writes: &[Write], order: &[usize]) -> ApiResult<Vec<Value>> {
+    let mut responses = vec![Value::Null; writes.len()];
     let mut tx = resources::begin_write(&state.pool).await?;
-    for i in order {
-        let entry = slots[i].take().expect("each entry is applied once");
-        responses[i] = apply(&mut tx, entry).await.map_err(|e| at_entry(i, e))?;
+    for &i in order {
+        responses[i] = apply(&mut tx, &writes[i])
+            .await
+            .map_err(|e| at_entry(i, e))?;
     }
     tx.commit().await?;
-    Ok(response_bundle("transaction-response", responses))
+    Ok(responses)
+}
+
+fn is_write_conflict(error: &ApiError) -> bool {
+    match error {
+        ApiError::Internal(e) => e
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(db::is_write_conflict),
+        ApiError::Outcome { .. } => false,
+    }
 }
 
 async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiResult<Response> {
@@ -119,8 +145,9 @@ async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiR
     for value in raw {
         let result = async {
             let (entry, _) = parse_entry(value, principal)?;
+            let write = entry.into_write();
             let mut tx = resources::begin_write(&state.pool).await?;
-            let response = apply(&mut tx, entry).await?;
+            let response = apply(&mut tx, &write).await?;
             tx.commit().await?;
             Ok::<_, ApiError>(response)
         }
@@ -260,18 +287,49 @@ fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<
     ))
 }
 
-async fn apply(tx: &mut PgConnection, entry: Entry) -> ApiResult<Value> {
-    let Entry {
+/// An entry ready to be written (references resolved, the resource prepared).
+struct Write {
+    method: Method,
+    resource_type: String,
+    id: String,
+    prepared: Option<store::Prepared>,
+    if_match: Option<i32>,
+}
+
+impl Entry {
+    fn into_write(self) -> Write {
+        let prepared = self
+            .resource
+            .map(|r| store::Prepared::new(&self.resource_type, &self.id, r));
+        Write {
+            method: self.method,
+            resource_type: self.resource_type,
+            id: self.id,
+            prepared,
+            if_match: self.if_match,
+        }
+    }
+}
+
+impl Write {
+    fn sort_key(&self) -> (Method, &str, &str) {
+        (self.method, &self.resource_type, &self.id)
+    }
+}
+
+async fn apply(tx: &mut PgConnection, write: &Write) -> ApiResult<Value> {
+    let Write {
         method,
         resource_type,
         id,
-        resource,
+        prepared,
         if_match,
-    } = entry;
+    } = write;
+    let (method, if_match) = (*method, *if_match);
     let location = |v: i32| format!("{resource_type}/{id}/_history/{v}");
-    match (method, resource) {
+    match (method, prepared) {
         (Method::Delete, _) => Ok(
-            match store::delete(tx, &resource_type, &id, if_match).await? {
+            match store::delete(tx, resource_type, id, if_match).await? {
                 Some(w) => json!({"response": {
                     "status": "204 No Content",
                     "etag": format!("W/\"{}\"", w.version_id),
@@ -280,9 +338,8 @@ async fn apply(tx: &mut PgConnection, entry: Entry) -> ApiResult<Value> {
                 None => json!({"response": {"status": "200 OK"}}),
             },
         ),
-        (_, Some(resource)) => {
-            let prepared = store::Prepared::new(&resource_type, &id, resource);
-            let w = store::put(tx, &prepared, if_match).await?;
+        (_, Some(prepared)) => {
+            let w = store::put(tx, prepared, if_match).await?;
             let status = if w.created { "201 Created" } else { "200 OK" };
             Ok(json!({
                 "fullUrl": format!("{resource_type}/{id}"),

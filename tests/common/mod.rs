@@ -395,7 +395,7 @@ pub async fn load_generated(
 }
 
 /// Runs `fhir-export serve` as a separate process on the same database and storage.
-pub fn spawn_process(app: &TestApp, env: &[(&str, &str)]) -> std::process::Child {
+pub fn spawn_process(app: &TestApp, env: &[(&str, &str)]) -> ChildProcess {
     let mut command = std::process::Command::new(binary());
     command
         .arg("serve")
@@ -408,7 +408,55 @@ pub fn spawn_process(app: &TestApp, env: &[(&str, &str)]) -> std::process::Child
     for (k, v) in env {
         command.env(k, v);
     }
-    command.spawn().unwrap()
+    ChildProcess::spawn(&mut command)
+}
+
+/// A child process that cannot outlive its test: dropped (an assertion failed, the test ended),
+/// it is woken if stopped and killed.
+pub struct ChildProcess {
+    child: std::process::Child,
+}
+
+impl ChildProcess {
+    pub fn spawn(command: &mut std::process::Command) -> ChildProcess {
+        ChildProcess {
+            child: command.spawn().expect("the child process starts"),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`-STOP`, `-CONT`, `-TERM`, `-KILL`).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} failed");
+    }
+
+    /// kill -9, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.child.id().to_string()])
+                .status();
+            self.kill();
+        }
+    }
 }
 
 impl TestApp {
