@@ -255,7 +255,9 @@ async fn metadata_is_an_r4_capability_statement() {
 #[tokio::test]
 async fn health_follows_the_database() {
     let app = TestApp::spawn().await;
-    assert_eq!(app.get("/health").await.status(), 200);
+    let healthy = app.get("/health").await;
+    assert_eq!(healthy.status(), 200);
+    assert_eq!(json(healthy).await["workers"], "2 running");
     // Take the database away under the running server.
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&common::admin_url())
         .await

@@ -94,6 +94,16 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
+        // A restart, a failover, a full pool: the client may simply try again.
+        if crate::db::is_transient(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the database is briefly unavailable; try again",
+            )
+            .with_header(header::RETRY_AFTER, "5");
+        }
         // Two requests creating the same new resource at once both try version 1.
         if e.as_database_error().and_then(|d| d.constraint()) == Some("resources_pkey") {
             return ApiError::new(

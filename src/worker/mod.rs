@@ -171,15 +171,10 @@ async fn run_with_retries(
 ) -> Ended {
     let mut backoff = Backoff::new(Duration::from_secs(10));
     loop {
-        let attempt = AssertUnwindSafe(run_kind(context, held, lease, shutdown))
-            .catch_unwind()
-            .await;
-        let error = match attempt {
+        let error = match caught(run_kind(context, held, lease, shutdown)).await {
             Ok(Ok(ended)) => return ended,
             Ok(Err(error)) => error,
-            Err(panic) => {
-                return Ended::Failed(format!("the task panicked: {}", panic_text(&panic)));
-            }
+            Err(panic) => return Ended::Failed(format!("the task panicked: {panic}")),
         };
         if lease_lost(&error) || lease.is_lost() {
             return Ended::LeaseLost;
@@ -259,12 +254,18 @@ fn is_transient(error: &anyhow::Error) -> bool {
     })
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
+/// Runs `task`, turning a panic into its message: one task's bug must not end the worker.
+async fn caught<T>(task: impl Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into())
+        })
 }
 
 /// LISTEN for new tasks (wake idle workers at once) and cancelled jobs (their leases check
@@ -313,5 +314,23 @@ async fn listen_once(
             },
             _ = shutdown.cancelled() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_becomes_its_message() {
+        let id = 7;
+        let failed = caught(async move {
+            if id == 7 {
+                panic!("task {id} broke");
+            }
+        })
+        .await;
+        assert_eq!(failed, Err("task 7 broke".to_string()));
+        assert_eq!(caught(async { 5 }).await, Ok(5));
     }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod keys;
+pub mod services;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -37,28 +38,35 @@ pub fn with_database(url: &str, name: &str) -> String {
 pub struct TestDb {
     pub url: String,
     name: String,
+    admin: String,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::new_on(&admin_url()).await
+    }
+
+    /// On the server of `admin` (a URL of its `postgres` database).
+    pub async fn new_on(admin: &str) -> TestDb {
         let name = format!("fhir_export_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url())
+        let mut conn = PgConnection::connect(admin)
             .await
             .expect("Postgres must answer at DATABASE_URL (scripts/test starts one)");
         sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
+            .execute(&mut conn)
             .await
             .unwrap();
         TestDb {
-            url: with_database(&admin_url(), &name),
+            url: with_database(admin, &name),
             name,
+            admin: admin.to_string(),
         }
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, admin) = (self.name.clone(), self.admin.clone());
         // Drop runs inside the test's runtime: use a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -66,7 +74,7 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                if let Ok(mut admin) = PgConnection::connect(&admin).await {
                     let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
                     let _ = sqlx::query(&sql).execute(&mut admin).await;
                 }
@@ -105,7 +113,11 @@ impl TestApp {
     }
 
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-        let db = TestDb::new().await;
+        TestApp::spawn_on(TestDb::new().await, adjust).await
+    }
+
+    /// An app on a database of the caller's (e.g. on a private cluster).
+    pub async fn spawn_on(db: TestDb, adjust: impl FnOnce(&mut Config)) -> TestApp {
         let storage = tempfile::tempdir().unwrap();
         let mut config = test_config(&db.url, storage.path());
         adjust(&mut config);
@@ -441,6 +453,11 @@ impl ChildProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Has it ended?
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     pub fn wait(&mut self) -> std::process::ExitStatus {
