@@ -2,6 +2,9 @@
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# The image ships a stripped binary (the local release profile keeps line tables for profiling).
+ENV CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_STRIP=true
 # Dependencies first: this layer is rebuilt only when Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
@@ -23,6 +26,8 @@ WORKDIR /app
 COPY --from=build /src/target/release/fhir-export /usr/local/bin/fhir-export
 COPY config/default.toml /app/config/default.toml
 USER fhir
+# Listening on every interface: `serve` refuses that with auth.mode = none unless
+# FHIR_EXPORT_ALLOW_ANONYMOUS=true says an open API is intended (docker-compose.yml does).
 ENV FHIR_EXPORT_LISTEN=0.0.0.0:8080 \
     FHIR_EXPORT_STORAGE_DIR=/app/data/exports
 EXPOSE 8080

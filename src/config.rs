@@ -32,6 +32,16 @@ pub struct ServerConfig {
     /// Base of every absolute URL the server returns; empty means `http://{listen}`.
     pub public_url: String,
     pub max_body_bytes: usize,
+    /// Largest kick-off body (a POST `Parameters`).
+    pub max_kickoff_bytes: usize,
+    /// A client must send a request's headers within this.
+    pub header_read_timeout_secs: u64,
+    /// A request (other than a file download) must be answered within this.
+    pub request_timeout_secs: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Open connections at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -56,6 +66,12 @@ pub struct ExportConfig {
     pub stale_after_secs: u64,
     pub max_attempts: i32,
     pub max_active_jobs: i64,
+    /// Queued + running jobs of one client (all callers are one client without auth).
+    pub max_active_jobs_per_client: i64,
+    /// Most patients a kick-off may name (`patient`).
+    pub max_patients: usize,
+    /// Most `_typeFilter` entries a kick-off may give.
+    pub max_type_filters: usize,
     pub retention_secs: u64,
     pub range_size: i64,
     pub poll_interval_ms: u64,
@@ -76,6 +92,8 @@ pub struct StorageConfig {
     pub kind: StorageKind,
     pub dir: String,
     pub default_container: String,
+    /// Glob patterns (`*`, `?`) a `_container` must match; empty allows any.
+    pub allowed_containers: Vec<String>,
     pub azure: AzureConfig,
 }
 
@@ -99,6 +117,8 @@ pub struct AzureConfig {
     pub credential: AzureCredentialKind,
     pub sas_token: String,
     pub block_size: usize,
+    /// Lifetime of the SAS URLs a manifest hands out (at most; less if the job expires first).
+    pub sas_lifetime_secs: u64,
 }
 
 /// What the manifest's file URLs point at.
@@ -129,6 +149,8 @@ pub enum AuthMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// With mode = none, listen on an address other than loopback all the same.
+    pub allow_anonymous: bool,
     pub token_lifetime_secs: u64,
     /// HMAC key of the access tokens the server issues (smart mode). Empty: a random key per
     /// process, so tokens work only on the replica that issued them.
@@ -196,6 +218,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             mode: AuthMode::None,
+            allow_anonymous: false,
             token_lifetime_secs: 300,
             token_secret: String::new(),
             clients: Vec::new(),
@@ -223,6 +246,11 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".parse().expect("valid literal"),
             public_url: String::new(),
             max_body_bytes: 32 * 1024 * 1024,
+            max_kickoff_bytes: 16 * 1024 * 1024,
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 60,
+            idle_timeout_secs: 60,
+            max_connections: 1024,
         }
     }
 }
@@ -244,6 +272,9 @@ impl Default for ExportConfig {
             stale_after_secs: 600,
             max_attempts: 5,
             max_active_jobs: 16,
+            max_active_jobs_per_client: 4,
+            max_patients: 100_000,
+            max_type_filters: 200,
             retention_secs: 24 * 3600,
             range_size: 20_000,
             poll_interval_ms: 2000,
@@ -259,6 +290,7 @@ impl Default for StorageConfig {
             kind: StorageKind::Filesystem,
             dir: "./data/exports".into(),
             default_container: String::new(),
+            allowed_containers: Vec::new(),
             azure: AzureConfig::default(),
         }
     }
@@ -272,6 +304,7 @@ impl Default for AzureConfig {
             credential: AzureCredentialKind::ManagedIdentity,
             sas_token: String::new(),
             block_size: 4 * 1024 * 1024,
+            sas_lifetime_secs: 3600,
         }
     }
 }
@@ -299,6 +332,26 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     }),
     ("FHIR_EXPORT_MAX_BODY_BYTES", |c, v| {
         c.server.max_body_bytes = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_KICKOFF_BYTES", |c, v| {
+        c.server.max_kickoff_bytes = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_HEADER_READ_TIMEOUT_SECS", |c, v| {
+        c.server.header_read_timeout_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_REQUEST_TIMEOUT_SECS", |c, v| {
+        c.server.request_timeout_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_IDLE_TIMEOUT_SECS", |c, v| {
+        c.server.idle_timeout_secs = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_CONNECTIONS", |c, v| {
+        c.server.max_connections = v.parse()?;
         Ok(())
     }),
     ("FHIR_EXPORT_LOG_FORMAT", |c, v| {
@@ -329,6 +382,18 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.export.max_active_jobs = v.parse()?;
         Ok(())
     }),
+    ("FHIR_EXPORT_MAX_ACTIVE_JOBS_PER_CLIENT", |c, v| {
+        c.export.max_active_jobs_per_client = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_PATIENTS", |c, v| {
+        c.export.max_patients = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_MAX_TYPE_FILTERS", |c, v| {
+        c.export.max_type_filters = v.parse()?;
+        Ok(())
+    }),
     ("FHIR_EXPORT_RETENTION_SECS", |c, v| {
         c.export.retention_secs = v.parse()?;
         Ok(())
@@ -357,6 +422,15 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.storage.default_container = v.into();
         Ok(())
     }),
+    ("FHIR_EXPORT_ALLOWED_CONTAINERS", |c, v| {
+        c.storage.allowed_containers = v
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        Ok(())
+    }),
     ("FHIR_EXPORT_OUTPUT_URLS", |c, v| {
         c.export.output_urls = parse_enum(v)?;
         Ok(())
@@ -381,8 +455,16 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.storage.azure.block_size = v.parse()?;
         Ok(())
     }),
+    ("FHIR_EXPORT_AZURE_SAS_LIFETIME_SECS", |c, v| {
+        c.storage.azure.sas_lifetime_secs = v.parse()?;
+        Ok(())
+    }),
     ("FHIR_EXPORT_AUTH_MODE", |c, v| {
         c.auth.mode = parse_enum(v)?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_ALLOW_ANONYMOUS", |c, v| {
+        c.auth.allow_anonymous = v.parse().context("true or false")?;
         Ok(())
     }),
     ("FHIR_EXPORT_AUTH_TOKEN_LIFETIME_SECS", |c, v| {
@@ -475,6 +557,24 @@ impl Config {
             }
         } else if self.export.output_urls != OutputUrls::Server {
             bail!("export.output_urls = blob or sas needs storage.kind = azure");
+        }
+        let server = &self.server;
+        if server.header_read_timeout_secs == 0
+            || server.request_timeout_secs == 0
+            || server.idle_timeout_secs == 0
+        {
+            bail!("server timeouts must be at least 1 second");
+        }
+        if server.max_connections == 0 {
+            bail!("server.max_connections must be at least 1");
+        }
+        if e.max_active_jobs < 1 || e.max_active_jobs_per_client < 1 {
+            bail!(
+                "export.max_active_jobs and export.max_active_jobs_per_client must be at least 1"
+            );
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.storage.azure.sas_lifetime_secs) {
+            bail!("storage.azure.sas_lifetime_secs must be between 60 and 604800");
         }
         self.validate_auth()?;
         if !self.storage.default_container.is_empty() {

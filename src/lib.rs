@@ -32,6 +32,7 @@ pub struct Server {
 impl Server {
     /// Connects to the database (creating it if missing), applies migrations and binds.
     pub async fn build(config: Config) -> anyhow::Result<Server> {
+        refuse_open_api(&config)?;
         let workers = config.export.workers as u32;
         let pools = Pools::connect(&config.database.url, config.max_connections(), workers).await?;
         db::migrate(&pools.primary).await?;
@@ -70,6 +71,7 @@ impl Server {
             base_url: base_url.into(),
             auth: Arc::new(auth),
             liveness: Arc::new(liveness),
+            storage_health: Arc::default(),
         };
         Ok(Server {
             listener,
@@ -99,15 +101,29 @@ impl Server {
             state.liveness.clone(),
         );
         let mut workers = worker::spawn(context, shutdown.clone());
+        let server_config = state.config.server.clone();
         let router = http::router(state);
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("HTTP server failed");
+        http::serve::serve(listener, router, &server_config, shutdown.clone()).await;
         shutdown.cancel();
         while workers.join_next().await.is_some() {}
-        served
+        Ok(())
     }
+}
+
+/// Without auth, the API lets anyone who reaches it read and write everything: only on a
+/// loopback address, unless the operator says that is intended.
+fn refuse_open_api(config: &Config) -> anyhow::Result<()> {
+    let open = config.auth.mode == config::AuthMode::None && !config.auth.allow_anonymous;
+    if open && !config.server.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} with auth.mode = none: anyone who can reach it could read \
+             and write every resource. Listen on a loopback address, set auth.mode to smart or \
+             external, or set auth.allow_anonymous = true (FHIR_EXPORT_ALLOW_ANONYMOUS=true) if an \
+             open API is intended",
+            config.server.listen
+        );
+    }
+    Ok(())
 }
 
 /// `fhir-export serve`: runs until SIGTERM or ctrl-c.

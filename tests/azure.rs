@@ -376,9 +376,18 @@ async fn storage_that_refuses_writes_fails_the_job_instead_of_leaving_it_stuck()
     loop {
         let response = app.client.get(&url).send().await.unwrap();
         if response.status() == 500 {
+            // The client gets a correlation id; the cause is for the operator.
             let message = assert_outcome(response, 500).await;
-            assert!(message.contains("authorization failed"), "{message}");
-            assert!(message.contains("2 attempts"), "{message}");
+            assert!(message.contains("correlation id"), "{message}");
+            assert!(!message.contains("authorization"), "{message}");
+            let (error, error_id): (String, uuid::Uuid) =
+                sqlx::query_as("SELECT error, error_id FROM export_jobs")
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap();
+            assert!(message.contains(&error_id.to_string()), "{message}");
+            assert!(error.contains("authorization failed"), "{error}");
+            assert!(error.contains("2 attempts"), "{error}");
             break;
         }
         assert_eq!(response.status(), 202);

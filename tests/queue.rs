@@ -39,7 +39,7 @@ async fn expire_and_rescue(app: &TestApp, held: &HeldTask, max_attempts: i32) {
     let rescued = tasks::rescue_expired(&app.pool, max_attempts, RETENTION)
         .await
         .unwrap();
-    assert_eq!(rescued, 1);
+    assert_eq!(rescued.tasks, 1);
 }
 
 /// Every row of the queue, as text.
@@ -147,20 +147,30 @@ async fn a_retried_part_reserves_the_same_number() {
 async fn running_out_of_attempts_fails_the_job_with_an_operation_outcome() {
     let app = api_only(2).await;
     let status_url = kick_off(&app, "/$export?_type=Patient").await;
-    claim(&app)
+    let failed = claim(&app)
         .await
         .fail("the first cause", 2, RETENTION)
         .await
         .unwrap();
+    assert!(failed.is_none(), "one failure of two");
     let polled = app.client.get(&status_url).send().await.unwrap();
     assert_eq!(polled.status(), 202, "one failure of two: still running");
-    claim(&app)
+    let failed = claim(&app)
         .await
         .fail("the second cause", 2, RETENTION)
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the job failed");
+    assert!(
+        failed.error.contains("the second cause"),
+        "{}",
+        failed.error
+    );
+    // The client sees the correlation id, not the cause.
     let message = assert_outcome(app.client.get(&status_url).send().await.unwrap(), 500).await;
     assert!(message.contains("export failed"), "{message}");
+    assert!(message.contains(&failed.error_id.to_string()), "{message}");
+    assert!(!message.contains("the second cause"), "{message}");
     let (state, error): (String, String) =
         sqlx::query_as("SELECT status::text, error FROM export_jobs")
             .fetch_one(&app.pool)

@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::Jwk};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use tokio::sync::OnceCell;
 
 use super::{Principal, jwks::KeySource, scopes::Scope, scopes::Scopes};
 use crate::config::ExternalAuthConfig;
@@ -25,54 +24,41 @@ const ALGORITHMS: &[Algorithm] = &[
 pub struct ExternalIssuer {
     issuer: String,
     audience: String,
-    jwks_url: String,
-    /// Found from the issuer's OpenID configuration on first use (the issuer may be down at
-    /// startup).
-    keys: OnceCell<KeySource>,
+    /// From `jwks_url`, or the issuer's OpenID configuration (read on first use: the issuer
+    /// may be down at startup).
+    keys: KeySource,
     client_claim: String,
     scope_claims: Vec<String>,
     scope_map: BTreeMap<String, Vec<String>>,
 }
 
 impl ExternalIssuer {
-    pub fn new(config: &ExternalAuthConfig) -> ExternalIssuer {
+    pub fn new(config: &ExternalAuthConfig, http: &reqwest::Client) -> ExternalIssuer {
+        let keys = if config.jwks_url.is_empty() {
+            KeySource::of_issuer(http, &config.issuer)
+        } else {
+            KeySource::remote(http, &config.jwks_url)
+        };
         ExternalIssuer {
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
-            jwks_url: config.jwks_url.clone(),
-            keys: OnceCell::new(),
+            keys,
             client_claim: config.client_claim.clone(),
             scope_claims: config.scope_claims.clone(),
             scope_map: config.scope_map.clone(),
         }
     }
 
-    async fn keys(&self, http: &reqwest::Client) -> anyhow::Result<&KeySource> {
-        self.keys
-            .get_or_try_init(|| async {
-                let url = if self.jwks_url.is_empty() {
-                    discover_jwks_uri(http, &self.issuer).await?
-                } else {
-                    self.jwks_url.clone()
-                };
-                Ok(KeySource::remote(&url))
-            })
-            .await
-    }
-
-    async fn find_key(&self, http: &reqwest::Client, kid: &str) -> anyhow::Result<Option<Jwk>> {
-        self.keys(http).await?.find(http, kid).await
-    }
-
     /// The caller a token names, or why it is refused (for the 401's description).
-    pub async fn verify(&self, http: &reqwest::Client, token: &str) -> Result<Principal, String> {
+    pub async fn verify(&self, token: &str) -> Result<Principal, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| "not a signed JWT")?;
         if !ALGORITHMS.contains(&header.alg) {
             return Err("the token's signing algorithm is not accepted".into());
         }
         let kid = header.kid.ok_or("the token has no kid")?;
         let jwk = self
-            .find_key(http, &kid)
+            .keys
+            .find(&kid)
             .await
             .map_err(|e| {
                 tracing::warn!(issuer = %self.issuer, error = %e, "issuer keys unavailable");
@@ -117,23 +103,4 @@ impl ExternalIssuer {
         }
         Scopes::from_scopes(granted)
     }
-}
-
-async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> anyhow::Result<String> {
-    let url = format!(
-        "{}/.well-known/openid-configuration",
-        issuer.trim_end_matches('/')
-    );
-    let document: Value = http
-        .get(&url)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    document
-        .get("jwks_uri")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| anyhow::anyhow!("{url} names no jwks_uri"))
 }

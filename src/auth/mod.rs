@@ -33,26 +33,25 @@ pub struct Auth {
     mode: AuthMode,
     smart: Option<smart::SmartServer>,
     external: Option<external::ExternalIssuer>,
-    /// Fetches key sets and OpenID configurations.
-    http: reqwest::Client,
 }
 
 impl Auth {
     pub fn new(config: &AuthConfig, base_url: &str) -> anyhow::Result<Auth> {
+        // Fetches key sets and OpenID configurations. Short: a refresh runs in the background,
+        // but a first fetch keeps its caller waiting.
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(5))
             .build()?;
         Ok(Auth {
             mode: config.mode,
             smart: match config.mode {
-                AuthMode::Smart => Some(smart::SmartServer::new(config, base_url)?),
+                AuthMode::Smart => Some(smart::SmartServer::new(config, base_url, &http)?),
                 _ => None,
             },
             external: match config.mode {
-                AuthMode::External => Some(external::ExternalIssuer::new(&config.external)),
+                AuthMode::External => Some(external::ExternalIssuer::new(&config.external, &http)),
                 _ => None,
             },
-            http,
         })
     }
 
@@ -63,10 +62,6 @@ impl Auth {
     /// This server's authorization server, in smart mode.
     pub fn smart(&self) -> Option<&smart::SmartServer> {
         self.smart.as_ref()
-    }
-
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
     }
 
     /// The caller a request's bearer token names; `Err` says why there is none.
@@ -81,7 +76,7 @@ impl Auth {
                 .ok_or_else(|| "the access token is invalid or expired".to_string());
         }
         match &self.external {
-            Some(external) => external.verify(&self.http, token).await,
+            Some(external) => external.verify(token).await,
             None => Err("no token issuer is configured".into()),
         }
     }

@@ -94,11 +94,15 @@ struct AccessClaims {
 }
 
 impl SmartServer {
-    pub fn new(config: &AuthConfig, base_url: &str) -> anyhow::Result<SmartServer> {
+    pub fn new(
+        config: &AuthConfig,
+        base_url: &str,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<SmartServer> {
         let mut clients = HashMap::new();
         for c in &config.clients {
             let keys = if c.jwks.is_empty() {
-                KeySource::remote(&c.jwks_url)
+                KeySource::remote(http, &c.jwks_url)
             } else {
                 KeySource::inline(&c.jwks)
                     .map_err(|e| anyhow::anyhow!("auth client '{}': {e}", c.id))?
@@ -137,7 +141,6 @@ impl SmartServer {
     pub async fn token(
         &self,
         pool: &PgPool,
-        http: &reqwest::Client,
         form: &HashMap<String, String>,
     ) -> Result<TokenResponse, TokenError> {
         let field = |name: &str| form.get(name).map(String::as_str).filter(|v| !v.is_empty());
@@ -159,10 +162,12 @@ impl SmartServer {
             .ok_or_else(|| TokenError::InvalidClient("client_assertion is required".into()))?;
         let requested =
             field("scope").ok_or_else(|| TokenError::InvalidRequest("scope is required".into()))?;
-        let (client_id, client, expires) = self.authenticate(http, assertion).await?;
+        let (client_id, client, expires) = self.authenticate(assertion).await?;
 
-        // Each assertion works once: its jti is remembered until it expires.
-        if !db::assertions::record(pool, &client_id, &expires.jti, expires.exp).await? {
+        // Each assertion works once: its jti is remembered as long as the assertion could be
+        // accepted (its expiry plus the leeway).
+        let remembered_until = expires.exp.saturating_add(LEEWAY_SECS);
+        if !db::assertions::record(pool, &client_id, &expires.jti, remembered_until).await? {
             return Err(TokenError::InvalidClient(
                 "this client assertion (jti) was used before".into(),
             ));
@@ -200,11 +205,7 @@ impl SmartServer {
 
     /// Checks a client assertion: a known client, a key of its set, the signature, `iss` = `sub`
     /// = client id, `aud` = the token URL, an `exp` at most five minutes ahead, a `jti`.
-    async fn authenticate(
-        &self,
-        http: &reqwest::Client,
-        assertion: &str,
-    ) -> Result<(String, &Client, Expiry), TokenError> {
+    async fn authenticate(&self, assertion: &str) -> Result<(String, &Client, Expiry), TokenError> {
         let invalid = |why: &str| TokenError::InvalidClient(why.to_string());
         let header = jsonwebtoken::decode_header(assertion)
             .map_err(|_| invalid("client_assertion is not a signed JWT"))?;
@@ -233,7 +234,7 @@ impl SmartServer {
             .ok_or_else(|| invalid("unknown client"))?;
         let jwk = client
             .keys
-            .find(http, &kid)
+            .find(&kid)
             .await
             .map_err(|e| {
                 tracing::warn!(client = %client_id, error = %e, "client key set unavailable");

@@ -51,9 +51,9 @@ pub struct JobSpec {
     pub since: Option<DateTime<Utc>>,
     /// Types to export; empty means every type that has data.
     pub types: Vec<String>,
-    /// The patients a Patient or Group export reads (Group members, narrowed by `patient`);
-    /// None: every patient.
-    pub patient_ids: Option<Vec<String>>,
+    /// The job reads only the patients stored with it (Group members, narrowed by `patient`);
+    /// otherwise every patient.
+    pub named_patients: bool,
     /// Group export: the Groups walked, which are not exported themselves.
     pub excluded_groups: Vec<String>,
     /// `_elements` entries: `element` or `Type.element`.
@@ -85,12 +85,14 @@ pub struct Job {
     pub status: JobState,
     #[sqlx(flatten)]
     pub spec: JobSpec,
+    /// Why it failed (for operators; clients see `error_id` only).
     pub error: Option<String>,
+    pub error_id: Option<Uuid>,
     pub finished_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, patient_ids, \
+const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
     container, own_container, folder, part_size, part_max_bytes, range_size, created_at";
 
@@ -145,18 +147,60 @@ pub async fn now(pool: &PgPool) -> sqlx::Result<DateTime<Utc>> {
         .await
 }
 
-/// Jobs queued or running.
-pub async fn count_active(pool: &PgPool) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM export_jobs WHERE status IN ('queued', 'running')")
-        .fetch_one(pool)
-        .await
+/// Jobs queued or running: all of them, and those of `owner`.
+pub async fn active_counts<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    owner: Option<&str>,
+) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE owner IS NOT DISTINCT FROM $1)
+         FROM export_jobs WHERE status IN ('queued', 'running')",
+    )
+    .bind(owner)
+    .fetch_one(conn)
+    .await
 }
 
-/// Stores a job with its plan task and wakes the workers. Must run after `now()` gave the
-/// transaction time: the writers recorded here are those still open after it, which include
-/// every writer that could stamp a version at or before it.
-pub async fn create(pool: &PgPool, id: Uuid, spec: &JobSpec) -> sqlx::Result<()> {
+/// How many jobs may be queued or running at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub total: i64,
+    pub per_client: i64,
+}
+
+/// Whether a kick-off got a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Accepted,
+    /// `Quota::total` jobs are active.
+    Busy,
+    /// The client has `Quota::per_client` jobs active.
+    ClientBusy,
+}
+
+/// Stores a job with its plan task (and the patients it reads, if named) and wakes the
+/// workers, if the quota admits it. Admission is atomic: kick-offs take turns at the count, so
+/// no burst gets past either limit. Must run after `now()` gave the transaction time: the
+/// writers recorded here are those still open after it, which include every writer that could
+/// stamp a version at or before it.
+pub async fn create(
+    pool: &PgPool,
+    id: Uuid,
+    spec: &JobSpec,
+    patients: &[String],
+    quota: Quota,
+) -> sqlx::Result<Admission> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fhir-export admission', 0))")
+        .execute(&mut *tx)
+        .await?;
+    let (total, own) = active_counts(&mut *tx, spec.owner.as_deref()).await?;
+    if total >= quota.total {
+        return Ok(Admission::Busy);
+    }
+    if own >= quota.per_client {
+        return Ok(Admission::ClientBusy);
+    }
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
@@ -168,7 +212,7 @@ pub async fn create(pool: &PgPool, id: Uuid, spec: &JobSpec) -> sqlx::Result<()>
     .bind(spec.transaction_time)
     .bind(spec.since)
     .bind(&spec.types)
-    .bind(&spec.patient_ids)
+    .bind(spec.named_patients)
     .bind(&spec.excluded_groups)
     .bind(&spec.elements)
     .bind(&spec.type_filters)
@@ -185,12 +229,22 @@ pub async fn create(pool: &PgPool, id: Uuid, spec: &JobSpec) -> sqlx::Result<()>
     .bind(spec.created_at)
     .execute(&mut *tx)
     .await?;
+    if !patients.is_empty() {
+        sqlx::query(
+            "INSERT INTO export_job_patients (job_id, patient_id) SELECT $1, unnest($2::text[])",
+        )
+        .bind(id)
+        .bind(patients)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")
         .bind(id)
         .execute(&mut *tx)
         .await?;
     tasks::notify(&mut tx, tasks::CHANNEL, "").await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(Admission::Accepted)
 }
 
 /// How many of the writers recorded at a job's kick-off are still open.
@@ -205,7 +259,7 @@ pub async fn writers_remaining(pool: &PgPool, id: Uuid) -> sqlx::Result<i64> {
 }
 
 fn job_columns() -> String {
-    format!("id, status, {SPEC_COLUMNS}, error, finished_at, expires_at")
+    format!("id, status, {SPEC_COLUMNS}, error, error_id, finished_at, expires_at")
 }
 
 /// A job its owner can still see: not cancelled, not expired. Other callers see nothing.
@@ -330,26 +384,36 @@ pub(super) async fn complete_if_all_done(
     Ok(())
 }
 
-/// Fails jobs whose task ran out of attempts, naming that task's last error, and stops their
-/// other tasks.
+/// A job that failed: its correlation id and the cause, for the one log line that reports it.
+#[derive(Debug, Clone, FromRow)]
+pub struct FailedJob {
+    pub id: Uuid,
+    pub error_id: Uuid,
+    pub error: String,
+}
+
+/// Fails jobs whose task ran out of attempts, naming that task's last error under a new
+/// correlation id, and stops their other tasks.
 pub(super) async fn fail(
     conn: &mut PgConnection,
     ids: &[Uuid],
     retention: Duration,
-) -> sqlx::Result<()> {
-    sqlx::query(
+) -> sqlx::Result<Vec<FailedJob>> {
+    let failed: Vec<FailedJob> = sqlx::query_as(
         "UPDATE export_jobs j
          SET status = 'failed', finished_at = now(),
              expires_at = now() + make_interval(secs => $2),
+             error_id = gen_random_uuid(),
              error = (SELECT 'export of ' || coalesce(t.resource_type, 'the plan') || ' failed after '
                              || t.failures || ' attempts: ' || coalesce(t.last_error, 'unknown error')
                       FROM export_tasks t WHERE t.job_id = j.id AND t.status = 'failed'
                       ORDER BY t.id LIMIT 1)
-         WHERE j.id = ANY($1) AND j.status IN ('queued', 'running')",
+         WHERE j.id = ANY($1) AND j.status IN ('queued', 'running')
+         RETURNING j.id, j.error_id, coalesce(j.error, 'unknown error') AS error",
     )
     .bind(ids)
     .bind(secs(retention))
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
     sqlx::query(
         "UPDATE export_tasks SET status = 'cancelled'
@@ -358,7 +422,7 @@ pub(super) async fn fail(
     .bind(ids)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(failed)
 }
 
 /// Serializes the "was this the last task?" check of tasks finishing at the same moment.

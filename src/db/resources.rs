@@ -303,6 +303,33 @@ fn push_escaped(buf: &mut Vec<u8>, text: &str) {
     buf.extend_from_slice(&bytes[start..]);
 }
 
+/// The current live versions of some resources of one type: (id, body). One query.
+pub async fn read_current_many(
+    pool: &PgPool,
+    resource_type: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT id, body FROM resources
+         WHERE resource_type = $1 AND id = ANY($2) AND is_current AND body IS NOT NULL",
+    )
+    .bind(resource_type)
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// Which of `ids` are live Patients. One query.
+pub async fn existing_patients(pool: &PgPool, ids: &[String]) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT id FROM resources
+         WHERE resource_type = 'Patient' AND id = ANY($1) AND is_current AND body IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
 /// The current version of a resource.
 pub async fn read_current(
     pool: &PgPool,
@@ -349,13 +376,14 @@ fn version_from_row(row: sqlx::postgres::PgRow) -> Version {
 
 /// Which patients' compartments an export reads.
 #[derive(Debug, Clone, Copy)]
-pub enum PatientFilter<'a> {
+pub enum PatientFilter {
     /// Every resource (system export).
     None,
     /// Resources in any patient's compartment (Patient export).
     AnyPatient,
-    /// Resources in these patients' compartments (Group export).
-    Patients(&'a [String]),
+    /// Resources in the compartments of the patients stored with this job
+    /// (`export_job_patients`: Group members, or the `patient` parameter).
+    JobPatients(uuid::Uuid),
 }
 
 /// Which rows of the snapshot an export task reads.
@@ -382,7 +410,7 @@ pub struct Selection<'a> {
     pub transaction_time: DateTime<Utc>,
     pub since: Option<DateTime<Utc>>,
     /// Live and Deleted rows only; older versions are a system-level export's.
-    pub patients: PatientFilter<'a>,
+    pub patients: PatientFilter,
     pub excluded_ids: &'a [String],
     pub rows: Rows,
     /// `_typeFilter` narrowing SQL can do: these ids only.
@@ -401,8 +429,8 @@ pub struct Position {
 
 /// The snapshot page queries; every one returns `(seq, body, id, version_id)` in page order.
 /// Parameters: $1 type, $2 after seq, $3 last seq, $4 transaction time, $5 since, $6 limit,
-/// $7 excluded ids, $8 patient ids, $9 filter ids, $10/$11 filter last_updated bounds,
-/// $12 after version, $13 skip last states.
+/// $7 excluded ids, $8 the job (whose patients), $9 filter ids, $10/$11 filter last_updated
+/// bounds, $12 after version, $13 skip last states.
 ///
 /// Live and Deleted: most rows come straight from their current version (first branch); rows
 /// changed after the transaction time take their latest version at that time from the history
@@ -417,8 +445,10 @@ fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str {
                 "AND cardinality(h.patient_ids) > 0",
             ),
             (
-                "AND patient_ids && $8::text[]",
-                "AND h.patient_ids && $8::text[]",
+                "AND EXISTS (SELECT 1 FROM export_job_patients m
+                             WHERE m.job_id = $8 AND m.patient_id = ANY(patient_ids))",
+                "AND EXISTS (SELECT 1 FROM export_job_patients m
+                             WHERE m.job_id = $8 AND m.patient_id = ANY(h.patient_ids))",
             ),
         ];
         let narrow = |alias: &str, updated: &str| {
@@ -490,7 +520,7 @@ fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str {
     let filter = match patients {
         PatientFilter::None => 0,
         PatientFilter::AnyPatient => 1,
-        PatientFilter::Patients(_) => 2,
+        PatientFilter::JobPatients(_) => 2,
     };
     match rows {
         Rows::Live => &SQL[filter * 2],
@@ -508,9 +538,9 @@ pub fn snapshot_page<'c>(
     after: Position,
     limit: i64,
 ) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
-    let patient_ids = match selection.patients {
-        PatientFilter::Patients(ids) => ids,
-        _ => &[],
+    let job = match selection.patients {
+        PatientFilter::JobPatients(job) => Some(job),
+        PatientFilter::None | PatientFilter::AnyPatient => None,
     };
     let skip_last_state = matches!(
         selection.rows,
@@ -529,7 +559,7 @@ pub fn snapshot_page<'c>(
         .bind(selection.since)
         .bind(limit)
         .bind(selection.excluded_ids)
-        .bind(patient_ids)
+        .bind(job)
         .bind(selection.ids)
         .bind(selection.updated_from)
         .bind(selection.updated_before)

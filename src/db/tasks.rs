@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::jobs::{self, secs};
+use super::jobs::{self, FailedJob, secs};
 
 /// The NOTIFY channel that wakes idle workers.
 pub const CHANNEL: &str = "fhir_export_tasks";
@@ -337,13 +337,13 @@ impl HeldTask {
     }
 
     /// Records a failed attempt: the task goes back to the queue, or, at `max_attempts`
-    /// failures, the task and its job fail.
+    /// failures, the task and its job fail (returned).
     pub async fn fail(
         &self,
         error: &str,
         max_attempts: i32,
         retention: Duration,
-    ) -> Result<(), Fenced> {
+    ) -> Result<Option<FailedJob>, Fenced> {
         let mut tx = self.pool.begin().await?;
         let failed: Option<bool> = sqlx::query_scalar(concat!(
             "UPDATE export_tasks
@@ -362,12 +362,16 @@ impl HeldTask {
         let Some(failed) = failed else {
             return Err(Fenced::LeaseLost);
         };
-        if failed {
-            jobs::fail(&mut tx, &[self.task.job_id], retention).await?;
-        }
+        let job = if failed {
+            jobs::fail(&mut tx, &[self.task.job_id], retention)
+                .await?
+                .pop()
+        } else {
+            None
+        };
         notify(&mut tx, CHANNEL, "").await?;
         tx.commit().await?;
-        Ok(())
+        Ok(job)
     }
 
     /// Reads the task's row again after a fault interrupted the attempt: whatever committed
@@ -426,13 +430,21 @@ async fn insert_planned(
     Ok(())
 }
 
+/// What a rescue did.
+#[derive(Debug, Default)]
+pub struct Rescued {
+    pub tasks: u64,
+    /// Jobs whose rescued task was out of attempts.
+    pub failed: Vec<FailedJob>,
+}
+
 /// Re-queues tasks whose lease ran out (their worker died, froze or was cut off); a task out of
-/// attempts fails its job. Returns how many tasks were rescued.
+/// attempts fails its job.
 pub async fn rescue_expired(
     pool: &PgPool,
     max_attempts: i32,
     retention: Duration,
-) -> sqlx::Result<u64> {
+) -> sqlx::Result<Rescued> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "UPDATE export_tasks
@@ -447,12 +459,17 @@ pub async fn rescue_expired(
     .fetch_all(&mut *tx)
     .await?;
     let failed: Vec<Uuid> = rows.iter().filter(|(_, f)| *f).map(|(j, _)| *j).collect();
-    if !failed.is_empty() {
-        jobs::fail(&mut tx, &failed, retention).await?;
-    }
+    let failed = if failed.is_empty() {
+        Vec::new()
+    } else {
+        jobs::fail(&mut tx, &failed, retention).await?
+    };
     if !rows.is_empty() {
         notify(&mut tx, CHANNEL, "").await?;
     }
     tx.commit().await?;
-    Ok(rows.len() as u64)
+    Ok(Rescued {
+        tasks: rows.len() as u64,
+        failed,
+    })
 }

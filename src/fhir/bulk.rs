@@ -1,6 +1,8 @@
 //! Bulk Data `$export` kick-off parameters (HL7 Bulk Data Access IG v2.0.0): parsing and
 //! validation, whether they came from a query string or a `Parameters` body.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -51,6 +53,13 @@ pub fn parse(
             Err(why)
         }
     };
+    // Everything is de-duplicated through sets: one pass, whatever the number of entries.
+    let (mut types, mut elements, mut patients, mut filters) = (
+        HashSet::new(),
+        HashSet::new(),
+        HashSet::new(),
+        HashSet::new(),
+    );
     for (name, value) in params {
         match name.as_str() {
             "_outputFormat" => {
@@ -65,7 +74,7 @@ pub fn parse(
                 for t in value.split(',').map(str::trim) {
                     if !is_resource_type(t) {
                         ignore(&mut out, format!("_type '{t}' is not an R4 resource type"))?;
-                    } else if !out.types.iter().any(|x| x == t) {
+                    } else if types.insert(t) {
                         out.types.push(t.to_string());
                     }
                 }
@@ -84,7 +93,7 @@ pub fn parse(
             "_elements" => {
                 for entry in value.split(',').map(str::trim) {
                     super::elements::validate(entry)?;
-                    if !out.elements.iter().any(|e| e == entry) {
+                    if elements.insert(entry) {
                         out.elements.push(entry.to_string());
                     }
                 }
@@ -97,13 +106,16 @@ pub fn parse(
                     let id = super::compartment::patient_id(reference).ok_or_else(|| {
                         format!("patient '{reference}' is not a Patient reference")
                     })?;
-                    if !out.patients.iter().any(|p| p == id) {
+                    if patients.insert(id) {
                         out.patients.push(id.to_string());
                     }
                 }
             }
             "_typeFilter" => {
                 for entry in type_filter::split_entries(value) {
+                    if !filters.insert(entry) {
+                        continue; // the same entry twice filters the same
+                    }
                     match type_filter::Query::parse(entry, base_url, now) {
                         Ok(_) => out.type_filters.push(entry.to_string()),
                         Err(why) => ignore(&mut out, why)?,

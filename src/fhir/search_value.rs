@@ -350,17 +350,26 @@ impl NumberValue {
             .ok()
             .filter(|n: &f64| n.is_finite())
             .ok_or_else(|| format!("'{number}' is not a number"))?;
-        let exponent: i32 = match number.split_once(['e', 'E']) {
-            Some((_, e)) => e
-                .parse()
-                .map_err(|_| format!("'{number}' is not a number"))?,
+        // An f64 spans about 10^±308: beyond ±400 a step is 0 or infinite whatever the exact
+        // exponent, so clamping keeps huge exponents (`1e-2147483648`) from overflowing.
+        let exponent: i64 = match number.split_once(['e', 'E']) {
+            Some((_, e)) => e.parse::<i64>().map(|e| e.clamp(-400, 400)).or_else(|_| {
+                // More digits than an i64: only the sign matters.
+                let digits = e.trim_start_matches(['+', '-']);
+                if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                    Ok(if e.starts_with('-') { -400 } else { 400 })
+                } else {
+                    Err(format!("'{number}' is not a number"))
+                }
+            })?,
             None => 0,
         };
-        let decimals = mantissa.split_once('.').map_or(0, |(_, d)| d.len()) as i32;
+        let decimals = mantissa.split_once('.').map_or(0, |(_, d)| d.len()) as i64;
+        let step_exponent = (exponent - decimals).clamp(-400, 400) as i32;
         Ok(NumberValue {
             prefix,
             number: parsed,
-            half_step: 0.5 * 10f64.powi(exponent - decimals),
+            half_step: 0.5 * 10f64.powi(step_exponent),
             system,
             code,
         })
@@ -612,6 +621,16 @@ mod tests {
         assert!(n("ge10").matches(&json!({"low": {"value": 5}, "high": {"value": 15}})));
         assert!(NumberValue::parse("abc", false).is_err());
         assert!(NumberValue::parse("5|mg", true).is_err());
+        // Extreme exponents: no overflow, and a tiny step does not match everything.
+        let tiny = n("1.5e-2147483648");
+        assert_eq!(tiny.half_step, 0.0);
+        assert!(!tiny.matches(&q));
+        assert!(!n("1.5e-99999999999999999999999").matches(&json!(0)));
+        assert!(
+            NumberValue::parse("1e+2147483647", true).is_err(),
+            "not finite"
+        );
+        assert!(NumberValue::parse("1e--5", true).is_err());
     }
 
     #[test]

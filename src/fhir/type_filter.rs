@@ -28,16 +28,22 @@ const RESULT_PARAMETERS: &[&str] = &[
 ];
 
 /// Splits one `_typeFilter` value into its entries. Only a comma that starts a new
-/// `Type?` entry separates; any other comma belongs to the query (`code=a,b`).
+/// `Type?` entry separates; any other comma belongs to the query (`code=a,b`). One pass: after
+/// each comma only the letters up to the next non-letter are looked at.
 pub fn split_entries(value: &str) -> Vec<&str> {
     let value = value.trim().trim_end_matches(',');
+    let bytes = value.as_bytes();
     let mut entries = Vec::new();
     let mut start = 0;
     for (i, _) in value.match_indices(',') {
-        let rest = &value[i + 1..];
-        let starts_entry = rest
-            .split_once('?')
-            .is_some_and(|(t, _)| is_resource_type(t.trim()));
+        let rest = &bytes[i + 1..];
+        let spaces = rest.iter().take_while(|b| **b == b' ').count();
+        let name = rest[spaces..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric())
+            .count();
+        let starts_entry = rest.get(spaces + name) == Some(&b'?')
+            && is_resource_type(&value[i + 1 + spaces..i + 1 + spaces + name]);
         if starts_entry {
             entries.push(value[start..i].trim());
             start = i + 1;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use axum::{
     Json, Router,
     body::Bytes,
+    extract::DefaultBodyLimit,
     extract::{Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
@@ -21,10 +22,14 @@ use crate::auth::{
     smart::{ASSERTION_ALGORITHMS, TokenError},
 };
 
+/// A token request is a small form.
+const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/.well-known/smart-configuration", get(smart_configuration))
         .route("/auth/token", post(token))
+        .layer(DefaultBodyLimit::max(TOKEN_BODY_LIMIT))
 }
 
 /// Puts the caller (`Principal`) into the request, or answers 401.
@@ -121,7 +126,7 @@ async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
         );
     }
     let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
-    match smart.token(&state.pool, state.auth.http(), &form).await {
+    match smart.token(&state.pool, &form).await {
         Ok(granted) => no_store(Json(granted).into_response()),
         Err(error) => {
             let status = match &error {

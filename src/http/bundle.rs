@@ -153,10 +153,10 @@ async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiR
         }
         .await;
         responses.push(result.unwrap_or_else(|e| {
-            let status = e.log();
+            let (status, issue) = e.report();
             json!({"response": {
                 "status": status_line(status),
-                "outcome": fhir::outcome::operation_outcome(&[e.issue()]),
+                "outcome": fhir::outcome::operation_outcome(&[issue]),
             }})
         }));
     }

@@ -69,26 +69,27 @@ impl ApiError {
         }
     }
 
-    /// The issue this error reports (internal details replaced by a generic message).
-    pub fn issue(&self) -> Issue {
-        match self {
+    /// Logs an internal error (once, here, with its details under a new correlation id) and
+    /// returns the client-facing status and issue: a generic message naming only that id.
+    pub fn report(&self) -> (StatusCode, Issue) {
+        let issue = match self {
             ApiError::Outcome { code, message, .. } => {
                 Issue::new(Severity::Error, code, message.clone())
             }
-            ApiError::Internal(_) => Issue::new(
-                Severity::Fatal,
-                "exception",
-                "internal server error; the server log has details",
-            ),
-        }
-    }
-
-    /// Logs internal errors (once, here) and returns the client-facing status.
-    pub fn log(&self) -> StatusCode {
-        if let ApiError::Internal(e) = self {
-            tracing::error!(error = %format!("{e:#}"), "internal error");
-        }
-        self.status_code()
+            ApiError::Internal(e) => {
+                let correlation_id = uuid::Uuid::new_v4();
+                tracing::error!(%correlation_id, error = %format!("{e:#}"), "internal error");
+                Issue::new(
+                    Severity::Fatal,
+                    "exception",
+                    format!(
+                        "internal server error; correlation id {correlation_id} (the server log \
+                         has details)"
+                    ),
+                )
+            }
+        };
+        (self.status_code(), issue)
     }
 }
 
@@ -138,8 +139,8 @@ impl From<crate::store::WriteError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.log();
-        let body = outcome::operation_outcome(&[self.issue()]);
+        let (status, issue) = self.report();
+        let body = outcome::operation_outcome(&[issue]);
         let mut response = fhir_response(status, body.to_string());
         if let ApiError::Outcome { headers, .. } = self {
             response.headers_mut().extend(headers);

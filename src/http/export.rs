@@ -23,7 +23,7 @@ use super::{
 use crate::{
     auth::{Principal, scopes::Access},
     db::{
-        jobs::{self, JobSpec, Level},
+        jobs::{self, Admission, JobSpec, Level},
         resources,
     },
     fhir::{
@@ -80,51 +80,77 @@ async fn kick_off(
 ) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
-    let body = axum::body::to_bytes(body, state.config.server.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-costly",
-                "the request body is too large",
-            )
-        })?;
+    let limit = state.config.server.max_kickoff_bytes;
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-costly",
+            format!("a kick-off body may have at most {limit} bytes (server.max_kickoff_bytes)"),
+        )
+    })?;
     let lenient = check_headers(&headers)?;
-    let mut pairs: Vec<(String, String)> = uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    if pairs.iter().any(|(name, _)| name == "patient") {
-        return Err(ApiError::bad_request(
-            "the patient parameter is only supported in a POST kick-off",
-        ));
-    }
     if method == Method::POST && !body.is_empty() {
         require_json_content_type(&headers)?;
-        let value: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-        pairs.extend(bulk::parameters_pairs(&value).map_err(ApiError::bad_request)?);
     }
-    let params = bulk::parse(
-        &pairs,
-        level == Level::System,
-        lenient,
-        Utc::now(),
-        &state.base_url,
-    )
+    let query = uri.query().unwrap_or_default().to_string();
+    let (system_level, base_url) = (level == Level::System, state.base_url.to_string());
+    // Parsing is linear but may be long (a 16 MiB body): off the threads that serve requests.
+    let params = tokio::task::spawn_blocking(move || {
+        let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        if pairs.iter().any(|(name, _)| name == "patient") {
+            return Err("the patient parameter is only supported in a POST kick-off".to_string());
+        }
+        if !body.is_empty() {
+            let value: Value = serde_json::from_slice(&body)
+                .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+            pairs.extend(bulk::parameters_pairs(&value)?);
+        }
+        bulk::parse(&pairs, system_level, lenient, Utc::now(), &base_url)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
     .map_err(ApiError::bad_request)?;
+    let limits = &state.config.export;
+    if params.patients.len() > limits.max_patients {
+        return Err(too_costly(format!(
+            "a kick-off may name at most {} patients (export.max_patients); this one names {}",
+            limits.max_patients,
+            params.patients.len()
+        )));
+    }
+    if params.type_filters.len() > limits.max_type_filters {
+        return Err(too_costly(format!(
+            "a kick-off may give at most {} _typeFilter entries (export.max_type_filters); \
+             this one gives {}",
+            limits.max_type_filters,
+            params.type_filters.len()
+        )));
+    }
     if let Some(container) = &params.container {
         storage::validate_container_name(container).map_err(ApiError::bad_request)?;
+        let allowed = &state.config.storage.allowed_containers;
+        if !storage::container_allowed(allowed, container) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "_container '{container}' is not one this server may write to \
+                     (storage.allowed_containers)"
+                ),
+            ));
+        }
     }
     let types = exported_types(principal, &params)?;
-
-    if jobs::count_active(&state.pool).await? >= state.config.export.max_active_jobs {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "throttled",
-            "too many exports are queued or running; try again later",
-        )
-        .with_header(header::RETRY_AFTER, &BUSY_RETRY_AFTER_SECS.to_string()));
+    let quota = jobs::Quota {
+        total: limits.max_active_jobs,
+        per_client: limits.max_active_jobs_per_client,
+    };
+    // Shed a busy server's load before resolving anything; `create` decides for good.
+    let (total, own) = jobs::active_counts(&state.pool, principal.client_id.as_deref()).await?;
+    if total >= quota.total || own >= quota.per_client {
+        return Err(busy(total >= quota.total));
     }
 
     let (mut patient_ids, excluded_groups) = match &group_id {
@@ -166,7 +192,7 @@ async fn kick_off(
         transaction_time,
         since: params.since,
         types,
-        patient_ids,
+        named_patients: patient_ids.is_some(),
         excluded_groups,
         elements: params.elements,
         type_filters: params.type_filters,
@@ -186,7 +212,12 @@ async fn kick_off(
         range_size: settings.range_size,
         created_at: kicked_off,
     };
-    jobs::create(&state.pool, id, &spec).await?;
+    let patients = patient_ids.unwrap_or_default();
+    match jobs::create(&state.pool, id, &spec, &patients, quota).await? {
+        Admission::Accepted => {}
+        Admission::Busy => return Err(busy(true)),
+        Admission::ClientBusy => return Err(busy(false)),
+    }
     tracing::info!(job = %id, level = level.as_str(), "export accepted");
 
     let mut issues = vec![Issue::new(
@@ -211,6 +242,22 @@ async fn kick_off(
         HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
     );
     Ok(response)
+}
+
+fn too_costly(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "too-costly", message)
+}
+
+/// 429: all jobs, or this client's, are taken.
+fn busy(everyone: bool) -> ApiError {
+    let message = if everyone {
+        "too many exports are queued or running (export.max_active_jobs); try again later"
+    } else {
+        "this client has too many exports queued or running \
+         (export.max_active_jobs_per_client); try again later"
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
+        .with_header(header::RETRY_AFTER, &BUSY_RETRY_AFTER_SECS.to_string())
 }
 
 /// The types to export, within the caller's scopes: a `_type` or `_typeFilter` beyond them is a
@@ -279,7 +326,7 @@ fn check_headers(headers: &HeaderMap) -> ApiResult<bool> {
 }
 
 /// The patients named by `patient`: each must exist and, for a Group export, be a member.
-/// Lenient handling drops the others with a note.
+/// Lenient handling drops the others with a note. One query for all of them.
 async fn chosen_patients(
     state: &AppState,
     requested: &[String],
@@ -287,14 +334,16 @@ async fn chosen_patients(
     lenient: bool,
     ignored: &mut Vec<String>,
 ) -> ApiResult<Vec<String>> {
+    let existing: HashSet<String> = resources::existing_patients(&state.pool, requested)
+        .await?
+        .into_iter()
+        .collect();
+    let members: Option<HashSet<&str>> = members.map(|m| m.iter().map(String::as_str).collect());
     let mut chosen = Vec::with_capacity(requested.len());
     for id in requested {
-        let exists = resources::read_current(&state.pool, "Patient", id)
-            .await?
-            .is_some_and(|v| v.body.is_some());
-        let problem = if !exists {
+        let problem = if !existing.contains(id) {
             Some(format!("patient Patient/{id} does not exist"))
-        } else if members.is_some_and(|m| m.binary_search(id).is_err()) {
+        } else if members.as_ref().is_some_and(|m| !m.contains(id.as_str())) {
             Some(format!("patient Patient/{id} is not a member of the Group"))
         } else {
             None
@@ -310,33 +359,41 @@ async fn chosen_patients(
 }
 
 /// The active member patients of a Group, following nested Groups (each once), and the Groups
-/// walked. An unknown Group is a 404.
+/// walked. One query per level of nesting; the JSON is read off the request threads. An unknown
+/// Group is a 404.
 async fn group_members(state: &AppState, id: &str) -> ApiResult<(Vec<String>, Vec<String>)> {
     let now = Utc::now();
-    let mut patients = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut pending = vec![id.to_string()];
-    let mut walked = Vec::new();
-    while let Some(group_id) = pending.pop() {
-        if !seen.insert(group_id.clone()) {
-            continue; // a cycle, or a Group reached twice
+    let mut seen: HashSet<String> = HashSet::from([id.to_string()]);
+    let mut level = vec![id.to_string()];
+    let (mut patients, mut walked) = (Vec::new(), Vec::new());
+    while !level.is_empty() {
+        let bodies = resources::read_current_many(&state.pool, "Group", &level).await?;
+        if walked.is_empty() && bodies.is_empty() {
+            return Err(ApiError::not_found(format!("Group/{id} is not known")));
         }
-        let body = resources::read_current(&state.pool, "Group", &group_id)
-            .await?
-            .and_then(|v| v.body);
-        let Some(body) = body else {
-            if group_id == id {
-                return Err(ApiError::not_found(format!("Group/{id} is not known")));
+        // A nested Group that does not exist has no members.
+        walked.extend(bodies.iter().map(|(group, _)| group.clone()));
+        let found = tokio::task::spawn_blocking(move || {
+            let mut found = group::Members::default();
+            for (_, body) in bodies {
+                let value: Value = serde_json::from_str(&body)?;
+                let members = group::active_members(&value, now);
+                found.patients.extend(members.patients);
+                found.groups.extend(members.groups);
             }
-            continue; // a nested Group that does not exist has no members
-        };
-        let value: Value = serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.into()))?;
-        let members = group::active_members(&value, now);
-        patients.extend(members.patients);
-        pending.extend(members.groups);
-        walked.push(group_id);
+            Ok::<_, serde_json::Error>(found)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::Internal(e.into()))?;
+        patients.extend(found.patients);
+        level = found
+            .groups
+            .into_iter()
+            .filter(|g| seen.insert(g.clone()))
+            .collect();
     }
-    patients.sort();
+    patients.sort_unstable();
     patients.dedup();
     Ok((patients, walked))
 }

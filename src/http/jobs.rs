@@ -23,10 +23,14 @@ use crate::{
     storage,
 };
 
+/// Status and cancel.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/export/{id}", get(status).delete(cancel))
-        .route("/export/{id}/{file}", get(download))
+    Router::new().route("/export/{id}", get(status).delete(cancel))
+}
+
+/// Output files: they stream for as long as they need (no request timeout).
+pub fn downloads() -> Router<AppState> {
+    Router::new().route("/export/{id}/{file}", get(download))
 }
 
 fn job_not_found(id: &str) -> ApiError {
@@ -51,12 +55,13 @@ async fn status(
     let job = visible_job(&state, &principal, &id).await?;
     match job.status {
         JobState::Completed => manifest(&state, &job).await,
+        // The cause stays in the server log, under the id the client can quote.
         JobState::Failed => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "exception",
             format!(
-                "the export failed: {}",
-                job.error.as_deref().unwrap_or("unknown error")
+                "the export failed; correlation id {} (the server log has the cause)",
+                job.error_id.map(|id| id.to_string()).unwrap_or_default()
             ),
         )),
         JobState::Queued | JobState::Running | JobState::Cancelled => {
@@ -108,7 +113,12 @@ fn progress_text(job: &Job, p: &jobs::Progress) -> String {
 
 async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
     let parts = jobs::parts(&state.pool, job.id).await?;
-    let expires = job.expires_at.unwrap_or_else(Utc::now);
+    // Signed URLs are minted for each manifest request and live at most sas_lifetime_secs.
+    let lifetime = chrono::TimeDelta::seconds(state.config.storage.azure.sas_lifetime_secs as i64);
+    let expires = job
+        .expires_at
+        .unwrap_or_else(Utc::now)
+        .min(Utc::now() + lifetime);
     let mode = state.config.export.output_urls;
     let files: Vec<String> = parts
         .iter()

@@ -6,19 +6,20 @@ mod bundle;
 pub mod error;
 mod export;
 mod extract;
-mod health;
+pub mod health;
 mod jobs;
 mod metadata;
 mod rest;
+pub mod serve;
 
-use std::{any::Any, sync::Arc};
+use std::{any::Any, sync::Arc, time::Duration};
 
 use axum::{
     Router,
     body::Body,
-    extract::DefaultBodyLimit,
+    extract::{DefaultBodyLimit, Request, State},
     http::{HeaderValue, StatusCode, header},
-    middleware,
+    middleware::{self, Next},
     response::{IntoResponse, Response},
 };
 use sqlx::PgPool;
@@ -39,16 +40,21 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// The export workers of this process.
     pub liveness: Arc<Liveness>,
+    pub storage_health: Arc<health::StorageHealth>,
 }
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
+    let timeout = Duration::from_secs(state.config.server.request_timeout_secs);
+    let timed = middleware::from_fn_with_state(timeout, request_timeout);
     // Everything but discovery, health and the token endpoint needs a caller.
     let protected = Router::new()
         .merge(bundle::router())
         .merge(export::router())
         .merge(jobs::router())
         .merge(rest::router())
+        .route_layer(timed.clone())
+        .merge(jobs::downloads())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
@@ -57,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(metadata::router())
         .merge(auth::router())
+        .route_layer(timed)
         .merge(protected)
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -81,16 +88,57 @@ pub fn http_date(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
 }
 
+/// A request (not a download) must be answered within `server.request_timeout_secs`; one that
+/// is not is dropped (a write rolls back) and answered 503.
+async fn request_timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "the request took longer than {} s (server.request_timeout_secs)",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
 async fn unknown_route() -> ApiError {
     ApiError::not_found("no such route on this FHIR server")
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "not-supported",
-        "this method is not supported on this URL",
-    )
+/// First path segments of the routes that are not `/{type}…`.
+const FIXED_ROOTS: &[&str] = &[
+    "$export",
+    "export",
+    "metadata",
+    "health",
+    "auth",
+    ".well-known",
+];
+
+/// 405 for a known route; the `/{type}…` routes match any first segment, so there an unknown
+/// type is an unknown path: 404.
+async fn method_not_allowed(uri: axum::http::Uri) -> ApiError {
+    let first = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
+    if first.is_empty() || FIXED_ROOTS.contains(&first) || crate::fhir::is_resource_type(first) {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            "this method is not supported on this URL",
+        )
+    } else {
+        ApiError::not_found(format!(
+            "no such route on this FHIR server: '{first}' is not a resource type"
+        ))
+    }
 }
 
 fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {

@@ -213,8 +213,9 @@ fn from_connection_string(text: &str) -> anyhow::Result<(Url, Auth)> {
             .map_or(DEV_ENDPOINT.to_string(), |p| {
                 format!("{}/{DEV_ACCOUNT}", p.trim_end_matches('/'))
             });
-        let key = sas::AccountKey::new(DEV_ACCOUNT, DEV_KEY)?;
-        return Ok((Url::parse(&endpoint)?, Auth::Key(key)));
+        let endpoint = Url::parse(&endpoint)?;
+        let key = sas::AccountKey::new(DEV_ACCOUNT, DEV_KEY, endpoint.scheme() == "https")?;
+        return Ok((endpoint, Auth::Key(key)));
     }
     let account = fields.get("accountname").cloned();
     let endpoint = match (fields.get("blobendpoint"), &account) {
@@ -239,7 +240,11 @@ fn from_connection_string(text: &str) -> anyhow::Result<(Url, Auth)> {
         fields.get("sharedaccesssignature"),
         account,
     ) {
-        (Some(key), _, Some(account)) => Auth::Key(sas::AccountKey::new(&account, key)?),
+        (Some(key), _, Some(account)) => Auth::Key(sas::AccountKey::new(
+            &account,
+            key,
+            endpoint.scheme() == "https",
+        )?),
         (_, Some(token), _) => Auth::Sas(token.trim_start_matches('?').to_string()),
         _ => bail!(
             "AZURE_STORAGE_CONNECTION_STRING needs AccountName and AccountKey, or SharedAccessSignature"
@@ -272,7 +277,7 @@ fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
         None => " (no answer: check the account URL and the network)",
         _ => "",
     };
-    let message = format!("{doing}: {e}{hint}");
+    let message = super::redact_secrets(&format!("{doing}: {e}{hint}"));
     if transient {
         anyhow::Error::new(super::Transient(message))
     } else {

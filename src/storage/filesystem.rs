@@ -90,6 +90,28 @@ impl Storage for FilesystemStorage {
         fs::remove_file(&probe).await.ok();
         Ok(())
     }
+
+    async fn probe(&self) -> anyhow::Result<()> {
+        usable_folder(&self.root).await
+    }
+}
+
+/// The storage folder exists and may be written to (its mode allows it).
+async fn usable_folder(root: &Path) -> anyhow::Result<()> {
+    let meta = fs::metadata(root)
+        .await
+        .with_context(|| format!("the storage folder {} is missing", root.display()))?;
+    anyhow::ensure!(
+        meta.is_dir(),
+        "the storage folder {} is not a folder",
+        root.display()
+    );
+    anyhow::ensure!(
+        !meta.permissions().readonly(),
+        "the storage folder {} is read-only",
+        root.display()
+    );
+    Ok(())
 }
 
 async fn remove_dir(path: &Path) -> anyhow::Result<()> {

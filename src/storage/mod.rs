@@ -46,6 +46,11 @@ pub trait Storage: Send + Sync + 'static {
     /// Checks that files can be written, with a message that says what is wrong if not.
     async fn check(&self) -> anyhow::Result<()>;
 
+    /// Checks that the storage answers, without writing anything (health checks).
+    async fn probe(&self) -> anyhow::Result<()> {
+        self.check().await
+    }
+
     /// URLs clients can fetch these files from without this server: signed (valid until
     /// `expires`) or plain. `None` when the backend has no such URLs.
     async fn direct_urls(
@@ -112,9 +117,85 @@ pub fn validate_container_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `text` with the signatures of SAS URLs it quotes (`sig=…`) replaced: storage errors may
+/// quote request URLs, and logs must not carry credentials.
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("sig=") {
+        out.push_str(&rest[..at + 4]);
+        out.push_str("***");
+        rest = &rest[at + 4..];
+        let end = rest
+            .find(|c: char| c == '&' || c.is_whitespace() || "\"')>".contains(c))
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// May an export go to `container`? Yes when it matches one of the `allowed` glob patterns
+/// (`*` any run of characters, `?` one character), or when there are none.
+pub fn container_allowed(allowed: &[String], container: &str) -> bool {
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|p| glob_matches(p.as_bytes(), container.as_bytes()))
+}
+
+/// Glob matching with `*` and `?`, linear in practice (backtracks only to the last `*`).
+fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
 #[cfg(test)]
 mod tests {
     use super::validate_container_name as v;
+
+    #[test]
+    fn signatures_are_redacted() {
+        assert_eq!(
+            super::redact_secrets("GET https://a.blob/c/b?sv=1&sig=abc%2Bdef&se=2 failed (sig=x)"),
+            "GET https://a.blob/c/b?sv=1&sig=***&se=2 failed (sig=***)"
+        );
+        assert_eq!(super::redact_secrets("no secrets"), "no secrets");
+    }
+
+    #[test]
+    fn containers_match_the_allowed_patterns() {
+        let allowed = vec!["exports-*".to_string(), "team-?".to_string()];
+        assert!(super::container_allowed(&allowed, "exports-2024"));
+        assert!(super::container_allowed(&allowed, "exports-"));
+        assert!(super::container_allowed(&allowed, "team-a"));
+        assert!(!super::container_allowed(&allowed, "team-ab"));
+        assert!(!super::container_allowed(&allowed, "public"));
+        assert!(super::container_allowed(&[], "public"));
+        assert!(super::glob_matches(b"*a*b*", b"xxaxxbxx"));
+        assert!(!super::glob_matches(b"*a*b", b"xxaxxbxx"));
+    }
 
     #[test]
     fn container_names_follow_azure_rules() {

@@ -11,16 +11,19 @@ const VERSION: &str = "2018-11-09";
 pub struct AccountKey {
     account: String,
     key: Secret,
+    /// `spr`: https only, except for an endpoint that speaks plain http (the emulator).
+    protocols: &'static str,
 }
 
 impl AccountKey {
-    pub fn new(account: &str, key_base64: &str) -> anyhow::Result<AccountKey> {
+    pub fn new(account: &str, key_base64: &str, https_only: bool) -> anyhow::Result<AccountKey> {
         let key = Secret::new(key_base64.to_string());
         // Fail at startup, not at the first export, on a key that is not base64.
         hmac_sha256("probe", &key).context("the storage account key is not valid base64")?;
         Ok(AccountKey {
             account: account.to_string(),
             key,
+            protocols: if https_only { "https" } else { "https,http" },
         })
     }
 
@@ -32,7 +35,7 @@ impl AccountKey {
             time(now + TimeDelta::hours(1)),
         );
         let (permissions, services, resource_types, protocols) =
-            ("racwdl", "b", "sco", "https,http");
+            ("racwdl", "b", "sco", self.protocols);
         let to_sign = format!(
             "{}\n{permissions}\n{services}\n{resource_types}\n{start}\n{expiry}\n\n{protocols}\n{VERSION}\n",
             self.account
@@ -62,8 +65,9 @@ impl AccountKey {
         let resource = format!("/blob/{}/{container}/{blob}", self.account);
         // permissions, start, expiry, resource, identifier, IP, protocol, version, resource
         // type, snapshot time, then five response-header overrides.
+        let protocols = self.protocols;
         let to_sign =
-            format!("r\n{start}\n{expiry}\n{resource}\n\n\nhttps,http\n{VERSION}\nb\n\n\n\n\n\n");
+            format!("r\n{start}\n{expiry}\n{resource}\n\n\n{protocols}\n{VERSION}\nb\n\n\n\n\n\n");
         let signature = hmac_sha256(&to_sign, &self.key)?;
         Ok(query(&[
             ("sv", VERSION),
@@ -71,7 +75,7 @@ impl AccountKey {
             ("sp", "r"),
             ("st", &start),
             ("se", &expiry),
-            ("spr", "https,http"),
+            ("spr", protocols),
             ("sig", &signature),
         ]))
     }
@@ -141,7 +145,7 @@ mod tests {
 
     #[test]
     fn signs_with_the_key_and_encodes_the_signature() {
-        let key = AccountKey::new("acct", "a2V5a2V5a2V5").unwrap();
+        let key = AccountKey::new("acct", "a2V5a2V5a2V5", false).unwrap();
         let now = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
@@ -156,7 +160,11 @@ mod tests {
             "sig={}",
             form_urlencoded::byte_serialize(expected.as_bytes()).collect::<String>()
         )));
-        assert!(AccountKey::new("acct", "not base64!").is_err());
+        assert!(AccountKey::new("acct", "not base64!", true).is_err());
+        let https = AccountKey::new("acct", "a2V5a2V5a2V5", true).unwrap();
+        assert!(https.account_sas(now).unwrap().contains("spr=https&"));
+        let blob = https.blob_read_sas("c", "b", now, now).unwrap();
+        assert!(blob.contains("spr=https&"), "{blob}");
     }
 
     #[test]

@@ -44,10 +44,10 @@ pub async fn run(
     let task = held.task.clone();
     let resource_type = task.resource_type.as_deref().unwrap_or_default();
     // Group members, or the patients a `patient` parameter named.
-    let patients = match (&spec.patient_ids, spec.level) {
-        (Some(ids), _) => PatientFilter::Patients(ids),
-        (None, Level::System) => PatientFilter::None,
-        (None, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
+    let patients = match (spec.named_patients, spec.level) {
+        (true, _) => PatientFilter::JobPatients(job.id),
+        (false, Level::System) => PatientFilter::None,
+        (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
     };
     let excluded: &[String] = if resource_type == "Group" {
         &spec.excluded_groups

@@ -21,8 +21,12 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         }
         let max = context.config.export.max_attempts;
         match tasks::rescue_expired(&context.pools.primary, max, context.retention()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(tasks = n, "rescued tasks whose lease ran out"),
+            Ok(rescued) => {
+                if rescued.tasks > 0 {
+                    tracing::info!(tasks = rescued.tasks, "rescued tasks whose lease ran out");
+                }
+                rescued.failed.iter().for_each(super::report_failed);
+            }
             Err(e) => tracing::warn!(error = %e, "rescuing stale tasks failed"),
         }
         if let Err(e) = sweep(&context).await {

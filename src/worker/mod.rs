@@ -226,13 +226,19 @@ async fn record_failure(context: &Context, held: &HeldTask, message: &str, lease
     let mut backoff = Backoff::new(Duration::from_secs(5));
     while !lease.is_lost() {
         match held.fail(message, max, context.retention()).await {
-            Ok(()) | Err(Fenced::LeaseLost) => return,
+            Ok(Some(job)) => return report_failed(&job),
+            Ok(None) | Err(Fenced::LeaseLost) => return,
             Err(Fenced::Database(e)) => {
                 tracing::warn!(error = %e, "recording a task failure failed; retrying");
                 tokio::time::sleep(backoff.next()).await;
             }
         }
     }
+}
+
+/// The one log line of a failed job: its cause, under the correlation id its status shows.
+fn report_failed(job: &jobs::FailedJob) {
+    tracing::error!(job = %job.id, correlation_id = %job.error_id, cause = %job.error, "export failed");
 }
 
 fn lease_lost(error: &anyhow::Error) -> bool {
