@@ -34,12 +34,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest kick-off body (a POST `Parameters`).
     pub max_kickoff_bytes: usize,
-    /// A client must send a request's headers within this.
+    /// A client must send a request's headers within this (of connecting, or of its previous
+    /// answer on a keep-alive connection).
     pub header_read_timeout_secs: u64,
     /// A request (other than a file download) must be answered within this.
     pub request_timeout_secs: u64,
-    /// A keep-alive connection with no request for this long is closed.
-    pub idle_timeout_secs: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
 }
@@ -249,7 +248,6 @@ impl Default for ServerConfig {
             max_kickoff_bytes: 16 * 1024 * 1024,
             header_read_timeout_secs: 10,
             request_timeout_secs: 60,
-            idle_timeout_secs: 60,
             max_connections: 1024,
         }
     }
@@ -344,10 +342,6 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     }),
     ("FHIR_EXPORT_REQUEST_TIMEOUT_SECS", |c, v| {
         c.server.request_timeout_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_IDLE_TIMEOUT_SECS", |c, v| {
-        c.server.idle_timeout_secs = v.parse()?;
         Ok(())
     }),
     ("FHIR_EXPORT_MAX_CONNECTIONS", |c, v| {
@@ -559,10 +553,7 @@ impl Config {
             bail!("export.output_urls = blob or sas needs storage.kind = azure");
         }
         let server = &self.server;
-        if server.header_read_timeout_secs == 0
-            || server.request_timeout_secs == 0
-            || server.idle_timeout_secs == 0
-        {
+        if server.header_read_timeout_secs == 0 || server.request_timeout_secs == 0 {
             bail!("server timeouts must be at least 1 second");
         }
         if server.max_connections == 0 {

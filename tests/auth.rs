@@ -611,3 +611,156 @@ async fn client_keys_can_come_from_a_jwks_url() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_replayed_assertion_inside_the_leeway_is_refused() {
+    let (app, key) = one_client_app().await;
+    // Expired two seconds ago: still accepted (5 s leeway), so it must stay remembered.
+    let mut claims = assertion_claims(&app, "c1");
+    claims["exp"] = json!(now() - 2);
+    let assertion = key.sign(&claims, None);
+    let form = grant(&assertion, "system/*.read");
+    assert_eq!(token_request(&app, &form).await.status(), 200);
+    // Another client's fresh assertion in between sweeps expired entries.
+    let other = key.sign(&assertion_claims(&app, "c1"), None);
+    assert_eq!(
+        token_request(&app, &grant(&other, "system/*.read"))
+            .await
+            .status(),
+        200
+    );
+    let why = refused(&app, &form, 401, "invalid_client").await;
+    assert!(why.contains("jti"), "{why}");
+}
+
+/// An issuer that can be switched off (it answers 503), counting the requests it gets.
+struct SwitchableIssuer {
+    base: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn switchable_issuer(keys: &[&Key], up: bool) -> SwitchableIssuer {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let jwks: Value = serde_json::from_str(&jwks(keys)).unwrap();
+    let discovery = json!({"issuer": base, "jwks_uri": format!("{base}/keys")});
+    let (is_up, requests) = (Arc::new(AtomicBool::new(up)), Arc::new(AtomicUsize::new(0)));
+    let answer = {
+        let (is_up, requests) = (is_up.clone(), requests.clone());
+        move |body: Value| {
+            let (is_up, requests) = (is_up.clone(), requests.clone());
+            move || async move {
+                requests.fetch_add(1, Ordering::SeqCst);
+                if is_up.load(Ordering::SeqCst) {
+                    Ok(axum::Json(body))
+                } else {
+                    Err(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                }
+            }
+        }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            axum::routing::get(answer(discovery)),
+        )
+        .route("/keys", axum::routing::get(answer(jwks)));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    SwitchableIssuer {
+        base,
+        up: is_up,
+        requests,
+    }
+}
+
+async fn external_app(issuer: &str) -> TestApp {
+    let issuer = issuer.to_string();
+    TestApp::spawn_with(move |c: &mut Config| {
+        c.auth.mode = AuthMode::External;
+        c.auth.external.issuer = issuer;
+        c.auth.external.audience = "api://fhir-export".into();
+        c.auth.external.client_claim = "azp".into();
+        c.auth.external.scope_map =
+            [("Export.Read".to_string(), vec!["system/*.read".to_string()])].into();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn authentication_goes_on_while_the_issuers_keys_are_down() {
+    use std::sync::atomic::Ordering;
+    let key = Key::rsa_with("entra-1", "RS256");
+    let issuer = switchable_issuer(&[&key], true).await;
+    let app = external_app(&issuer.base).await;
+    let good = key.sign(&external_claims(&issuer.base, &["Export.Read"]), None);
+    let header = json!({"alg": "RS256", "kid": "rotated", "typ": "JWT"});
+    let unknown = key.sign(
+        &external_claims(&issuer.base, &["Export.Read"]),
+        Some(header),
+    );
+    let read = |token: String| {
+        let app = &app;
+        async move {
+            send(app, reqwest::Method::GET, "/Patient/x", Some(&token))
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        read(good.clone()).await,
+        404,
+        "authenticated (no such patient)"
+    );
+
+    issuer.up.store(false, Ordering::SeqCst);
+    // Known keys keep working; an unknown kid costs one refetch, which fails.
+    assert_eq!(read(good.clone()).await, 404);
+    let before = issuer.requests.load(Ordering::SeqCst);
+    assert_eq!(read(unknown.clone()).await, 401);
+    let burst: Vec<u16> = futures::future::join_all((0..20).map(|i| {
+        read(if i % 2 == 0 {
+            good.clone()
+        } else {
+            unknown.clone()
+        })
+    }))
+    .await;
+    for (i, status) in burst.iter().enumerate() {
+        assert_eq!(*status, if i % 2 == 0 { 404 } else { 401 }, "request {i}");
+    }
+    let fetched = issuer.requests.load(Ordering::SeqCst) - before;
+    assert!(fetched <= 1, "{fetched} refetches for one unknown kid");
+}
+
+#[tokio::test]
+async fn an_issuer_down_at_the_first_token_is_tried_again_after_a_pause() {
+    use std::sync::atomic::Ordering;
+    let key = Key::rsa_with("entra-1", "RS256");
+    let issuer = switchable_issuer(&[&key], false).await;
+    let app = external_app(&issuer.base).await;
+    let good = key.sign(&external_claims(&issuer.base, &["Export.Read"]), None);
+    let status = send(&app, reqwest::Method::GET, "/Patient/x", Some(&good)).await;
+    assert_outcome(status, 401).await;
+    // Backing off: more tokens meanwhile do not each hit the issuer.
+    let before = issuer.requests.load(Ordering::SeqCst);
+    for _ in 0..10 {
+        send(&app, reqwest::Method::GET, "/Patient/x", Some(&good)).await;
+    }
+    assert!(issuer.requests.load(Ordering::SeqCst) - before <= 1);
+    issuer.up.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while send(&app, reqwest::Method::GET, "/Patient/x", Some(&good))
+        .await
+        .status()
+        != 404
+    {
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

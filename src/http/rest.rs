@@ -71,9 +71,11 @@ async fn create(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(resource_type): Path<String>,
-    FhirJson(body): FhirJson,
+    body: Result<FhirJson, ApiError>,
 ) -> ApiResult<Response> {
+    // An unknown type is an unknown path, whatever the body.
     known_type(&resource_type)?;
+    let FhirJson(body) = body?;
     require(&principal, Access::Create, &resource_type)?;
     let body = resource_of_type(body, &resource_type)?;
     // The server assigns the id of a created resource; an id in the body is ignored.
@@ -96,9 +98,10 @@ async fn update(
     Extension(principal): Extension<Principal>,
     Path((resource_type, id)): Path<(String, String)>,
     headers: HeaderMap,
-    FhirJson(body): FhirJson,
+    body: Result<FhirJson, ApiError>,
 ) -> ApiResult<Response> {
     known_type(&resource_type)?;
+    let FhirJson(body) = body?;
     require(&principal, Access::Update, &resource_type)?;
     valid_id(&id)?;
     let body = resource_of_type(body, &resource_type)?;

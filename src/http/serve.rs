@@ -1,8 +1,9 @@
 //! The accept loop: hyper with the limits `axum::serve` does not offer. A client must send each
-//! request's headers within `header_read_timeout_secs`, which also closes a keep-alive
-//! connection idle that long; HTTP/2 connections are pinged and closed when silent for
-//! `idle_timeout_secs`; at most `max_connections` are open (further clients wait in the listen
-//! backlog). On shutdown, in-flight requests get a grace period.
+//! request's headers within `header_read_timeout_secs` of connecting or of its previous answer,
+//! so a connection that sends nothing, half a request, or idles between keep-alive requests is
+//! closed after that long; at most `max_connections` are open (further clients wait in the
+//! listen backlog). HTTP/1.1 only: detecting HTTP/2 would read the first bytes with no timeout
+//! at all. On shutdown, in-flight requests get a grace period.
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,18 +28,13 @@ pub async fn serve(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let header_timeout = Duration::from_secs(config.header_read_timeout_secs);
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(config.header_read_timeout_secs));
-    let idle = Duration::from_secs(config.idle_timeout_secs);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(idle)
-        .keep_alive_timeout(Duration::from_secs(config.header_read_timeout_secs))
-        .max_concurrent_streams(256);
+        .header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
@@ -65,12 +61,21 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(request)
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = connection.await;
+            // hyper's header timer runs once bytes arrive: a client that sends nothing at all
+            // is closed here.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let _ = watcher.watch(connection).await;
             drop(permit);
         });
     }
