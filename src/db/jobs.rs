@@ -191,6 +191,8 @@ pub async fn create(
     quota: Quota,
 ) -> sqlx::Result<Admission> {
     let mut tx = pool.begin().await?;
+    // The patients first: copying a million of them must not happen under the admission lock.
+    copy_patients(&mut tx, id, patients).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('fhir-export admission', 0))")
         .execute(&mut *tx)
         .await?;
@@ -229,15 +231,6 @@ pub async fn create(
     .bind(spec.created_at)
     .execute(&mut *tx)
     .await?;
-    if !patients.is_empty() {
-        sqlx::query(
-            "INSERT INTO export_job_patients (job_id, patient_id) SELECT $1, unnest($2::text[])",
-        )
-        .bind(id)
-        .bind(patients)
-        .execute(&mut *tx)
-        .await?;
-    }
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")
         .bind(id)
         .execute(&mut *tx)
@@ -245,6 +238,37 @@ pub async fn create(
     tasks::notify(&mut tx, tasks::CHANNEL, "").await?;
     tx.commit().await?;
     Ok(Admission::Accepted)
+}
+
+/// Stores the patients a job reads, with COPY. Ids are FHIR ids (letters, digits, `-`, `.`):
+/// nothing in them needs escaping.
+async fn copy_patients(
+    conn: &mut PgConnection,
+    job: Uuid,
+    patients: &[String],
+) -> sqlx::Result<()> {
+    if patients.is_empty() {
+        return Ok(());
+    }
+    let mut copy = conn
+        .copy_in_raw("COPY export_job_patients (job_id, patient_id) FROM STDIN")
+        .await?;
+    let job = job.to_string();
+    let mut buf = Vec::with_capacity(1 << 20);
+    for id in patients {
+        buf.extend_from_slice(job.as_bytes());
+        buf.push(b'\t');
+        buf.extend_from_slice(id.as_bytes());
+        buf.push(b'\n');
+        if buf.len() >= 1 << 20 {
+            copy.send(std::mem::take(&mut buf)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf).await?;
+    }
+    copy.finish().await?;
+    Ok(())
 }
 
 /// How many of the writers recorded at a job's kick-off are still open.
@@ -445,11 +469,16 @@ pub async fn expired(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<JobFiles>> {
     .await
 }
 
-/// Forgets a job (its tasks and parts go with it).
+/// Forgets a job: its patients, and the job row (its tasks and parts go with it).
 pub async fn delete(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("DELETE FROM export_job_patients WHERE job_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM export_jobs WHERE id = $1")
         .bind(id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
-    Ok(())
+    tx.commit().await
 }

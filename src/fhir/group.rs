@@ -1,7 +1,9 @@
 //! Group membership as bulk export reads it.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::{instant, resource::is_valid_id};
 
@@ -13,19 +15,47 @@ pub struct Members {
     pub groups: Vec<String>,
 }
 
-/// Members that are not `inactive` and whose `period` (if any) includes `now`.
-pub fn active_members(group: &Value, now: DateTime<Utc>) -> Members {
+/// What membership reads of a Group; everything else in it is skipped unparsed, so a Group of a
+/// million members costs one pass and one string per member.
+#[derive(Deserialize)]
+struct GroupMembers<'a> {
+    #[serde(borrow, default)]
+    member: Vec<Member<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Member<'a> {
+    #[serde(borrow)]
+    entity: Option<Reference<'a>>,
+    inactive: Option<bool>,
+    #[serde(borrow)]
+    period: Option<Period<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Reference<'a> {
+    #[serde(borrow)]
+    reference: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Period<'a> {
+    #[serde(borrow)]
+    start: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    end: Option<Cow<'a, str>>,
+}
+
+/// The members of a Group (its JSON text) that are not `inactive` and whose `period` (if any)
+/// includes `now`.
+pub fn active_members(group: &str, now: DateTime<Utc>) -> serde_json::Result<Members> {
+    let parsed: GroupMembers = serde_json::from_str(group)?;
     let mut members = Members::default();
-    let Some(Value::Array(list)) = group.get("member") else {
-        return members;
-    };
-    for member in list {
-        if member.get("inactive").and_then(Value::as_bool) == Some(true)
-            || !period_includes(member.get("period"), now)
-        {
+    for member in parsed.member {
+        if member.inactive == Some(true) || !period_includes(member.period.as_ref(), now) {
             continue;
         }
-        let Some(reference) = member.pointer("/entity/reference").and_then(Value::as_str) else {
+        let Some(reference) = member.entity.and_then(|e| e.reference) else {
             continue;
         };
         let mut parts = reference.trim_end_matches('/').rsplit('/');
@@ -41,21 +71,16 @@ pub fn active_members(group: &Value, now: DateTime<Utc>) -> Members {
             _ => {}
         }
     }
-    members
+    Ok(members)
 }
 
-fn period_includes(period: Option<&Value>, now: DateTime<Utc>) -> bool {
+fn period_includes(period: Option<&Period>, now: DateTime<Utc>) -> bool {
     let Some(period) = period else {
         return true;
     };
-    let bound = |key: &str| {
-        period
-            .get(key)
-            .and_then(Value::as_str)
-            .and_then(instant::range)
-    };
-    let started = bound("start").is_none_or(|(start, _)| start <= now);
-    let not_ended = bound("end").is_none_or(|(_, end)| now < end);
+    let bound = |value: &Option<Cow<str>>| value.as_deref().and_then(instant::range);
+    let started = bound(&period.start).is_none_or(|(start, _)| start <= now);
+    let not_ended = bound(&period.end).is_none_or(|(_, end)| now < end);
     started && not_ended
 }
 
@@ -77,9 +102,12 @@ mod tests {
             {"entity": {"reference": "Practitioner/x"}},
             {"entity": {"reference": "https://other.example/fhir/Patient/f"}},
         ]});
-        let m = active_members(&g, now);
+        let m = active_members(&g.to_string(), now).unwrap();
         assert_eq!(m.patients, vec!["a", "e", "f"]);
         assert_eq!(m.groups, vec!["g2"]);
-        assert_eq!(active_members(&json!({}), now), Members::default());
+        assert_eq!(active_members("{}", now).unwrap(), Members::default());
+        let escaped = r#"{"member": [{"entity": {"reference": "Patient\/x"}}]}"#;
+        assert_eq!(active_members(escaped, now).unwrap().patients, vec!["x"]);
+        assert!(active_members(r#"{"member": 5}"#, now).is_err());
     }
 }

@@ -375,17 +375,21 @@ async fn group_members(state: &AppState, id: &str) -> ApiResult<(Vec<String>, Ve
         walked.extend(bodies.iter().map(|(group, _)| group.clone()));
         let found = tokio::task::spawn_blocking(move || {
             let mut found = group::Members::default();
-            for (_, body) in bodies {
-                let value: Value = serde_json::from_str(&body)?;
-                let members = group::active_members(&value, now);
+            for (group_id, body) in bodies {
+                let members = group::active_members(&body, now).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid",
+                        format!("Group/{group_id} has members this server cannot read: {e}"),
+                    )
+                })?;
                 found.patients.extend(members.patients);
                 found.groups.extend(members.groups);
             }
-            Ok::<_, serde_json::Error>(found)
+            Ok::<_, ApiError>(found)
         })
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .map_err(|e| ApiError::Internal(e.into()))??;
         patients.extend(found.patients);
         level = found
             .groups
