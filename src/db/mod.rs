@@ -1,6 +1,7 @@
 //! Everything that speaks SQL: the resource store and the export job queue.
 
 pub mod assertions;
+pub mod copy_out;
 pub mod jobs;
 pub mod resources;
 pub mod tasks;

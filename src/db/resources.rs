@@ -436,7 +436,7 @@ pub struct Position {
 /// changed after the transaction time take their latest version at that time from the history
 /// (second branch, few rows, found through `resources_current_updated`). Pages follow `seq`
 /// (creation order, see the migration).
-fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str {
+pub(super) fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str {
     static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
         let filters = [
             ("", ""),

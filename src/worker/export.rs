@@ -3,7 +3,9 @@
 //! or older versions and the last state of deleted resources (`history`, `softdeleted`).
 //!
 //! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
-//! reserve the file's number, commit the file if the lease still holds, then checkpoint.
+//! reserve the file's number, commit the file if the lease still holds, then checkpoint. Rows
+//! that go out as stored come from `COPY … TO STDOUT` without being decoded; rows that a filter,
+//! `_elements` or a deletion mark must change are read row by row.
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, Ended, lease::Lease, part};
 use crate::{
     db::{
+        copy_out::{self, CopyRows},
         jobs::{Job, Level},
         resources::{self, PatientFilter, Position, Rows, Selection},
         tasks::{HeldTask, TaskKind},
@@ -120,7 +123,12 @@ pub async fn run(
                 version_id: held.task.checkpoint_version,
             }
         };
-        if !write_part(context, job, held, &output, after).await? {
+        let wrote = if output.streams_stored_text() {
+            copy_part(context, job, held, &output, after).await?
+        } else {
+            write_part(context, job, held, &output, after).await?
+        };
+        if !wrote {
             break;
         }
         if !throttle.is_zero() {
@@ -132,6 +140,84 @@ pub async fn run(
     }
     held.finish(&[], context.retention()).await?;
     Ok(Ended::Done)
+}
+
+impl Output<'_> {
+    /// Does each row go out as stored? Then the part is copied out of Postgres as it is.
+    fn streams_stored_text(&self) -> bool {
+        self.filter.is_none()
+            && self.elements.is_none()
+            && matches!(self.selection.rows, Rows::Live | Rows::History { .. })
+    }
+}
+
+/// Writes the task's next part from `COPY … TO STDOUT (FORMAT binary)`: the stored text goes
+/// straight into the file. `false`: nothing was left.
+async fn copy_part(
+    context: &Context,
+    job: &Job,
+    held: &mut HeldTask,
+    output: &Output<'_>,
+    after: Position,
+) -> anyhow::Result<bool> {
+    let started = std::time::Instant::now();
+    let mut conn = context.pools.pages.acquire().await?;
+    let copied = copy_rows_into_part(context, job, held, output, after, &mut conn).await;
+    let (file, last) = match copied {
+        Ok(copied) => copied,
+        Err(e) => {
+            // It may have stopped in the middle of the COPY: never reuse that connection.
+            conn.close_on_drop();
+            return Err(e);
+        }
+    };
+    drop(conn);
+    let (Some(part), Some(last)) = (file, last) else {
+        return Ok(false);
+    };
+    let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
+    part.finish(held, (last.seq, last.version_id)).await?;
+    tracing::debug!(file = %name, resources = lines, bytes, ms = started.elapsed().as_millis() as u64, "part copied");
+    Ok(true)
+}
+
+/// Reads one page's COPY to its end, writing rows into a part until it holds `part_size` rows
+/// or reaching `part_max_bytes` would be next; returns the part and its last row.
+async fn copy_rows_into_part(
+    context: &Context,
+    job: &Job,
+    held: &HeldTask,
+    output: &Output<'_>,
+    after: Position,
+    conn: &mut sqlx::PgConnection,
+) -> anyhow::Result<(Option<part::OpenPart>, Option<Position>)> {
+    let limit = i64::from(job.spec.part_size);
+    let max_bytes = job.spec.part_max_bytes as u64;
+    let seq = held.task.parts_done;
+    let mut stream = copy_out::snapshot_page(conn, &output.selection, after, limit).await?;
+    let (mut parser, mut rows) = (CopyRows::default(), Vec::new());
+    let (mut file, mut last): (Option<part::OpenPart>, Option<Position>) = (None, None);
+    let mut full = false;
+    while let Some(chunk) = stream.try_next().await? {
+        if full {
+            continue; // the rest of the page is the next part's: read it to the end unused
+        }
+        parser.push(chunk, &mut rows)?;
+        for row in rows.drain(..) {
+            let part = match &mut file {
+                Some(part) if part.bytes + row.body.len() as u64 + 1 > max_bytes => {
+                    full = true;
+                    break;
+                }
+                Some(part) => part,
+                None => file.insert(part::open(context, job, held, &output.file_kind, seq).await?),
+            };
+            part.write_line(&row.body).await?;
+            last = Some(row.position);
+        }
+    }
+    anyhow::ensure!(full || parser.ended(), "the COPY of a page ended early");
+    Ok((file, last))
 }
 
 /// Writes the task's next part: up to `part_size` lines (and `part_max_bytes`) from the rows

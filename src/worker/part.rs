@@ -10,8 +10,13 @@ use crate::{
     storage::PartWriter,
 };
 
+/// Lines are gathered into writes of about this many bytes.
+const WRITE_CHUNK: usize = 1 << 20;
+
 pub struct OpenPart {
     writer: Box<dyn PartWriter>,
+    /// Lines not yet handed to the writer.
+    buffer: Vec<u8>,
     /// The storage name, `{folder}/{kind}-{n}.ndjson`.
     pub name: String,
     /// The task's part number (the key of its reserved file number).
@@ -34,6 +39,7 @@ pub async fn open(
     let writer = context.storage.create(&job.spec.container, &name).await?;
     Ok(OpenPart {
         writer,
+        buffer: Vec::with_capacity(WRITE_CHUNK + 64 * 1024),
         name,
         seq,
         lines: 0,
@@ -44,15 +50,27 @@ pub async fn open(
 impl OpenPart {
     /// Writes one ndjson line (the newline is added).
     pub async fn write_line(&mut self, line: &[u8]) -> anyhow::Result<()> {
-        self.writer.write(line).await?;
-        self.writer.write(b"\n").await?;
+        self.buffer.extend_from_slice(line);
+        self.buffer.push(b'\n');
         self.lines += 1;
         self.bytes += line.len() as u64 + 1;
+        if self.buffer.len() >= WRITE_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.buffer.is_empty() {
+            self.writer.write(&self.buffer).await?;
+            self.buffer.clear();
+        }
         Ok(())
     }
 
     /// Commits the file if the lease still holds, then checkpoints `last` (seq, version).
-    pub async fn finish(self, held: &mut HeldTask, last: (i64, i32)) -> anyhow::Result<()> {
+    pub async fn finish(mut self, held: &mut HeldTask, last: (i64, i32)) -> anyhow::Result<()> {
+        self.flush().await?;
         let fence = Box::pin(async {
             match held.holds().await {
                 Ok(()) => Ok(true),
