@@ -168,7 +168,7 @@ pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result
             id: &prepared.id,
             version_id,
             seq,
-            last_updated: &time_text,
+            last_updated,
             is_current: last_index[&key] == i,
             patient_ids: &prepared.patient_ids,
             body: Some(prepared.template.pieces(&version_text, &time_text)),

@@ -1,7 +1,10 @@
 //! `POST /` with a Bundle: `transaction` (all or nothing, one database transaction, `urn:uuid:`
 //! references resolved) or `batch` (each entry on its own).
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use axum::{
     Extension, Router, extract::State, http::StatusCode, response::Response, routing::post,
@@ -115,7 +118,28 @@ async fn transaction(
             result => break result?,
         }
     };
+    if writes.len() >= LARGE_BUNDLE {
+        vacuum_in_background(state);
+    }
     Ok(response_bundle("transaction-response", responses))
+}
+
+/// A transaction this large is a bulk load: the store is vacuumed after it, as after `load`.
+const LARGE_BUNDLE: usize = 5_000;
+
+/// One vacuum at a time per process, after the response (it may take a while).
+fn vacuum_in_background(state: &AppState) {
+    static RUNNING: AtomicBool = AtomicBool::new(false);
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let pool = state.pool.clone();
+    tokio::spawn(async move {
+        if let Err(e) = resources::vacuum(&pool).await {
+            tracing::warn!(error = %e, "vacuum after a large transaction failed");
+        }
+        RUNNING.store(false, Ordering::Release);
+    });
 }
 
 /// Applies a transaction's writes in `order`, all or nothing.
