@@ -23,6 +23,12 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections this process opens at most; 0 means `export.workers × 2 + 8`.
     pub max_connections: u32,
+    /// A streaming-replication standby of `url` that export pages are read from; empty: the
+    /// primary serves them.
+    pub read_url: String,
+    /// How long a plan waits for the standby to replay past the job's snapshot before the job
+    /// reads from the primary instead.
+    pub read_max_wait_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +215,8 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/fhir_export".into(),
             max_connections: 0,
+            read_url: String::new(),
+            read_max_wait_secs: 30,
         }
     }
 }
@@ -318,6 +326,14 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     }),
     ("FHIR_EXPORT_DATABASE_MAX_CONNECTIONS", |c, v| {
         c.database.max_connections = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_READ_DATABASE_URL", |c, v| {
+        c.database.read_url = v.into();
+        Ok(())
+    }),
+    ("FHIR_EXPORT_READ_MAX_WAIT_SECS", |c, v| {
+        c.database.read_max_wait_secs = v.parse()?;
         Ok(())
     }),
     ("FHIR_EXPORT_LISTEN", |c, v| {

@@ -34,7 +34,13 @@ impl Server {
     pub async fn build(config: Config) -> anyhow::Result<Server> {
         refuse_open_api(&config)?;
         let workers = config.export.workers as u32;
-        let pools = Pools::connect(&config.database.url, config.max_connections(), workers).await?;
+        let pools = Pools::connect(
+            &config.database.url,
+            &config.database.read_url,
+            config.max_connections(),
+            workers,
+        )
+        .await?;
         db::migrate(&pools.primary).await?;
         let listener = TcpListener::bind(config.server.listen)
             .await

@@ -90,6 +90,8 @@ pub struct Job {
     pub error_id: Option<Uuid>,
     pub finished_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The primary's WAL position once the snapshot was complete (with a standby configured).
+    pub read_lsn: Option<String>,
 }
 
 const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
@@ -117,6 +119,10 @@ pub struct Progress {
     pub running_types: Vec<String>,
     /// Write transactions open since kick-off that the plan still waits for.
     pub waiting_writers: i32,
+    /// How far behind the job's snapshot the standby is while the plan waits for it.
+    pub standby_behind_bytes: Option<i64>,
+    /// Export tasks that read from the primary because the standby was behind or down.
+    pub primary_fallbacks: i64,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -283,7 +289,10 @@ pub async fn writers_remaining(pool: &PgPool, id: Uuid) -> sqlx::Result<i64> {
 }
 
 fn job_columns() -> String {
-    format!("id, status, {SPEC_COLUMNS}, error, error_id, finished_at, expires_at")
+    format!(
+        "id, status, {SPEC_COLUMNS}, error, error_id, finished_at, expires_at, \
+         read_lsn::text AS read_lsn"
+    )
 }
 
 /// A job its owner can still see: not cancelled, not expired. Other callers see nothing.
@@ -321,7 +330,10 @@ pub async fn progress(pool: &PgPool, id: Uuid) -> sqlx::Result<Progress> {
                     FILTER (WHERE status = 'running' AND resource_type IS NOT NULL), '{}')
                     AS running_types,
                 coalesce(max(waiting_writers) FILTER (WHERE kind = 'plan' AND status = 'running'),
-                         0) AS waiting_writers
+                         0) AS waiting_writers,
+                max(standby_behind_bytes) FILTER (WHERE kind = 'plan' AND status = 'running')
+                    AS standby_behind_bytes,
+                count(*) FILTER (WHERE read_source = 'primary') AS primary_fallbacks
          FROM export_tasks WHERE job_id = $1",
     )
     .bind(id)

@@ -16,6 +16,9 @@ use sqlx::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How this server's connections show in `pg_stat_activity`.
+const APPLICATION_NAME: &str = "fhir-export";
+
 /// The connections of a server process.
 #[derive(Clone)]
 pub struct Pools {
@@ -25,16 +28,42 @@ pub struct Pools {
     /// part. Separate, so that a worker holding one never waits for another from the pool it
     /// holds it from (the queue statements it makes meanwhile come from `primary`).
     pub pages: PgPool,
+    /// Page reads from a streaming-replication standby (`database.read_url`), when there is one.
+    pub standby: Option<PgPool>,
 }
 
 impl Pools {
-    /// `max_connections` in all: `workers` page connections, the rest for `primary`.
-    pub async fn connect(url: &str, max_connections: u32, workers: u32) -> anyhow::Result<Pools> {
+    /// `max_connections` in all on the primary: `workers` page connections, the rest for
+    /// `primary`; and `workers` on the standby, if `read_url` names one.
+    pub async fn connect(
+        url: &str,
+        read_url: &str,
+        max_connections: u32,
+        workers: u32,
+    ) -> anyhow::Result<Pools> {
         let primary = connect(url, max_connections - workers).await?;
-        let options =
-            PgConnectOptions::from_str(url).context("DATABASE_URL is not a Postgres URL")?;
+        let options = PgConnectOptions::from_str(url)
+            .context("DATABASE_URL is not a Postgres URL")?
+            .application_name(APPLICATION_NAME);
         let pages = pool_options(workers.max(1)).connect_lazy_with(options);
-        Ok(Pools { primary, pages })
+        let standby = if read_url.is_empty() {
+            None
+        } else {
+            let options = PgConnectOptions::from_str(read_url)
+                .context("FHIR_EXPORT_READ_DATABASE_URL is not a Postgres URL")?
+                .application_name(APPLICATION_NAME);
+            // Lazily, and quick to give up: a standby that is down must not hold a task long
+            // before it reads from the primary instead.
+            let pool = pool_options(workers.max(1))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options);
+            Some(pool)
+        };
+        Ok(Pools {
+            primary,
+            pages,
+            standby,
+        })
     }
 }
 
@@ -46,7 +75,9 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
 
 /// Connects a pool of `max_connections`, creating the database first if it does not exist.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a Postgres URL")?;
+    let options = PgConnectOptions::from_str(url)
+        .context("DATABASE_URL is not a Postgres URL")?
+        .application_name(APPLICATION_NAME);
     create_database_if_missing(&options).await?;
     pool_options(max_connections)
         .connect_with(options)

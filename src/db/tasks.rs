@@ -43,6 +43,18 @@ pub enum TaskState {
     Cancelled,
 }
 
+/// Where an export task reads its pages from when a standby is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "read_source", rename_all = "lowercase")]
+pub enum ReadSource {
+    Standby,
+    /// The standby was behind the job's snapshot or did not answer.
+    Primary,
+}
+
+/// `standby_behind_bytes` of a plan waiting for a standby that does not answer.
+pub const STANDBY_NOT_ANSWERING: i64 = -1;
+
 /// The lease rule every fenced statement shares: `$1` is the task id, `$2` the attempt held.
 macro_rules! held {
     () => {
@@ -286,6 +298,52 @@ impl HeldTask {
         .bind(self.task.id)
         .bind(self.task.attempt)
         .bind(writers)
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())
+    }
+
+    /// Records the primary's WAL position that a standby must have replayed before it may
+    /// serve this job's pages (the plan takes it once the snapshot is complete).
+    pub async fn set_read_lsn(&self, lsn: &str) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "UPDATE export_jobs SET read_lsn = $3::pg_lsn
+             WHERE id = (SELECT job_id FROM export_tasks WHERE ",
+            held!(),
+            ")"
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(lsn)
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())
+    }
+
+    /// Says how far the standby is behind the job's snapshot while the plan waits for it
+    /// (None: it no longer waits), for X-Progress.
+    pub async fn set_standby_behind(&self, bytes: Option<i64>) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET standby_behind_bytes = $3, updated_at = now() WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(bytes)
+        .execute(&self.pool)
+        .await?;
+        fenced(done.rows_affected())
+    }
+
+    /// Records where this attempt reads its pages from, for X-Progress.
+    pub async fn set_read_source(&self, source: ReadSource) -> Result<(), Fenced> {
+        let done = sqlx::query(concat!(
+            "UPDATE export_tasks SET read_source = $3 WHERE ",
+            held!()
+        ))
+        .bind(self.task.id)
+        .bind(self.task.attempt)
+        .bind(source)
         .execute(&self.pool)
         .await?;
         fenced(done.rows_affected())

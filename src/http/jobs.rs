@@ -18,7 +18,10 @@ use super::{
 use crate::{
     auth::Principal,
     config::{AuthMode, OutputUrls},
-    db::jobs::{self, Job, JobState},
+    db::{
+        jobs::{self, Job, JobState},
+        tasks,
+    },
     fhir::{instant, outcome},
     storage,
 };
@@ -85,10 +88,17 @@ fn progress_text(job: &Job, p: &jobs::Progress) -> String {
         return "queued".into();
     }
     if p.tasks == 0 {
-        return match p.waiting_writers {
-            0 => "planning".into(),
-            1 => "planning: waiting for 1 write transaction open since kick-off".into(),
-            n => format!("planning: waiting for {n} write transactions open since kick-off"),
+        return match (p.waiting_writers, p.standby_behind_bytes) {
+            (0, None) => "planning".into(),
+            (0, Some(tasks::STANDBY_NOT_ANSWERING)) => {
+                "planning: waiting for the read standby, which does not answer".into()
+            }
+            (0, Some(bytes)) => format!(
+                "planning: waiting for the read standby to replay the snapshot ({} kB behind)",
+                (bytes + 1023) / 1024
+            ),
+            (1, _) => "planning: waiting for 1 write transaction open since kick-off".into(),
+            (n, _) => format!("planning: waiting for {n} write transactions open since kick-off"),
         };
     }
     let percent = if p.estimate > 0 {
@@ -97,6 +107,9 @@ fn progress_text(job: &Job, p: &jobs::Progress) -> String {
         0
     };
     let mut text = format!("{percent}%, {} files written", p.parts);
+    if p.primary_fallbacks > 0 {
+        text.push_str("; read standby behind or down: reading from the primary");
+    }
     if !p.running_types.is_empty() {
         text.push_str(&format!("; exporting {}", p.running_types.join(", ")));
     }

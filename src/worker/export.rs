@@ -16,7 +16,7 @@ use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Ended, lease::Lease, part};
+use super::{Context, Ended, lease::Lease, part, read_source::PageSource};
 use crate::{
     db::{
         copy_out::{self, CopyRows},
@@ -102,6 +102,7 @@ pub async fn run(
         elements: elements::for_type(&spec.elements, resource_type),
     };
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
+    let mut pages = PageSource::new(context, job);
     loop {
         if lease.is_lost() {
             return Ok(Ended::LeaseLost);
@@ -124,9 +125,9 @@ pub async fn run(
             }
         };
         let wrote = if output.streams_stored_text() {
-            copy_part(context, job, held, &output, after).await?
+            copy_part(context, job, held, &output, &mut pages, after).await?
         } else {
-            write_part(context, job, held, &output, after).await?
+            write_part(context, job, held, &output, &mut pages, after).await?
         };
         if !wrote {
             break;
@@ -158,10 +159,11 @@ async fn copy_part(
     job: &Job,
     held: &mut HeldTask,
     output: &Output<'_>,
+    pages: &mut PageSource<'_>,
     after: Position,
 ) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
-    let mut conn = context.pools.pages.acquire().await?;
+    let mut conn = pages.connection(held).await?;
     let copied = copy_rows_into_part(context, job, held, output, after, &mut conn).await;
     let (file, last) = match copied {
         Ok(copied) => copied,
@@ -229,6 +231,7 @@ async fn write_part(
     job: &Job,
     held: &mut HeldTask,
     output: &Output<'_>,
+    pages: &mut PageSource<'_>,
     after: Position,
 ) -> anyhow::Result<bool> {
     let started = std::time::Instant::now();
@@ -241,7 +244,7 @@ async fn write_part(
     'pages: loop {
         // Page reads have a pool of their own: the queue statements below never wait for a
         // connection from the pool this one came from.
-        let mut conn = context.pools.pages.acquire().await?;
+        let mut conn = pages.connection(held).await?;
         let mut rows = resources::snapshot_page(&mut conn, &output.selection, page_after, limit);
         let mut scanned = 0;
         while let Some(row) = rows.try_next().await? {

@@ -11,6 +11,7 @@ mod lease;
 mod maintenance;
 mod part;
 mod plan;
+mod read_source;
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 

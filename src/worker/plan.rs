@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Context, Ended, lease::Lease, part};
+use super::{Context, Ended, lease::Lease, part, read_source};
 use crate::{
     db::{
         jobs::{self, Job, Level},
@@ -27,6 +27,7 @@ pub async fn run(
     lease: &Lease,
 ) -> anyhow::Result<Ended> {
     wait_for_writers(context, job, held, lease).await?;
+    read_source::wait_for_standby(context, held, lease).await?;
     write_notes(context, job, held).await?;
     let pool = &context.pools.primary;
     let spec = &job.spec;
