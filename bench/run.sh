@@ -114,7 +114,7 @@ PY
 
   # The physical limit: the same lines in a one-column text table (CSV with quote and delimiter
   # characters that never occur, so each line is taken as it is).
-  psql -q "$DB_URL" -c "CREATE UNLOGGED TABLE IF NOT EXISTS raw_lines (line text)" -c "TRUNCATE raw_lines"
+  psql -q "$DB_URL" -c "CREATE TABLE IF NOT EXISTS raw_lines (line text)" -c "TRUNCATE raw_lines"
   t0=$(now)
   cat "$DATA"/*.ndjson | psql -q "$DB_URL" -c "COPY raw_lines FROM STDIN (FORMAT csv, QUOTE E'\x01', DELIMITER E'\x02')"
   t1=$(now)
