@@ -4,7 +4,7 @@
 //! files of the run.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     hash::{Hash, Hasher},
     io::{BufRead, BufReader, Read},
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::Config,
     db,
-    fhir::resource,
+    fhir::{r4::RESOURCE_TYPES, resource},
     store::{self, Prepared},
 };
 
@@ -168,6 +168,16 @@ pub async fn load_files(
         .expect("valid template"),
     );
     let loaded = Arc::new(AtomicU64::new(0));
+    // Types with no rows yet: their resources are new unless a concurrent writer or an earlier
+    // line of this load created them, which the primary key tells (see `write_batch`).
+    let existing = db::resources::types_with_data(pool, RESOURCE_TYPES).await?;
+    let empty_types: Arc<HashSet<&'static str>> = Arc::new(
+        RESOURCE_TYPES
+            .iter()
+            .copied()
+            .filter(|t| !existing.iter().any(|e| e == t))
+            .collect(),
+    );
     let mut senders = Vec::new();
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..args.writers {
@@ -175,6 +185,7 @@ pub async fn load_files(
         senders.push(sender);
         writers.spawn(write_batches(
             pool.clone(),
+            empty_types.clone(),
             receiver,
             loaded.clone(),
             progress.clone(),
@@ -217,13 +228,23 @@ pub async fn load_files(
 /// One writer: each batch in one transaction with one COPY.
 async fn write_batches(
     pool: PgPool,
+    empty_types: Arc<HashSet<&'static str>>,
     mut batches: mpsc::Receiver<Vec<Prepared>>,
     loaded: Arc<AtomicU64>,
     progress: ProgressBar,
 ) -> anyhow::Result<LoadReport> {
     let mut report = LoadReport::default();
+    let mut assume_new = true;
     while let Some(batch) = batches.recv().await {
-        report.updated += write_batch(&pool, &batch).await? as u64;
+        let all_new = assume_new
+            && batch
+                .iter()
+                .all(|p| empty_types.contains(p.resource_type.as_str()));
+        let written = write_batch(&pool, &batch, all_new).await?;
+        // Once guessing wrong, stop guessing: a file that updates what it created would
+        // otherwise pay for every batch twice.
+        assume_new &= !written.guessed_wrong;
+        report.updated += written.updates as u64;
         for p in &batch {
             // Counted per resource: allocate the type's name only the first time it is seen.
             match report.per_type.get_mut(&p.resource_type) {
@@ -239,22 +260,42 @@ async fn write_batches(
     Ok(report)
 }
 
-/// Writes one batch in one transaction. A batch that collides with a concurrent writer of the
-/// same resource (it created the resource first, or retired the row this batch waited for), or
-/// that a database blip interrupted, wrote nothing and is tried again.
-async fn write_batch(pool: &PgPool, batch: &[Prepared]) -> anyhow::Result<usize> {
+/// What `write_batch` did.
+struct Written {
+    updates: usize,
+    /// The batch was taken for all new, and was not.
+    guessed_wrong: bool,
+}
+
+/// Writes one batch in one transaction. `all_new`: the batch's types had no rows when the load
+/// began, so it is written without looking up current versions; if one exists after all, the
+/// primary key refuses the batch and it is written again the careful way. A batch that collides
+/// with a concurrent writer of the same resource (it created the resource first, or retired
+/// the row this batch waited for), or that a database blip interrupted, wrote nothing and is
+/// tried again.
+async fn write_batch(pool: &PgPool, batch: &[Prepared], all_new: bool) -> anyhow::Result<Written> {
     const TRIES: u32 = 10;
     let mut pause = Duration::from_millis(50);
+    let mut guessed_wrong = false;
     for attempt in 1.. {
+        let assume_new = all_new && !guessed_wrong;
         let result = async {
             let mut tx = db::resources::begin_write(pool).await?;
-            let updates = store::put_many(&mut tx, batch).await?;
+            let updates = store::put_many(&mut tx, batch, assume_new).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(updates)
         }
         .await;
         match result {
-            Ok(updates) => return Ok(updates),
+            Ok(updates) => {
+                return Ok(Written {
+                    updates,
+                    guessed_wrong,
+                });
+            }
+            Err(e) if assume_new && db::resources::is_version_collision(&e) => {
+                guessed_wrong = true;
+            }
             Err(e)
                 if attempt < TRIES
                     && (db::is_transient(&e) || db::resources::is_version_collision(&e)) =>

@@ -129,14 +129,24 @@ pub async fn put(
 
 /// Creates or updates many resources in one write transaction with a single COPY. A resource
 /// that appears several times gets one version per appearance; the last one is current.
-/// Returns how many of the versions written were updates (version 2 or later).
-pub async fn put_many(tx: &mut PgConnection, batch: &[Prepared]) -> sqlx::Result<usize> {
+/// `assume_new` skips looking up current versions: a resource that has one then collides on
+/// the primary key, and the transaction must be rolled back. Returns how many of the versions
+/// written were updates (version 2 or later).
+pub async fn put_many(
+    tx: &mut PgConnection,
+    batch: &[Prepared],
+    assume_new: bool,
+) -> sqlx::Result<usize> {
     let mut last_index: HashMap<ResourceKey, usize> = HashMap::with_capacity(batch.len());
     for (i, p) in batch.iter().enumerate() {
         last_index.insert(p.key(), i);
     }
     let keys: Vec<ResourceKey> = last_index.keys().cloned().collect();
-    let heads = resources::lock_current_many(tx, &keys).await?;
+    let heads = if assume_new {
+        HashMap::new()
+    } else {
+        resources::lock_current_many(tx, &keys).await?
+    };
     let mut fresh_seqs = resources::next_seqs(tx, keys.len() - heads.len())
         .await?
         .into_iter();

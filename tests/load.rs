@@ -244,6 +244,14 @@ async fn resolves_urn_uuid_references_across_files_in_any_order() {
 
 #[tokio::test]
 async fn duplicate_ids_become_versions_and_the_last_wins() {
+    // In one batch; and one resource per batch, where the store's types start empty and the
+    // second version collides with what the first batch created.
+    for batch_size in ["2000", "1"] {
+        duplicate_ids_become_versions(batch_size).await;
+    }
+}
+
+async fn duplicate_ids_become_versions(batch_size: &str) {
     let db = TestDb::new().await;
     let data = tempfile::tempdir().unwrap();
     let lines = [
@@ -260,7 +268,16 @@ async fn duplicate_ids_become_versions_and_the_last_wins() {
         ),
     )
     .unwrap();
-    ok(run(&db, &["load", data.path().to_str().unwrap()]));
+    let out = ok(run(
+        &db,
+        &[
+            "load",
+            "--batch-size",
+            batch_size,
+            data.path().to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("2 were updates"), "{out}");
     let pool = PgPool::connect(&db.url).await.unwrap();
     let current = current_body(&pool, "Organization", "o").await.unwrap();
     assert_eq!(current["name"], "third");

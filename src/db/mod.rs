@@ -42,16 +42,13 @@ impl Pools {
         workers: u32,
     ) -> anyhow::Result<Pools> {
         let primary = connect(url, max_connections - workers).await?;
-        let options = PgConnectOptions::from_str(url)
-            .context("DATABASE_URL is not a Postgres URL")?
-            .application_name(APPLICATION_NAME);
+        let options = page_options(url).context("DATABASE_URL is not a Postgres URL")?;
         let pages = pool_options(workers.max(1)).connect_lazy_with(options);
         let standby = if read_url.is_empty() {
             None
         } else {
-            let options = PgConnectOptions::from_str(read_url)
-                .context("FHIR_EXPORT_READ_DATABASE_URL is not a Postgres URL")?
-                .application_name(APPLICATION_NAME);
+            let options = page_options(read_url)
+                .context("FHIR_EXPORT_READ_DATABASE_URL is not a Postgres URL")?;
             // Lazily, and quick to give up: a standby that is down must not hold a task long
             // before it reads from the primary instead.
             let pool = pool_options(workers.max(1))
@@ -65,6 +62,14 @@ impl Pools {
             standby,
         })
     }
+}
+
+/// Page reads: no JIT. A filtered page's cost estimate crosses `jit_above_cost`, and compiling
+/// costs more than the whole page takes to read.
+fn page_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(url)?
+        .application_name(APPLICATION_NAME)
+        .options([("jit", "off")]))
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {

@@ -457,11 +457,15 @@ pub(super) fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str 
                 "AND cardinality(patient_ids) > 0",
                 "AND cardinality(h.patient_ids) > 0",
             ),
+            // One primary-key probe per patient of the row. (A plain `EXISTS … = ANY(…)` is
+            // planned as a semi-join that scans the job's whole member list for every row.)
             (
-                "AND EXISTS (SELECT 1 FROM export_job_patients m
-                             WHERE m.job_id = $8 AND m.patient_id = ANY(patient_ids))",
-                "AND EXISTS (SELECT 1 FROM export_job_patients m
-                             WHERE m.job_id = $8 AND m.patient_id = ANY(h.patient_ids))",
+                "AND EXISTS (SELECT 1 FROM unnest(patient_ids) AS pid
+                             WHERE (SELECT true FROM export_job_patients m
+                                    WHERE m.job_id = $8 AND m.patient_id = pid))",
+                "AND EXISTS (SELECT 1 FROM unnest(h.patient_ids) AS pid
+                             WHERE (SELECT true FROM export_job_patients m
+                                    WHERE m.job_id = $8 AND m.patient_id = pid))",
             ),
         ];
         let narrow = |alias: &str, updated: &str| {
