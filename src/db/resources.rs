@@ -604,11 +604,27 @@ pub struct TypeSpan {
     pub max_seq: i64,
 }
 
-/// The span of a type's current rows (an upper bound of what a snapshot of it holds).
+/// The span of a type's current rows (an upper bound of what a snapshot of it holds), with
+/// about how many there are. The bounds are two index probes; the count comes from the
+/// planner's statistics when they know the type (counting ten million rows takes seconds), and
+/// is counted only for types too rare to be in them. It only sizes ranges and progress.
 pub async fn type_span(pool: &PgPool, resource_type: &str) -> sqlx::Result<Option<TypeSpan>> {
     sqlx::query_as(
-        "SELECT count(*) AS count, min(seq) AS min_seq, max(seq) AS max_seq FROM resources
-         WHERE is_current AND resource_type = $1 HAVING count(*) > 0",
+        "WITH bounds AS (
+             SELECT min(seq) AS min_seq, max(seq) AS max_seq FROM resources
+             WHERE is_current AND resource_type = $1),
+         estimate AS (
+             SELECT (c.reltuples * m.freq)::bigint AS count
+             FROM pg_class c, pg_stats s,
+                  unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS m(val, freq)
+             WHERE c.oid = 'resources_current_seq'::regclass AND c.reltuples > 0
+               AND s.schemaname = current_schema() AND s.tablename = 'resources'
+               AND s.attname = 'resource_type' AND m.val = $1)
+         SELECT greatest(coalesce((SELECT count FROM estimate),
+                                  (SELECT count(*) FROM resources
+                                   WHERE is_current AND resource_type = $1)), 1) AS count,
+                min_seq, max_seq
+         FROM bounds WHERE min_seq IS NOT NULL",
     )
     .bind(resource_type)
     .fetch_optional(pool)
