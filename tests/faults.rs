@@ -28,26 +28,6 @@ async fn manifest_through_outages(app: &TestApp, status_url: &str) -> Value {
     }
 }
 
-async fn parts_committed(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap_or(0)
-}
-
-async fn wait_for_parts(app: &TestApp, n: i64) {
-    while parts_committed(app).await < n {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn failures(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT coalesce(sum(failures), 0)::bigint FROM export_tasks")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-}
-
 fn expected_ids(loaded: &std::collections::BTreeMap<String, Vec<Value>>, t: &str) -> Vec<String> {
     let mut ids: Vec<String> = loaded[t]
         .iter()
@@ -70,14 +50,18 @@ async fn a_postgres_restart_mid_export_spends_no_attempt() {
     .await;
     let loaded = load_generated(&app, 1).await;
     let status_url = kick_off(&app, "/$export?_type=Observation").await;
-    wait_for_parts(&app, 2).await;
+    wait_for_parts(&app.pool, 2).await;
     tokio::task::block_in_place(|| cluster.restart());
 
     let manifest = manifest_through_outages(&app, &status_url).await;
     let files = download_all(&app, &manifest).await;
     let got: Vec<String> = resources_by_key(&files).into_keys().collect();
     assert_eq!(got, expected_ids(&loaded, "Observation"));
-    assert_eq!(failures(&app).await, 0, "a restart spent an attempt");
+    assert_eq!(
+        task_failures(&app.pool).await,
+        0,
+        "a restart spent an attempt"
+    );
     // The API answered through it: a new export right after works too.
     let again = kick_off(&app, "/$export?_type=Patient").await;
     manifest_through_outages(&app, &again).await;
@@ -98,7 +82,7 @@ async fn a_storage_paused_past_the_stale_period_spends_no_attempt() {
     .await;
     let loaded = load_generated(&app, 1).await;
     let status_url = kick_off(&app, "/$export?_type=Observation").await;
-    wait_for_parts(&app, 2).await;
+    wait_for_parts(&app.pool, 2).await;
     azurite.process.signal("-STOP");
     // Writers are stuck on the storage meanwhile; their heartbeats keep their leases.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -108,5 +92,9 @@ async fn a_storage_paused_past_the_stale_period_spends_no_attempt() {
     let files = download_all(&app, &manifest).await;
     let got: Vec<String> = resources_by_key(&files).into_keys().collect();
     assert_eq!(got, expected_ids(&loaded, "Observation"));
-    assert_eq!(failures(&app).await, 0, "a storage pause spent an attempt");
+    assert_eq!(
+        task_failures(&app.pool).await,
+        0,
+        "a storage pause spent an attempt"
+    );
 }

@@ -35,24 +35,6 @@ async fn max_failures(pool: &PgPool) -> i32 {
         .unwrap()
 }
 
-async fn committed_parts(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-async fn wait_for_parts(pool: &PgPool, n: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while committed_parts(pool).await < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker process wrote no parts"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn assert_exact(
     files: &[OutputFile],
     loaded: &BTreeMap<String, Vec<serde_json::Value>>,

@@ -44,14 +44,14 @@ async fn primary_and_standby() -> (PgCluster, PgCluster, TestDb) {
     (primary, standby, db)
 }
 
-fn database_name(url: &str) -> String {
-    url.rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_string()
+/// Stops the standby's replay; returns a connection pool to it.
+async fn pause_replay(standby_url: &str) -> PgPool {
+    let pool = PgPool::connect(standby_url).await.unwrap();
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool
 }
 
 async fn create_patient(app: &TestApp, id: &str) {
@@ -90,7 +90,7 @@ async fn manifest_and_progress(app: &TestApp, status_url: &str) -> (Value, Vec<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exports_read_from_the_standby_once_it_has_replayed_the_snapshot() {
     let (_primary, standby, db) = primary_and_standby().await;
-    let name = database_name(&db.url);
+    let name = db.name.clone();
     let standby_url = standby.url(&name);
     let app = TestApp::spawn_on(db, |c| {
         c.database.read_url = standby_url.clone();
@@ -101,11 +101,7 @@ async fn exports_read_from_the_standby_once_it_has_replayed_the_snapshot() {
     load_generated(&app, 2).await;
 
     // Replay stops: a patient written now exists on the primary only.
-    let standby_pool = PgPool::connect(&standby_url).await.unwrap();
-    sqlx::query("SELECT pg_wal_replay_pause()")
-        .execute(&standby_pool)
-        .await
-        .unwrap();
+    let standby_pool = pause_replay(&standby_url).await;
     create_patient(&app, "written-while-replay-paused").await;
 
     let status_url = kick_off(&app, "/$export").await;
@@ -160,18 +156,14 @@ async fn exports_read_from_the_standby_once_it_has_replayed_the_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_that_stays_behind_is_waited_for_only_within_the_bound() {
     let (_primary, standby, db) = primary_and_standby().await;
-    let standby_url = standby.url(&database_name(&db.url));
+    let standby_url = standby.url(&db.name);
     let app = TestApp::spawn_on(db, |c| {
         c.database.read_url = standby_url.clone();
         c.database.read_max_wait_secs = 1;
     })
     .await;
     load_generated(&app, 1).await;
-    let standby_pool = PgPool::connect(&standby_url).await.unwrap();
-    sqlx::query("SELECT pg_wal_replay_pause()")
-        .execute(&standby_pool)
-        .await
-        .unwrap();
+    pause_replay(&standby_url).await;
     create_patient(&app, "only-on-the-primary").await;
 
     let status_url = kick_off(&app, "/$export").await;
@@ -191,7 +183,7 @@ async fn a_standby_that_stays_behind_is_waited_for_only_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_that_dies_mid_export_hands_over_to_the_primary() {
     let (_primary, standby, db) = primary_and_standby().await;
-    let standby_url = standby.url(&database_name(&db.url));
+    let standby_url = standby.url(&db.name);
     let app = TestApp::spawn_on(db, |c| {
         c.database.read_url = standby_url.clone();
         c.database.read_max_wait_secs = 30;
@@ -203,16 +195,7 @@ async fn a_standby_that_dies_mid_export_hands_over_to_the_primary() {
     .await;
     load_generated(&app, 2).await;
     let status_url = kick_off(&app, "/$export?_type=Observation,Patient").await;
-    while sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM export_parts WHERE resources IS NOT NULL",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap()
-        < 2
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_parts(&app.pool, 2).await;
     drop(standby); // stopped with -m immediate: its connections break mid-page
 
     let (manifest, progress) = manifest_and_progress(&app, &status_url).await;
@@ -230,10 +213,9 @@ async fn a_standby_that_dies_mid_export_hands_over_to_the_primary() {
             .any(|p| p.contains("reading from the primary")),
         "{progress:?}"
     );
-    let failures: i64 =
-        sqlx::query_scalar("SELECT coalesce(sum(failures), 0)::bigint FROM export_tasks")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(failures, 0, "a dead standby spent an attempt");
+    assert_eq!(
+        task_failures(&app.pool).await,
+        0,
+        "a dead standby spent an attempt"
+    );
 }

@@ -37,7 +37,7 @@ pub fn with_database(url: &str, name: &str) -> String {
 /// A database that exists for one test and is dropped after it.
 pub struct TestDb {
     pub url: String,
-    name: String,
+    pub name: String,
     admin: String,
 }
 
@@ -207,6 +207,34 @@ pub async fn assert_outcome(response: Response, status: u16) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Output files committed so far, over all jobs. (0 while the database does not answer.)
+pub async fn committed_parts(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Waits until `n` output files are committed.
+pub async fn wait_for_parts(pool: &PgPool, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while committed_parts(pool).await < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no worker wrote {n} parts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Attempts spent by failures, over all tasks.
+pub async fn task_failures(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(failures), 0)::bigint FROM export_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 pub async fn json(response: Response) -> Value {

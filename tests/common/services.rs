@@ -60,24 +60,7 @@ pub struct PgCluster {
 impl PgCluster {
     /// `initdb` and start, with `settings` (`name=value`) on the command line.
     pub fn start(settings: &[&str]) -> PgCluster {
-        let dir =
-            std::env::temp_dir().join(format!("fhir-export-pg-{}", uuid::Uuid::new_v4().simple()));
-        let cluster = PgCluster {
-            dir,
-            port: free_port(),
-            bin: postgres_bin(),
-            as_postgres: running_as_root(),
-        };
-        std::fs::create_dir_all(&cluster.dir).unwrap();
-        if cluster.as_postgres {
-            assert!(
-                Command::new("chown")
-                    .args(["postgres:postgres", cluster.dir.to_str().unwrap()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-        }
+        let cluster = PgCluster::in_new_dir(postgres_bin(), running_as_root());
         let data = cluster.data().display().to_string();
         cluster.run(
             "initdb",
@@ -89,24 +72,7 @@ impl PgCluster {
 
     /// A cluster made by `pg_basebackup -R` from `primary`: a streaming standby.
     pub fn standby_of(primary: &PgCluster, settings: &[&str]) -> PgCluster {
-        let dir =
-            std::env::temp_dir().join(format!("fhir-export-pg-{}", uuid::Uuid::new_v4().simple()));
-        let cluster = PgCluster {
-            dir,
-            port: free_port(),
-            bin: primary.bin.clone(),
-            as_postgres: primary.as_postgres,
-        };
-        std::fs::create_dir_all(&cluster.dir).unwrap();
-        if cluster.as_postgres {
-            assert!(
-                Command::new("chown")
-                    .args(["postgres:postgres", cluster.dir.to_str().unwrap()])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-        }
+        let cluster = PgCluster::in_new_dir(primary.bin.clone(), primary.as_postgres);
         let data = cluster.data().display().to_string();
         let port = primary.port.to_string();
         cluster.run(
@@ -128,6 +94,30 @@ impl PgCluster {
             ],
         );
         cluster.start_server(settings);
+        cluster
+    }
+
+    /// A cluster's empty folder (owned by `postgres` when its commands run as that user) and
+    /// a free port; nothing runs yet.
+    fn in_new_dir(bin: PathBuf, as_postgres: bool) -> PgCluster {
+        let dir =
+            std::env::temp_dir().join(format!("fhir-export-pg-{}", uuid::Uuid::new_v4().simple()));
+        let cluster = PgCluster {
+            dir,
+            port: free_port(),
+            bin,
+            as_postgres,
+        };
+        std::fs::create_dir_all(&cluster.dir).unwrap();
+        if as_postgres {
+            assert!(
+                Command::new("chown")
+                    .args(["postgres:postgres", cluster.dir.to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
         cluster
     }
 
@@ -158,16 +148,20 @@ impl PgCluster {
         self.dir.join("server.log")
     }
 
-    fn run(&self, program: &str, args: &[&str]) {
+    /// A Postgres program of this cluster's binaries, as the user that may run it.
+    fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
-        let mut command = if self.as_postgres {
+        if self.as_postgres {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(&path);
             c
         } else {
             Command::new(&path)
-        };
-        let out = command.args(args).output().unwrap();
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self.command(program).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}{}",
@@ -200,15 +194,8 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let data = self.data().display().to_string();
-        let path = self.bin.join("pg_ctl");
-        let mut command = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&path);
-            c
-        } else {
-            Command::new(&path)
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl")
             .args(["-D", &data, "-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
