@@ -57,8 +57,18 @@ impl Prepared {
         }
     }
 
-    fn key(&self) -> ResourceKey {
-        (self.resource_type.clone(), self.id.clone())
+    fn key_ref(&self) -> (&str, &str) {
+        (&self.resource_type, &self.id)
+    }
+
+    #[cfg(test)]
+    pub fn stored_text(&self, version_id: i32, last_updated: &str) -> String {
+        self.template.fill(version_id, last_updated)
+    }
+
+    #[cfg(test)]
+    pub fn patient_ids(&self) -> &[String] {
+        &self.patient_ids
     }
 }
 
@@ -137,32 +147,41 @@ pub async fn put_many(
     batch: &[Prepared],
     assume_new: bool,
 ) -> sqlx::Result<usize> {
-    let mut last_index: HashMap<ResourceKey, usize> = HashMap::with_capacity(batch.len());
+    // Keys borrow the batch: no per-resource string copies on the way to the COPY.
+    let mut last_index: HashMap<(&str, &str), usize> = HashMap::with_capacity(batch.len());
     for (i, p) in batch.iter().enumerate() {
-        last_index.insert(p.key(), i);
+        last_index.insert(p.key_ref(), i);
     }
-    let keys: Vec<ResourceKey> = last_index.keys().cloned().collect();
     let heads = if assume_new {
         HashMap::new()
     } else {
+        let keys: Vec<ResourceKey> = last_index
+            .keys()
+            .map(|(t, id)| (t.to_string(), id.to_string()))
+            .collect();
         resources::lock_current_many(tx, &keys).await?
     };
-    let mut fresh_seqs = resources::next_seqs(tx, keys.len() - heads.len())
+    let mut fresh_seqs = resources::next_seqs(tx, last_index.len() - heads.len())
         .await?
         .into_iter();
     let base = resources::next_timestamp(tx, None).await?;
     // Per resource: seq, and the last version number and timestamp given out so far.
-    let mut latest: HashMap<ResourceKey, (i64, i32, DateTime<Utc>)> = heads
-        .iter()
-        .map(|(k, (h, _))| (k.clone(), (h.seq, h.version_id, h.last_updated)))
-        .collect();
-    let rows: Vec<String> = heads.into_values().map(|(_, row)| row).collect();
+    let mut latest: HashMap<(&str, &str), (i64, i32, DateTime<Utc>)> =
+        HashMap::with_capacity(heads.len());
+    let mut rows = Vec::with_capacity(heads.len());
+    for ((resource_type, id), (head, row)) in heads {
+        if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {
+            let key = batch[i].key_ref();
+            latest.insert(key, (head.seq, head.version_id, head.last_updated));
+        }
+        rows.push(row);
+    }
     resources::retire_rows(tx, &rows).await?;
 
     let mut updates = 0;
     let mut copy = CopyWriter::start(tx).await?;
     for (i, prepared) in batch.iter().enumerate() {
-        let key = prepared.key();
+        let key = prepared.key_ref();
         let own_clock = base + TimeDelta::microseconds(i as i64);
         let (seq, version_id, last_updated) = match latest.get(&key) {
             Some(&(seq, v, t)) => (seq, v + 1, own_clock.max(t + TimeDelta::microseconds(1))),

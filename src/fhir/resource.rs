@@ -97,27 +97,31 @@ impl Template {
         resource_type_json: &str,
         id: &str,
         meta: &Map<String, Value>,
-        rest: impl Iterator<Item = (&'a str, &'a str)>,
+        rest: impl Iterator<Item = (&'a str, &'a str)> + Clone,
     ) -> Template {
-        let key = |k: &str| to_json(&Value::String(k.to_string()));
-        let mut head = format!(
-            "{{\"resourceType\":{resource_type_json},\"id\":{},\"meta\":{{",
-            key(id)
-        );
+        let mut head = String::with_capacity(64 + id.len());
+        head.push_str("{\"resourceType\":");
+        head.push_str(resource_type_json);
+        head.push_str(",\"id\":");
+        push_json_string(&mut head, id);
+        head.push_str(",\"meta\":{");
         for (k, v) in meta
             .iter()
             .filter(|(k, _)| *k != "versionId" && *k != "lastUpdated")
         {
-            head.push_str(&key(k));
+            push_json_string(&mut head, k);
             head.push(':');
             head.push_str(&to_json(v));
             head.push(',');
         }
         head.push_str("\"versionId\":\"");
-        let mut tail = String::from("\"}");
+        // Sized once: the tail is most of a resource's text.
+        let size: usize = rest.clone().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let mut tail = String::with_capacity(size + 4);
+        tail.push_str("\"}");
         for (k, v) in rest {
             tail.push(',');
-            tail.push_str(&key(k));
+            push_json_string(&mut tail, k);
             tail.push(':');
             tail.push_str(v);
         }
@@ -139,6 +143,18 @@ impl Template {
     /// The stored text of a version.
     pub fn fill(&self, version_id: i32, last_updated: &str) -> String {
         self.pieces(&version_id.to_string(), last_updated).concat()
+    }
+}
+
+/// Appends `text` as a JSON string.
+fn push_json_string(out: &mut String, text: &str) {
+    if text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(&to_json(&Value::String(text.to_string())));
+    } else {
+        // Nothing to escape: element names and ids always take this way.
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
     }
 }
 
