@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
+    /// A second address serving only `GET /metrics`, without auth (for Prometheus); `None`:
+    /// no such listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -257,6 +260,7 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 10,
             request_timeout_secs: 60,
             max_connections: 1024,
+            metrics_listen: None,
         }
     }
 }
@@ -338,6 +342,14 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     }),
     ("FHIR_EXPORT_LISTEN", |c, v| {
         c.server.listen = v.parse().context("not a socket address")?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_METRICS_LISTEN", |c, v| {
+        c.server.metrics_listen = if v.is_empty() {
+            None
+        } else {
+            Some(v.parse().context("not a socket address")?)
+        };
         Ok(())
     }),
     ("FHIR_EXPORT_PUBLIC_URL", |c, v| {

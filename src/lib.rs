@@ -9,6 +9,7 @@ pub mod generate;
 pub mod http;
 pub mod liveness;
 pub mod load;
+pub mod metrics;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
@@ -25,6 +26,8 @@ use crate::{config::Config, db::Pools, http::AppState, liveness::Liveness};
 /// A server bound to its address, ready to run.
 pub struct Server {
     listener: TcpListener,
+    /// `server.metrics_listen`, bound.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
     pools: Pools,
 }
@@ -45,6 +48,14 @@ impl Server {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
+        let metrics_listener = match config.server.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (server.metrics_listen)"))?,
+            ),
+            None => None,
+        };
         let local_addr = listener.local_addr()?;
         let base_url = if config.server.public_url.is_empty() {
             format!("http://{local_addr}")
@@ -78,9 +89,11 @@ impl Server {
             auth: Arc::new(auth),
             liveness: Arc::new(liveness),
             storage_health: Arc::default(),
+            gauges: metrics::Gauges::new(&pools),
         };
         Ok(Server {
             listener,
+            metrics_listener,
             state,
             pools,
         })
@@ -95,9 +108,19 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Server {
             listener,
+            metrics_listener,
             state,
             pools,
         } = self;
+        metrics::handle();
+        tokio::spawn(metrics::upkeep(shutdown.clone()));
+        if let Some(listener) = metrics_listener {
+            let router = http::metrics::scrape_router(state.gauges.clone());
+            let (config, shutdown) = (state.config.server.clone(), shutdown.clone());
+            tokio::spawn(
+                async move { http::serve::serve(listener, router, &config, shutdown).await },
+            );
+        }
         tracing::info!(base_url = %state.base_url, workers = state.config.export.workers, "serving");
         let context = worker::Context::new(
             pools,

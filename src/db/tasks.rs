@@ -33,6 +33,19 @@ pub enum TaskKind {
     SoftDeleted,
 }
 
+impl TaskKind {
+    /// As stored (`task_kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Plan => "plan",
+            TaskKind::Export => "export",
+            TaskKind::Deleted => "deleted",
+            TaskKind::History => "history",
+            TaskKind::SoftDeleted => "softdeleted",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
 #[sqlx(type_name = "task_state", rename_all = "lowercase")]
 pub enum TaskState {

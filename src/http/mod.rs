@@ -9,6 +9,7 @@ mod extract;
 pub mod health;
 mod jobs;
 mod metadata;
+pub mod metrics;
 mod rest;
 pub mod serve;
 
@@ -41,6 +42,7 @@ pub struct AppState {
     /// The export workers of this process.
     pub liveness: Arc<Liveness>,
     pub storage_health: Arc<health::StorageHealth>,
+    pub gauges: crate::metrics::Gauges,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -53,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .merge(export::router())
         .merge(jobs::router())
         .merge(rest::router())
+        .merge(metrics::router())
         .route_layer(timed.clone())
         .merge(jobs::downloads())
         .route_layer(middleware::from_fn_with_state(
@@ -65,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::router())
         .route_layer(timed)
         .merge(protected)
+        // Outside auth: refused requests are counted too.
+        .route_layer(middleware::from_fn(crate::metrics::track_http))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -115,6 +120,7 @@ const FIXED_ROOTS: &[&str] = &[
     "export",
     "metadata",
     "health",
+    "metrics",
     "auth",
     ".well-known",
 ];

@@ -287,6 +287,10 @@ fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
 
 #[async_trait]
 impl Storage for AzureStorage {
+    fn kind(&self) -> &'static str {
+        "azure"
+    }
+
     async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>> {
         self.ensure_container(container).await?;
         let blob = self

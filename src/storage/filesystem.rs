@@ -35,6 +35,10 @@ impl FilesystemStorage {
 
 #[async_trait]
 impl Storage for FilesystemStorage {
+    fn kind(&self) -> &'static str {
+        "filesystem"
+    }
+
     async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>> {
         let path = self.path(container, name)?;
         let dir = path.parent().expect("a file path has a parent");

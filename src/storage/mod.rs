@@ -30,6 +30,9 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
+    /// `filesystem` or `azure` (a label of the metrics).
+    fn kind(&self) -> &'static str;
+
     /// Starts a file `name` (may contain `/`) in `container`, creating the container if needed.
     /// Nothing is visible until `commit`.
     async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>>;

@@ -23,6 +23,7 @@ pub async fn run(context: Arc<Context>, shutdown: CancellationToken) {
         match tasks::rescue_expired(&context.pools.primary, max, context.retention()).await {
             Ok(rescued) => {
                 if rescued.tasks > 0 {
+                    crate::metrics::tasks_rescued(rescued.tasks);
                     tracing::info!(tasks = rescued.tasks, "rescued tasks whose lease ran out");
                 }
                 rescued.failed.iter().for_each(super::report_failed);

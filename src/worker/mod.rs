@@ -32,6 +32,7 @@ use crate::{
         tasks::{self, Fenced, HeldTask, Resumed, TaskKind},
     },
     liveness::Liveness,
+    metrics,
     storage::{self, Storage},
 };
 use backoff::Backoff;
@@ -144,15 +145,27 @@ async fn run_task(
     shutdown: &CancellationToken,
 ) {
     let task = held.task.clone();
+    let kind = task.kind.as_str();
+    metrics::task_claimed(kind);
     let span = tracing::info_span!("task", job = %task.job_id, task = task.id, kind = ?task.kind,
         resource_type = task.resource_type.as_deref().unwrap_or(""), attempt = task.attempt);
     async {
         let lease = Lease::start(context, &held, slot);
         match run_with_retries(context, &mut held, &lease, shutdown).await {
-            Ended::Done => tracing::debug!("task done"),
-            Ended::LeaseLost => tracing::info!("lease lost; stopped without writing more"),
-            Ended::Released => tracing::info!("released for shutdown"),
+            Ended::Done => {
+                metrics::task_ended(kind, "done");
+                tracing::debug!("task done");
+            }
+            Ended::LeaseLost => {
+                metrics::task_ended(kind, "lease_lost");
+                tracing::info!("lease lost; stopped without writing more");
+            }
+            Ended::Released => {
+                metrics::task_ended(kind, "released");
+                tracing::info!("released for shutdown");
+            }
             Ended::Failed(message) => {
+                metrics::task_ended(kind, "failed");
                 tracing::warn!(error = %message, "task attempt failed");
                 record_failure(context, &held, &message, &lease).await;
             }
@@ -180,9 +193,10 @@ async fn run_with_retries(
         if lease_lost(&error) || lease.is_lost() {
             return Ended::LeaseLost;
         }
-        if !is_transient(&error) {
+        let Some(cause) = transient_cause(&error) else {
             return Ended::Failed(format!("{error:#}"));
-        }
+        };
+        metrics::transient_retry(cause);
         tracing::warn!(error = %format!("{error:#}"), "transient fault; resuming from the checkpoint");
         loop {
             tokio::select! {
@@ -249,15 +263,20 @@ fn lease_lost(error: &anyhow::Error) -> bool {
 }
 
 /// A fault worth retrying inside the attempt: see `db::is_transient` and `storage::Transient`.
-fn is_transient(error: &anyhow::Error) -> bool {
-    error.chain().any(|e| {
-        if let Some(e) = e.downcast_ref::<sqlx::Error>() {
-            return db::is_transient(e);
+/// `database` or `storage` when the error is a transient fault of either.
+fn transient_cause(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|e| {
+        let database = match (e.downcast_ref::<sqlx::Error>(), e.downcast_ref::<Fenced>()) {
+            (Some(e), _) | (_, Some(Fenced::Database(e))) => db::is_transient(e),
+            _ => false,
+        };
+        if database {
+            Some("database")
+        } else if e.downcast_ref::<storage::Transient>().is_some() {
+            Some("storage")
+        } else {
+            None
         }
-        if let Some(Fenced::Database(e)) = e.downcast_ref::<Fenced>() {
-            return db::is_transient(e);
-        }
-        e.downcast_ref::<storage::Transient>().is_some()
     })
 }
 

@@ -1,12 +1,15 @@
 //! One output file of a task: its number reserved, its lines written, then committed only if
 //! the lease still holds, and the task's checkpoint moved past it.
 
+use std::time::Instant;
+
 use super::Context;
 use crate::{
     db::{
         jobs::Job,
         tasks::{Fenced, HeldTask},
     },
+    metrics,
     storage::PartWriter,
 };
 
@@ -15,6 +18,10 @@ const WRITE_CHUNK: usize = 1 << 20;
 
 pub struct OpenPart {
     writer: Box<dyn PartWriter>,
+    /// `{Type}`, `{Type}-deleted`, …: the metrics' `type`.
+    kind: String,
+    storage: &'static str,
+    opened: Instant,
     /// Lines not yet handed to the writer.
     buffer: Vec<u8>,
     /// The storage name, `{folder}/{kind}-{n}.ndjson`.
@@ -39,6 +46,9 @@ pub async fn open(
     let writer = context.storage.create(&job.spec.container, &name).await?;
     Ok(OpenPart {
         writer,
+        kind: kind.to_string(),
+        storage: context.storage.kind(),
+        opened: Instant::now(),
         buffer: Vec::with_capacity(WRITE_CHUNK + 64 * 1024),
         name,
         seq,
@@ -83,6 +93,13 @@ impl OpenPart {
         }
         held.checkpoint(self.seq, last, self.lines, self.bytes as i64)
             .await?;
+        metrics::part_written(
+            &self.kind,
+            self.storage,
+            self.lines as u64,
+            self.bytes,
+            self.opened.elapsed(),
+        );
         Ok(())
     }
 }
