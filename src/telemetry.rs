@@ -1,4 +1,6 @@
-//! Logging setup: text or JSON lines on stderr, level from `RUST_LOG` (default `info`).
+//! Logging setup: text or JSON lines on stderr, level from `RUST_LOG` (default `info`). A task's
+//! lines carry its span's fields (`job`, `task`, `kind`, `resource_type`, `attempt`): in text
+//! before the message, in JSON as the object `span`.
 
 use tracing_subscriber::EnvFilter;
 
@@ -12,6 +14,10 @@ pub fn init(format: LogFormat) {
     // A second init (tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }

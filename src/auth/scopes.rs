@@ -13,11 +13,17 @@ pub struct Permissions {
     pub update: bool,
     pub delete: bool,
     pub search: bool,
+    /// The operators' pages (`/admin`): only by `system/fhir-export.admin`.
+    pub admin: bool,
 }
+
+/// The scope of the operators' pages.
+pub const ADMIN_SCOPE: &str = "system/fhir-export.admin";
 
 impl Permissions {
     fn covers(&self, other: &Permissions) -> bool {
-        (self.create || !other.create)
+        (self.admin || !other.admin)
+            && (self.create || !other.create)
             && (self.read || !other.read)
             && (self.update || !other.update)
             && (self.delete || !other.delete)
@@ -38,6 +44,17 @@ pub struct Scope {
 impl Scope {
     /// Parses a system scope; None for anything else (`openid`, `patient/…`, typos).
     pub fn parse(text: &str) -> Option<Scope> {
+        if text == ADMIN_SCOPE {
+            // Only the admin pages: no resource may be read or written with it.
+            return Some(Scope {
+                resource_type: None,
+                permissions: Permissions {
+                    admin: true,
+                    ..Default::default()
+                },
+                text: text.to_string(),
+            });
+        }
         let rest = text.strip_prefix("system/")?;
         let (target, perms) = rest.split_once('.')?;
         let resource_type = match target {
@@ -51,6 +68,7 @@ impl Scope {
             update: true,
             delete: true,
             search: true,
+            admin: false,
         };
         let permissions = match perms {
             "read" => Permissions {
@@ -160,6 +178,11 @@ impl Scopes {
         })
     }
 
+    /// May the caller see and cancel every job on the admin pages?
+    pub fn admin(&self) -> bool {
+        self.0.iter().any(|s| s.permissions.admin)
+    }
+
     /// Is every type exportable (a `*` scope with read and search)?
     pub fn exports_every_type(&self) -> bool {
         self.0
@@ -257,5 +280,18 @@ mod tests {
                 .grant(&[Scope::parse("system/*.read").unwrap()])
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn the_admin_scope_is_granted_only_to_whom_it_is_allowed_and_reads_nothing() {
+        let admin = scopes(ADMIN_SCOPE);
+        assert!(admin.admin());
+        assert!(!admin.allows(Access::Read, "Patient"));
+        assert!(!admin.exports_every_type());
+        let requested = [Scope::parse(ADMIN_SCOPE).unwrap()];
+        assert!(scopes("system/*.cruds").grant(&requested).is_empty());
+        assert!(!Scopes::all().admin());
+        let both = scopes(&format!("system/*.read {ADMIN_SCOPE}"));
+        assert_eq!(both.grant(&requested).to_string(), ADMIN_SCOPE);
     }
 }

@@ -367,23 +367,37 @@ pub async fn has_part(pool: &PgPool, id: Uuid, kind: &str, part_no: i32) -> sqlx
 
 /// Cancels a visible job, fences out its workers and tells them at once. Returns where its
 /// files are.
+/// Whose job a cancel may touch.
+#[derive(Debug, Clone, Copy)]
+pub enum Canceller<'a> {
+    /// The client that started it (`None` without auth).
+    Owner(Option<&'a str>),
+    /// An operator on the admin pages: any job.
+    Admin,
+}
+
 pub async fn cancel(
     pool: &PgPool,
     id: Uuid,
-    owner: Option<&str>,
+    by: Canceller<'_>,
     sweep_after: Duration,
 ) -> sqlx::Result<Option<JobFiles>> {
+    let (owner, admin) = match by {
+        Canceller::Owner(owner) => (owner, false),
+        Canceller::Admin => (None, true),
+    };
     let mut tx = pool.begin().await?;
     let files: Option<JobFiles> = sqlx::query_as(
         "UPDATE export_jobs SET status = 'cancelled', finished_at = now(),
                 expires_at = now() + make_interval(secs => $2)
-         WHERE id = $1 AND owner IS NOT DISTINCT FROM $3 AND status <> 'cancelled'
+         WHERE id = $1 AND ($4 OR owner IS NOT DISTINCT FROM $3) AND status <> 'cancelled'
            AND (expires_at IS NULL OR expires_at > now())
          RETURNING id, container, own_container, folder",
     )
     .bind(id)
     .bind(secs(sweep_after))
     .bind(owner)
+    .bind(admin)
     .fetch_optional(&mut *tx)
     .await?;
     if files.is_none() {

@@ -1,5 +1,6 @@
 //! Everything that speaks SQL: the resource store and the export job queue.
 
+pub mod admin;
 pub mod assertions;
 pub mod copy_out;
 pub mod jobs;

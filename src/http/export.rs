@@ -27,7 +27,7 @@ use crate::{
         resources,
     },
     fhir::{
-        bulk, group,
+        bulk, group, instant,
         outcome::{self, Issue, Severity},
         r4::RESOURCE_TYPES,
         type_filter,
@@ -218,7 +218,22 @@ async fn kick_off(
         Admission::Busy => return Err(busy(true)),
         Admission::ClientBusy => return Err(busy(false)),
     }
-    tracing::info!(job = %id, level = level.as_str(), "export accepted");
+    // The parameters as the job holds them; patients only counted (their ids are data).
+    tracing::info!(
+        job = %id,
+        client = spec.owner.as_deref().unwrap_or("-"),
+        level = level.as_str(),
+        types = %spec.types.join(","),
+        since = %spec.since.map(instant::format).unwrap_or_else(|| "-".into()),
+        till = %instant::format(spec.transaction_time),
+        type_filters = ?spec.type_filters,
+        elements = %spec.elements.join(","),
+        include_history = spec.include_history,
+        include_deleted = spec.include_deleted,
+        patients = patients.len(),
+        container = %spec.container,
+        "export accepted"
+    );
 
     let mut issues = vec![Issue::new(
         Severity::Information,

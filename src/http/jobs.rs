@@ -210,11 +210,26 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     let uuid = Uuid::parse_str(&id).map_err(|_| job_not_found(&id))?;
-    let owner = principal.client_id.as_deref();
+    let owner = jobs::Canceller::Owner(principal.client_id.as_deref());
+    cancel_job(&state, uuid, owner).await?;
+    let body = outcome::single(
+        outcome::Severity::Information,
+        "informational",
+        "export cancelled; its files are deleted",
+    );
+    Ok(fhir_response(StatusCode::ACCEPTED, body.to_string()))
+}
+
+/// Cancels a job and deletes its files.
+pub(super) async fn cancel_job(
+    state: &AppState,
+    id: Uuid,
+    by: jobs::Canceller<'_>,
+) -> ApiResult<()> {
     // Files are swept once more after a stale period, for a worker cut off mid-write.
-    let files = jobs::cancel(&state.pool, uuid, owner, state.config.stale_after())
+    let files = jobs::cancel(&state.pool, id, by, state.config.stale_after())
         .await?
-        .ok_or_else(|| job_not_found(&id))?;
+        .ok_or_else(|| job_not_found(&id.to_string()))?;
     storage::delete_export(
         &*state.storage,
         &files.container,
@@ -222,13 +237,8 @@ async fn cancel(
         files.own_container,
     )
     .await?;
-    tracing::info!(job = %uuid, "export cancelled");
-    let body = outcome::single(
-        outcome::Severity::Information,
-        "informational",
-        "export cancelled; its files are deleted",
-    );
-    Ok(fhir_response(StatusCode::ACCEPTED, body.to_string()))
+    tracing::info!(job = %id, by = ?by, "export cancelled");
+    Ok(())
 }
 
 async fn download(

@@ -1,6 +1,7 @@
 //! The HTTP API. Each module exposes `router()`; this one merges them, adds the shared layers and
 //! turns unknown routes, wrong methods and panics into OperationOutcomes.
 
+mod admin;
 pub mod auth;
 mod bundle;
 pub mod error;
@@ -56,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(rest::router())
         .merge(metrics::router())
+        .merge(admin::router())
         .route_layer(timed.clone())
         .merge(jobs::downloads())
         .route_layer(middleware::from_fn_with_state(
@@ -121,6 +123,7 @@ const FIXED_ROOTS: &[&str] = &[
     "metadata",
     "health",
     "metrics",
+    "admin",
     "auth",
     ".well-known",
 ];
