@@ -194,11 +194,11 @@ fn job_row(state: &AppState, job: &JobRow, types: &[TypeProgress], now: DateTime
             td class="request" { (parameters(job)) }
             td class="state" { (state_name) }
             td class="progress" {
-                (count(done)) " of ~" (count(estimate)) " resources, " (count(files)) " files"
+                (count(done)) " of ~" (count(estimate)) " resources, " (plural(files, "file"))
                 @if !types.is_empty() {
                     ul { @for t in types {
                         li { (t.label) ": " (count(t.resources_done)) " of ~" (count(t.estimate))
-                             ", " (count(t.parts)) " files, " (t.tasks_done) "/" (t.tasks) " tasks" }
+                             ", " (plural(t.parts, "file")) ", " (t.tasks_done) "/" (t.tasks) " tasks" }
                     } }
                 }
             }
@@ -287,6 +287,15 @@ fn count(n: i64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+/// "1 file", "2,000 files".
+fn plural(n: i64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{} {noun}s", count(n))
+    }
+}
+
 /// Seconds as "4.2 s", "3 min 5 s" or "2 h 10 min".
 fn duration(secs: f64) -> String {
     let whole = secs.round() as i64;
@@ -329,6 +338,8 @@ mod tests {
         assert_eq!(count(999), "999");
         assert_eq!(count(1000), "1,000");
         assert_eq!(count(1234567), "1,234,567");
+        assert_eq!(plural(1, "file"), "1 file");
+        assert_eq!(plural(2000, "file"), "2,000 files");
         assert_eq!(duration(4.24), "4.2 s");
         assert_eq!(duration(185.0), "3 min 5 s");
         assert_eq!(duration(7800.0), "2 h 10 min");
