@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod fetch;
 pub mod fhir;
 pub mod generate;
 pub mod http;

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use fhir_export::{config::Config, generate, load, telemetry};
+use fhir_export::{config::Config, fetch, generate, load, telemetry};
 
 #[derive(Parser)]
 #[command(name = "fhir-export", version, about = "FHIR R4 bulk-export server")]
@@ -23,6 +23,8 @@ enum Command {
     Load(load::LoadArgs),
     /// Write a deterministic synthetic R4 data set as ndjson.
     Generate(generate::GenerateArgs),
+    /// Run a bulk export on a server and download its files (resumable).
+    Fetch(Box<fetch::FetchArgs>),
 }
 
 #[tokio::main]
@@ -35,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => fhir_export::migrate(&config).await,
         Command::Load(args) => load::run(&config, args).await,
         Command::Generate(args) => generate::run(args),
+        Command::Fetch(args) => fetch::run(*args).await,
     }
 }

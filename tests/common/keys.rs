@@ -75,6 +75,30 @@ impl Key {
         }
     }
 
+    /// The private key as PKCS#8 PEM (what a client keeps in its key file).
+    #[allow(dead_code)] // not every test binary signs in with a key file
+    pub fn private_pem(&self) -> String {
+        use aws_lc_rs::encoding::AsDer;
+        use base64::engine::general_purpose::STANDARD;
+        let der: Vec<u8> = match &self.signer {
+            Signer::Rsa(pair, _) => {
+                let der: aws_lc_rs::encoding::Pkcs8V1Der = pair.as_der().unwrap();
+                der.as_ref().to_vec()
+            }
+            Signer::Ec(pair) => pair.to_pkcs8v1().unwrap().as_ref().to_vec(),
+        };
+        let body = STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        )
+    }
+
     /// A compact JWS of `claims`, with this key's alg and kid unless `header` says otherwise.
     pub fn sign(&self, claims: &Value, header: Option<Value>) -> String {
         let header =
