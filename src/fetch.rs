@@ -62,10 +62,11 @@ pub struct FetchArgs {
     /// SMART Backend Services: the client id (with --key and --kid).
     #[arg(long, requires = "key")]
     pub client_id: Option<String>,
-    /// SMART Backend Services: the client's private key (PEM; RSA signs RS384, EC P-384 ES384).
+    /// SMART Backend Services: the client's private key, PEM or a JWK Set holding it (RSA signs
+    /// RS384, EC P-384 ES384).
     #[arg(long, requires = "client_id")]
     pub key: Option<PathBuf>,
-    /// The `kid` of that key in the client's registered key set.
+    /// The `kid` of that key in the client's registered key set (default: the JWK's `kid`).
     #[arg(long, requires = "key")]
     pub kid: Option<String>,
     /// The token endpoint; default: from `{url}/.well-known/smart-configuration`.
@@ -388,24 +389,18 @@ impl Client {
                 Auth::Bearer(token.trim().to_string())
             }
             (None, Some(client_id), Some(key_file)) => {
-                let pem = tokio::fs::read(key_file)
+                let bytes = tokio::fs::read(key_file)
                     .await
                     .with_context(|| format!("reading {}", key_file.display()))?;
-                let (key, algorithm) = match jsonwebtoken::EncodingKey::from_rsa_pem(&pem) {
-                    Ok(key) => (key, jsonwebtoken::Algorithm::RS384),
-                    Err(_) => (
-                        jsonwebtoken::EncodingKey::from_ec_pem(&pem)
-                            .context("the key is neither an RSA nor an EC private key (PEM)")?,
-                        jsonwebtoken::Algorithm::ES384,
-                    ),
-                };
+                let (key, algorithm, jwk_kid) = signing_key(&bytes)
+                    .with_context(|| format!("the key in {}", key_file.display()))?;
                 let token_url = match &args.token_url {
                     Some(url) => url.clone(),
                     None => discover_token_url(&http, &args.url).await?,
                 };
                 Auth::Smart(Box::new(Smart {
                     client_id: client_id.clone(),
-                    kid: args.kid.clone(),
+                    kid: args.kid.clone().or(jwk_kid),
                     key,
                     algorithm,
                     token_url,
@@ -667,6 +662,119 @@ impl Smart {
             Instant::now() + Duration::from_secs(renew_in),
         ));
         Ok(value)
+    }
+}
+
+/// A signing key from PEM, or from a JWK Set (or one JWK) with a private key; the JWK's kid.
+fn signing_key(
+    bytes: &[u8],
+) -> anyhow::Result<(
+    jsonwebtoken::EncodingKey,
+    jsonwebtoken::Algorithm,
+    Option<String>,
+)> {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    if let Ok(json) = serde_json::from_slice::<Value>(bytes) {
+        let jwk = match json["keys"].as_array() {
+            Some(keys) => keys
+                .iter()
+                .find(|k| k["d"].is_string())
+                .context("the key set holds no private key")?,
+            None => &json,
+        };
+        let kid = jwk["kid"].as_str().map(str::to_string);
+        let (key, algorithm) = private_jwk(jwk)?;
+        return Ok((key, algorithm, kid));
+    }
+    if let Ok(key) = EncodingKey::from_rsa_pem(bytes) {
+        return Ok((key, Algorithm::RS384, None));
+    }
+    let key = EncodingKey::from_ec_pem(bytes)
+        .context("neither a JWK Set nor an RSA or EC private key in PEM")?;
+    Ok((key, Algorithm::ES384, None))
+}
+
+/// A private JWK as DER: PKCS#1 for RSA, PKCS#8 (SEC 1 inside) for EC P-384.
+fn private_jwk(
+    jwk: &Value,
+) -> anyhow::Result<(jsonwebtoken::EncodingKey, jsonwebtoken::Algorithm)> {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let part = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let text = jwk[name]
+            .as_str()
+            .with_context(|| format!("the JWK has no '{name}'"))?;
+        Ok(URL_SAFE_NO_PAD.decode(text.trim_end_matches('='))?)
+    };
+    match (jwk["kty"].as_str(), jwk["crv"].as_str()) {
+        (Some("RSA"), _) => {
+            let mut fields = vec![der::integer(&[0])];
+            for name in ["n", "e", "d", "p", "q", "dp", "dq", "qi"] {
+                fields.push(der::integer(&part(name)?));
+            }
+            Ok((
+                EncodingKey::from_rsa_der(&der::sequence(&fields)),
+                Algorithm::RS384,
+            ))
+        }
+        (Some("EC"), Some("P-384")) => {
+            let mut point = vec![4];
+            point.extend(part("x")?);
+            point.extend(part("y")?);
+            let sec1 = der::sequence(&[
+                der::integer(&[1]),
+                der::tlv(0x04, &part("d")?),
+                der::tlv(0xa0, der::SECP384R1),
+                der::tlv(0xa1, &der::tlv(0x03, &[&[0u8][..], &point].concat())),
+            ]);
+            let pkcs8 = der::sequence(&[
+                der::integer(&[0]),
+                der::sequence(&[der::EC_PUBLIC_KEY.to_vec(), der::SECP384R1.to_vec()]),
+                der::tlv(0x04, &sec1),
+            ]);
+            Ok((EncodingKey::from_ec_der(&pkcs8), Algorithm::ES384))
+        }
+        (kty, crv) => bail!("a {kty:?} key on {crv:?} cannot sign RS384 or ES384"),
+    }
+}
+
+/// The few DER forms a private key needs.
+mod der {
+    /// OID 1.2.840.10045.2.1 (an EC public key).
+    pub const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    /// OID 1.3.132.0.34 (P-384).
+    pub const SECP384R1: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+    pub fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// An unsigned big-endian integer.
+    pub fn integer(value: &[u8]) -> Vec<u8> {
+        let trimmed: Vec<u8> = value.iter().copied().skip_while(|b| *b == 0).collect();
+        let mut content = if trimmed.is_empty() { vec![0] } else { trimmed };
+        if content[0] & 0x80 != 0 {
+            content.insert(0, 0);
+        }
+        tlv(0x02, &content)
+    }
+
+    pub fn sequence(items: &[Vec<u8>]) -> Vec<u8> {
+        tlv(0x30, &items.concat())
     }
 }
 

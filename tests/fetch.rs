@@ -254,3 +254,294 @@ async fn fetch_signs_in_with_smart_backend_services() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
 }
+
+/// A stand-in server with the quirks real ones have: every answer gzipped whether asked or not,
+/// a relative `Content-Location`, 429 on the first poll with `Retry-After` as an HTTP date, and
+/// files behind signed URLs that refuse a bearer token (`requiresAccessToken: false`).
+mod quirky {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use axum::{
+        Router,
+        extract::{Query, State},
+        http::{HeaderMap, StatusCode, header},
+        response::{IntoResponse, Response},
+        routing::get,
+    };
+    use serde_json::json;
+
+    pub const TOKEN: &str = "the-token";
+    pub const PATIENTS: [&str; 3] = ["q1", "q2", "q3"];
+
+    #[derive(Clone, Default)]
+    struct Polls(Arc<AtomicUsize>);
+
+    fn gzipped(
+        status: StatusCode,
+        headers: &[(header::HeaderName, String)],
+        body: &str,
+    ) -> Response {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, body.as_bytes()).unwrap();
+        let mut response = (status, encoder.finish().unwrap()).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        for (name, value) in headers {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
+        response
+    }
+
+    fn authorized(headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            == Some(&format!("Bearer {TOKEN}"))
+    }
+
+    async fn kick_off(headers: HeaderMap) -> Response {
+        if !authorized(&headers) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        gzipped(
+            StatusCode::ACCEPTED,
+            &[(header::CONTENT_LOCATION, "/fhir/bulkstatus/7".into())],
+            "",
+        )
+    }
+
+    async fn status(State(polls): State<Polls>, headers: HeaderMap) -> Response {
+        if !authorized(&headers) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        match polls.0.fetch_add(1, Ordering::SeqCst) {
+            0 => {
+                let at = chrono::Utc::now() + chrono::TimeDelta::seconds(1);
+                let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                gzipped(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &[(header::RETRY_AFTER, date)],
+                    "",
+                )
+            }
+            1 => gzipped(
+                StatusCode::ACCEPTED,
+                &[
+                    (header::RETRY_AFTER, "1".into()),
+                    (header::HeaderName::from_static("x-progress"), "50%".into()),
+                ],
+                "",
+            ),
+            _ => {
+                let host = headers[header::HOST].to_str().unwrap();
+                let manifest = json!({
+                    "transactionTime": "2026-01-01T00:00:00Z",
+                    "request": format!("http://{host}/fhir/$export"),
+                    "requiresAccessToken": false,
+                    "output": [{"type": "Patient", "count": 3,
+                                "url": format!("http://{host}/blob/patients.ndjson?sig=s3cr3t")}],
+                    "error": []
+                });
+                gzipped(StatusCode::OK, &[], &manifest.to_string())
+            }
+        }
+    }
+
+    async fn blob(headers: HeaderMap, Query(query): Query<Vec<(String, String)>>) -> Response {
+        // Signed storage refuses a request that also carries a bearer token.
+        let signed = query == [("sig".to_string(), "s3cr3t".to_string())];
+        if !signed || headers.contains_key(header::AUTHORIZATION) {
+            return StatusCode::FORBIDDEN.into_response();
+        }
+        let lines: Vec<String> = PATIENTS
+            .iter()
+            .map(|id| json!({"resourceType": "Patient", "id": id}).to_string())
+            .collect();
+        gzipped(StatusCode::OK, &[], &(lines.join("\n") + "\n"))
+    }
+
+    pub async fn start() -> (String, Arc<AtomicUsize>) {
+        let polls = Polls::default();
+        let counter = polls.0.clone();
+        let app = Router::new()
+            .route("/fhir/$export", get(kick_off))
+            .route("/fhir/bulkstatus/7", get(status))
+            .route("/blob/patients.ndjson", get(blob))
+            .with_state(polls);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/fhir"), counter)
+    }
+}
+
+#[tokio::test]
+async fn fetch_copes_with_the_quirks_of_other_servers() {
+    let (base, polls) = quirky::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{}\n", quirky::TOKEN)).unwrap();
+    let out = dir.path().join("out");
+    let started = std::time::Instant::now();
+    let output = fetch(&[
+        &base,
+        "--bearer-token",
+        token.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .await;
+    assert_ok(&output);
+    let expected: BTreeSet<String> = quirky::PATIENTS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(ids_in(&out, "Patient"), expected);
+    // The 429's date and the 202's seconds were both waited for.
+    assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A private key made by `openssl`, as a JWK with its private parts (read off `openssl pkey
+/// -text`), and the public JWK a server registers.
+fn openssl_jwk(kind: &str, kid: &str, dir: &Path) -> (Value, Value) {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let pem = dir.join(format!("{kid}.pem"));
+    let options: &[&str] = match kind {
+        "RSA" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+    };
+    let made = std::process::Command::new("openssl")
+        .arg("genpkey")
+        .args(options)
+        .arg("-out")
+        .arg(&pem)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let text = std::process::Command::new("openssl")
+        .args(["pkey", "-text", "-noout", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap()
+        .stdout;
+    let mut fields: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    let mut current = None;
+    for line in String::from_utf8(text).unwrap().lines() {
+        if let Some(hex) = line.strip_prefix("publicExponent: ").and_then(|l| {
+            l.split_once("(0x")
+                .map(|(_, h)| h.trim_end_matches(')').to_string())
+        }) {
+            let hex = if hex.len() % 2 == 1 {
+                format!("0{hex}")
+            } else {
+                hex
+            };
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap());
+            fields.insert("publicExponent".into(), bytes.collect());
+        } else if !line.starts_with(' ') && line.ends_with(':') {
+            current = Some(line.trim_end_matches(':').to_string());
+        } else if line.starts_with(' ')
+            && let Some(name) = &current
+        {
+            let bytes = line.trim().split(':').filter(|h| !h.is_empty());
+            fields
+                .entry(name.clone())
+                .or_default()
+                .extend(bytes.map(|h| u8::from_str_radix(h, 16).unwrap()));
+        } else {
+            current = None;
+        }
+    }
+    let b64 = |name: &str| {
+        let bytes = &fields[name];
+        let start = bytes.iter().position(|b| *b != 0).unwrap_or(0);
+        URL_SAFE_NO_PAD.encode(&bytes[start..])
+    };
+    match kind {
+        "RSA" => {
+            let public = serde_json::json!({"kty": "RSA", "kid": kid, "alg": "RS384",
+                "n": b64("modulus"), "e": b64("publicExponent")});
+            let mut private = public.clone();
+            for (jwk, openssl) in [
+                ("d", "privateExponent"),
+                ("p", "prime1"),
+                ("q", "prime2"),
+                ("dp", "exponent1"),
+                ("dq", "exponent2"),
+                ("qi", "coefficient"),
+            ] {
+                private[jwk] = b64(openssl).into();
+            }
+            (private, public)
+        }
+        _ => {
+            let point = &fields["pub"];
+            let public = serde_json::json!({"kty": "EC", "kid": kid, "crv": "P-384", "alg": "ES384",
+                "x": URL_SAFE_NO_PAD.encode(&point[1..49]), "y": URL_SAFE_NO_PAD.encode(&point[49..97])});
+            let mut private = public.clone();
+            let d = &fields["priv"];
+            // 48 bytes exactly: openssl may print a leading zero or drop one.
+            let d: Vec<u8> = std::iter::repeat_n(0u8, 48usize.saturating_sub(d.len()))
+                .chain(d.iter().copied().skip(d.len().saturating_sub(48)))
+                .collect();
+            private["d"] = URL_SAFE_NO_PAD.encode(d).into();
+            (private, public)
+        }
+    }
+}
+
+#[tokio::test]
+async fn fetch_signs_in_with_a_jwk_set_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa_private, rsa_public) = openssl_jwk("RSA", "rsa-1", dir.path());
+    let (ec_private, ec_public) = openssl_jwk("EC", "ec-1", dir.path());
+    let registered = serde_json::json!({"keys": [rsa_public, ec_public]}).to_string();
+    let app = TestApp::spawn_with(move |c| {
+        c.auth.mode = AuthMode::Smart;
+        c.auth.token_secret = "a secret of at least thirty-two bytes!!".into();
+        c.auth.clients = vec![ClientConfig {
+            id: "registry".into(),
+            scopes: vec!["system/*.read".into()],
+            jwks: registered,
+            jwks_url: String::new(),
+        }];
+    })
+    .await;
+    let written = load_generated(&app, 1).await;
+    for (name, private) in [("rsa", rsa_private), ("ec", ec_private)] {
+        let key_file = dir.path().join(format!("{name}.jwks"));
+        std::fs::write(
+            &key_file,
+            serde_json::json!({"keys": [private]}).to_string(),
+        )
+        .unwrap();
+        let out = dir.path().join(name);
+        // No --kid: it comes from the JWK.
+        let output = fetch(&[
+            &app.base,
+            "--type",
+            "Patient",
+            "--client-id",
+            "registry",
+            "--key",
+            key_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .await;
+        assert_ok(&output);
+        assert_eq!(
+            ids_in(&out, "Patient"),
+            written_ids(&written, "Patient"),
+            "{name}"
+        );
+    }
+}
