@@ -158,6 +158,11 @@ pub fn transient_retry(cause: &'static str) {
     counter!("fhir_export_transient_retries_total", "cause" => cause).increment(1);
 }
 
+/// How long a worker waited for a page connection (a wait means the `pages` pool ran out).
+pub fn page_connection_acquired(waited: Duration) {
+    histogram!("fhir_export_db_acquire_seconds", "pool" => "pages").record(waited.as_secs_f64());
+}
+
 /// A committed part: its resources, bytes, and the time from its first line to its commit.
 pub fn part_written(
     file_kind: &str,

@@ -118,6 +118,13 @@ async fn metrics_move_as_an_export_runs_and_both_listeners_serve_them() {
             "{resource_type}"
         );
     }
+    // Every part read its rows on a page connection.
+    assert!(
+        value(
+            &after,
+            "fhir_export_db_acquire_seconds_count{pool=\"pages\"}"
+        ) >= files.len() as f64
+    );
     let parts = files.len() as f64;
     assert_eq!(
         value(

@@ -116,7 +116,10 @@ impl<'a> PageSource<'a> {
                 }
             }
         }
-        Ok(self.context.pools.pages.acquire().await?)
+        let asked = std::time::Instant::now();
+        let conn = self.context.pools.pages.acquire().await?;
+        crate::metrics::page_connection_acquired(asked.elapsed());
+        Ok(conn)
     }
 
     async fn record(&mut self, held: &HeldTask, source: ReadSource) -> Result<(), Fenced> {
