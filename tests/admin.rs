@@ -147,3 +147,40 @@ async fn with_auth_the_jobs_page_needs_a_token() {
         .unwrap();
     assert_eq!(forged.status(), 401);
 }
+
+#[tokio::test]
+async fn without_auth_the_jobs_page_answers_only_this_machine() {
+    let app = TestApp::spawn_with(|c| {
+        c.server.listen = "0.0.0.0:0".parse().unwrap();
+        c.auth.allow_anonymous = true;
+    })
+    .await;
+    let port = app.base.rsplit(':').next().unwrap().to_string();
+    // This machine's own address that is not loopback: the request arrives from it.
+    let output = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .unwrap();
+    let addresses = String::from_utf8(output.stdout).unwrap();
+    let ip = addresses
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .expect("a non-loopback IPv4 address");
+    let remote = app
+        .client
+        .get(format!("http://{ip}:{port}/admin/jobs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(remote.status(), 403);
+    let local = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/admin/jobs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+}
