@@ -513,7 +513,7 @@ impl Client {
                     });
                     tokio::time::sleep(wait.clamp(MIN_WAIT, MAX_WAIT)).await;
                 }
-                s if s.is_server_error() && outcome_text_is_transient(s) => {
+                s if is_gateway_hiccup(s) => {
                     spinner.set_message(format!("the server answered {s}; polling again"));
                     tokio::time::sleep(wait.clamp(MIN_WAIT, MAX_WAIT)).await;
                 }
@@ -817,7 +817,7 @@ fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
 }
 
 /// 502, 503 and 504 are a gateway's or a restart's: polled through.
-fn outcome_text_is_transient(status: StatusCode) -> bool {
+fn is_gateway_hiccup(status: StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
