@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{io::AsyncWriteExt, sync::Mutex};
 
+use crate::backoff::Backoff;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct FetchArgs {
     /// The server's FHIR base URL (e.g. http://127.0.0.1:8080).
@@ -84,7 +86,14 @@ const STATE_FILE: &str = "fetch-state.json";
 /// Polling waits at least this long and at most `MAX_WAIT`, whatever the server says.
 const MIN_WAIT: Duration = Duration::from_millis(200);
 const MAX_WAIT: Duration = Duration::from_secs(120);
-const DOWNLOAD_TRIES: u32 = 6;
+/// Tries of a request that fails to connect, and of a download, before giving up.
+const TRIES: u32 = 6;
+
+/// Pauses between those tries: from 1 s, doubling up to 30 s (with jitter, so parallel
+/// downloads hit by one outage do not retry in step).
+fn retry_backoff() -> Backoff {
+    Backoff::starting(Duration::from_secs(1), Duration::from_secs(30))
+}
 
 /// What DIR remembers between runs.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -426,7 +435,7 @@ impl Client {
         &self,
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> anyhow::Result<reqwest::Response> {
-        let mut wait = Duration::from_secs(1);
+        let mut backoff = retry_backoff();
         for attempt in 1.. {
             let mut request = build(&self.http);
             if let Some(token) = self.token().await? {
@@ -434,10 +443,10 @@ impl Client {
             }
             match request.send().await {
                 Ok(response) => return Ok(response),
-                Err(e) if attempt < DOWNLOAD_TRIES && (e.is_connect() || e.is_timeout()) => {
-                    eprintln!("{e}; retrying in {} s", wait.as_secs());
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
+                Err(e) if attempt < TRIES && (e.is_connect() || e.is_timeout()) => {
+                    let pause = backoff.pause();
+                    eprintln!("{e}; retrying in {:.1} s", pause.as_secs_f64());
+                    tokio::time::sleep(pause).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -539,8 +548,8 @@ impl Client {
             tokio::fs::create_dir_all(parent).await?;
         }
         let partial = target.with_extension("part");
-        let mut wait = Duration::from_secs(1);
-        for attempt in 1..=DOWNLOAD_TRIES {
+        let mut backoff = retry_backoff();
+        for attempt in 1..=TRIES {
             match self
                 .try_download(file, &partial, gzip, requires_token)
                 .await
@@ -554,10 +563,14 @@ impl Client {
                     tokio::fs::rename(&partial, &target).await?;
                     return Ok(lines);
                 }
-                Err(e) if attempt < DOWNLOAD_TRIES => {
-                    eprintln!("{}: {e:#}; retrying in {} s", file.name, wait.as_secs());
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(30));
+                Err(e) if attempt < TRIES => {
+                    let pause = backoff.pause();
+                    eprintln!(
+                        "{}: {e:#}; retrying in {:.1} s",
+                        file.name,
+                        pause.as_secs_f64()
+                    );
+                    tokio::time::sleep(pause).await;
                 }
                 Err(e) => return Err(e),
             }

@@ -2,6 +2,7 @@
 //! See README.md for the module map.
 
 pub mod auth;
+pub mod backoff;
 pub mod config;
 pub mod db;
 pub mod fetch;

@@ -14,7 +14,6 @@ pub struct JobRow {
     pub status: JobState,
     pub level: Level,
     pub owner: Option<String>,
-    pub request_url: String,
     pub types: Vec<String>,
     pub since: Option<DateTime<Utc>>,
     pub type_filters: Vec<String>,
@@ -64,7 +63,7 @@ pub struct TaskRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const JOB_ROW: &str = "SELECT j.id, j.status, j.level, j.owner, j.request_url, j.types, j.since,
+const JOB_ROW: &str = "SELECT j.id, j.status, j.level, j.owner, j.types, j.since,
         j.type_filters, j.elements, j.named_patients, j.include_history, j.include_deleted,
         j.created_at,
         j.finished_at, j.error, j.error_id,

@@ -39,6 +39,19 @@ pub enum JobState {
     Cancelled,
 }
 
+impl JobState {
+    /// As stored (`job_state`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// What a job exports and how its files are cut: everything fixed at kick-off, so that every
 /// replica and every retry produces the same files.
 #[derive(Debug, Clone, FromRow)]
@@ -365,8 +378,6 @@ pub async fn has_part(pool: &PgPool, id: Uuid, kind: &str, part_no: i32) -> sqlx
     .await
 }
 
-/// Cancels a visible job, fences out its workers and tells them at once. Returns where its
-/// files are.
 /// Whose job a cancel may touch.
 #[derive(Debug, Clone, Copy)]
 pub enum Canceller<'a> {
@@ -376,6 +387,8 @@ pub enum Canceller<'a> {
     Admin,
 }
 
+/// Cancels a visible job, fences out its workers and tells them at once. Returns where its
+/// files are.
 pub async fn cancel(
     pool: &PgPool,
     id: Uuid,

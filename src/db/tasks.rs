@@ -56,6 +56,19 @@ pub enum TaskState {
     Cancelled,
 }
 
+impl TaskState {
+    /// As stored (`task_state`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Where an export task reads its pages from when a standby is configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
 #[sqlx(type_name = "read_source", rename_all = "lowercase")]

@@ -83,11 +83,7 @@ async fn jobs_page(
             p { "No export jobs yet." }
         } @else {
             table {
-                thead { tr {
-                    th { "Job" } th { "Level" } th { "Client" } th { "Parameters" } th { "State" }
-                    th { "Progress" } th { "Rate" } th { "Elapsed" } th { "Left" }
-                    th { "Attempts" } th { "Error" } th { "Manifest" } th {}
-                } }
+                (job_head())
                 tbody {
                     @for job in &jobs {
                         (job_row(&state, job, types.get(&job.id).map_or(&[][..], |t| t), now))
@@ -115,11 +111,7 @@ async fn job_page(
     let body = html! {
         p { a href="/admin/jobs" { "All jobs" } }
         table {
-            thead { tr {
-                th { "Job" } th { "Level" } th { "Client" } th { "Parameters" } th { "State" }
-                th { "Progress" } th { "Rate" } th { "Elapsed" } th { "Left" }
-                th { "Attempts" } th { "Error" } th { "Manifest" } th {}
-            } }
+            (job_head())
             tbody { (job_row(&state, &job, &types, now)) }
         }
         h2 { "Tasks" }
@@ -174,6 +166,17 @@ fn is_active(state: JobState) -> bool {
     matches!(state, JobState::Queued | JobState::Running)
 }
 
+/// The header of a table of `job_row`s.
+fn job_head() -> Markup {
+    html! {
+        thead { tr {
+            th { "Job" } th { "Level" } th { "Client" } th { "Parameters" } th { "State" }
+            th { "Progress" } th { "Rate" } th { "Elapsed" } th { "Left" }
+            th { "Attempts" } th { "Error" } th { "Manifest" } th {}
+        } }
+    }
+}
+
 fn job_row(state: &AppState, job: &JobRow, types: &[TypeProgress], now: DateTime<Utc>) -> Markup {
     let done: i64 = types.iter().map(|t| t.resources_done).sum();
     let estimate: i64 = types.iter().map(|t| t.estimate).sum();
@@ -185,7 +188,7 @@ fn job_row(state: &AppState, job: &JobRow, types: &[TypeProgress], now: DateTime
     let rate = done as f64 / elapsed;
     let left = (job.status == JobState::Running && rate > 0.0 && estimate > done)
         .then(|| (estimate - done) as f64 / rate);
-    let state_name = job_state_name(job.status);
+    let state_name = job.status.as_str();
     html! {
         tr class=(state_name) {
             td { a href={ "/admin/jobs/" (job.id) } { code { (job.id) } } }
@@ -251,7 +254,7 @@ fn task_row(task: &TaskRow) -> Markup {
             td { (task.kind.as_str()) }
             td { (task.resource_type.as_deref().unwrap_or("-")) }
             td { (task.range_start) "–" (task.range_end) }
-            td { (format!("{:?}", task.status).to_lowercase()) }
+            td { (task.status.as_str()) }
             td { (task.attempt) }
             td { (task.failures) }
             td { (task.worker.as_deref().unwrap_or("-")) }
@@ -261,16 +264,6 @@ fn task_row(task: &TaskRow) -> Markup {
             td class="error" { (task.last_error.as_deref().unwrap_or("")) }
             td { (task.updated_at.format("%H:%M:%S")) }
         }
-    }
-}
-
-fn job_state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Completed => "completed",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
     }
 }
 

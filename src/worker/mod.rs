@@ -5,7 +5,6 @@
 //! with backoff inside the attempt while the lease holds, resuming from the task's checkpoint;
 //! only real failures, and panics, spend an attempt.
 
-mod backoff;
 mod export;
 mod lease;
 mod maintenance;
@@ -25,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::{
     config::Config,
     db::{
@@ -35,7 +35,6 @@ use crate::{
     metrics,
     storage::{self, Storage},
 };
-use backoff::Backoff;
 use lease::Lease;
 
 /// What the workers of one process share.
@@ -61,6 +60,18 @@ pub enum Ended {
     Released,
     /// A real failure (or a panic): the attempt is spent.
     Failed(String),
+}
+
+impl Ended {
+    /// The metrics' `outcome`.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::LeaseLost => "lease_lost",
+            Ended::Released => "released",
+            Ended::Failed(_) => "failed",
+        }
+    }
 }
 
 impl Context {
@@ -130,7 +141,7 @@ async fn work(context: Arc<Context>, slot: usize, name: String, shutdown: Cancel
             Err(e) => {
                 tracing::warn!(worker = %name, error = %e, "claiming a task failed");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = tokio::time::sleep(backoff.pause()) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -151,21 +162,13 @@ async fn run_task(
         resource_type = task.resource_type.as_deref().unwrap_or(""), attempt = task.attempt);
     async {
         let lease = Lease::start(context, &held, slot);
-        match run_with_retries(context, &mut held, &lease, shutdown).await {
-            Ended::Done => {
-                metrics::task_ended(kind, "done");
-                tracing::debug!("task done");
-            }
-            Ended::LeaseLost => {
-                metrics::task_ended(kind, "lease_lost");
-                tracing::info!("lease lost; stopped without writing more");
-            }
-            Ended::Released => {
-                metrics::task_ended(kind, "released");
-                tracing::info!("released for shutdown");
-            }
+        let ended = run_with_retries(context, &mut held, &lease, shutdown).await;
+        metrics::task_ended(kind, ended.outcome());
+        match ended {
+            Ended::Done => tracing::debug!("task done"),
+            Ended::LeaseLost => tracing::info!("lease lost; stopped without writing more"),
+            Ended::Released => tracing::info!("released for shutdown"),
             Ended::Failed(message) => {
-                metrics::task_ended(kind, "failed");
                 tracing::warn!(error = %message, "task attempt failed");
                 record_failure(context, &held, &message, &lease).await;
             }
@@ -200,7 +203,7 @@ async fn run_with_retries(
         tracing::warn!(error = %format!("{error:#}"), "transient fault; resuming from the checkpoint");
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.pause()) => {}
                 _ = lease.lost() => return Ended::LeaseLost,
             }
             match held.resume().await {
@@ -245,7 +248,7 @@ async fn record_failure(context: &Context, held: &HeldTask, message: &str, lease
             Ok(None) | Err(Fenced::LeaseLost) => return,
             Err(Fenced::Database(e)) => {
                 tracing::warn!(error = %e, "recording a task failure failed; retrying");
-                tokio::time::sleep(backoff.next()).await;
+                tokio::time::sleep(backoff.pause()).await;
             }
         }
     }
@@ -306,7 +309,7 @@ async fn listen(context: Arc<Context>, shutdown: CancellationToken) {
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = tokio::time::sleep(backoff.pause()) => {}
             _ = shutdown.cancelled() => return,
         }
     }

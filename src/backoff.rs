@@ -1,4 +1,5 @@
-//! Exponential backoff with jitter, for retries of faults that go away by themselves.
+//! Exponential backoff with jitter, for retries of faults that go away by themselves (workers,
+//! the bulk client).
 
 use std::time::Duration;
 
@@ -11,15 +12,20 @@ const FIRST: Duration = Duration::from_millis(100);
 
 impl Backoff {
     pub fn new(max: Duration) -> Backoff {
+        Backoff::starting(FIRST, max)
+    }
+
+    /// Pauses from `first` on, doubling up to `max`.
+    pub fn starting(first: Duration, max: Duration) -> Backoff {
         Backoff {
-            next: FIRST.min(max),
+            next: first.min(max),
             max,
         }
     }
 
     /// The next pause: doubling up to `max`, each within ±25 % so that many workers hit by
     /// one outage do not retry in step.
-    pub fn next(&mut self) -> Duration {
+    pub fn pause(&mut self) -> Duration {
         let pause = self.next;
         self.next = (self.next * 2).min(self.max);
         let jitter = 0.75 + rand_fraction() / 2.0;
@@ -51,10 +57,10 @@ mod tests {
     #[test]
     fn doubles_up_to_the_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(500));
-        let pauses: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        let pauses: Vec<Duration> = (0..6).map(|_| b.pause()).collect();
         assert!(pauses[0] >= Duration::from_millis(75) && pauses[0] <= Duration::from_millis(125));
         assert!(pauses[5] >= Duration::from_millis(375) && pauses[5] <= Duration::from_millis(625));
         b.reset();
-        assert!(b.next() <= Duration::from_millis(125));
+        assert!(b.pause() <= Duration::from_millis(125));
     }
 }
