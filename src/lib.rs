@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backoff;
 pub mod config;
 pub mod db;
+pub mod deid;
 pub mod fetch;
 pub mod fhir;
 pub mod generate;

@@ -6,9 +6,12 @@ pub mod compartment;
 pub mod elements;
 pub mod group;
 pub mod instant;
+pub mod model;
 pub mod outcome;
 #[rustfmt::skip]
 pub mod r4;
+#[rustfmt::skip]
+pub mod r4_types;
 pub mod resource;
 pub mod search_param;
 pub mod search_value;

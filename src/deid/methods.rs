@@ -1,0 +1,574 @@
+//! What each method does to one node, as FHIR Tools for Anonymization does it: redaction
+//! (with partial dates, ages and zip codes), the date shift, HMAC-SHA256 hashes (a literal
+//! reference keeps all but its id), AES-CBC encryption, perturbation, generalization and
+//! substitution. Where the tool draws random numbers (IVs, noise) these draw them from the
+//! job's seed and the resource, so a retried part is the same bytes.
+
+use std::sync::OnceLock;
+
+use aws_lc_rs::{cipher, hmac};
+use base64::Engine as _;
+use chrono::{Datelike, Duration, NaiveDate, Utc};
+use regex::Regex;
+use serde_json::Value;
+
+use super::{
+    Operation, Operations, ProcessingError,
+    fhirpath::{self, Expr, Item},
+    tree::{NodeId, Tree},
+};
+use crate::fhir::r4::RESOURCE_TYPES;
+
+const AGE_THRESHOLD: i32 = 89;
+const DATE_SHIFT_RANGE: i32 = 50;
+
+/// A primitive's value as the text the tool works on.
+pub fn text(tree: &Tree, id: NodeId) -> Option<String> {
+    match tree.nodes[id].value.as_ref()? {
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(true) => Some("True".into()),
+        Value::Bool(false) => Some("False".into()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn set(tree: &mut Tree, id: NodeId, value: Option<String>) {
+    tree.nodes[id].value = value.map(Value::String);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dates
+
+/// A date, dateTime or instant split as the tool's regular expression splits it.
+struct DateParts {
+    year: i32,
+    month: Option<u32>,
+    day: Option<u32>,
+    /// `T12:30:00.5+01:00`: the time and its zone, when both are there.
+    time: Option<String>,
+}
+
+fn date_parts(value: &str, with_time: bool) -> Option<DateParts> {
+    let two = |s: &str, lo: u32, hi: u32| -> Option<u32> {
+        (s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+            .filter(|n| (lo..=hi).contains(n))
+    };
+    let year_text = value.get(..4)?;
+    if !year_text.bytes().all(|b| b.is_ascii_digit()) || year_text == "0000" {
+        return None;
+    }
+    let year = year_text.parse().ok()?;
+    let mut parts = DateParts {
+        year,
+        month: None,
+        day: None,
+        time: None,
+    };
+    let rest = &value[4..];
+    let Some(rest) = rest.strip_prefix('-') else {
+        return Some(parts);
+    };
+    let Some(month) = rest.get(..2).and_then(|m| two(m, 1, 12)) else {
+        return Some(parts);
+    };
+    parts.month = Some(month);
+    let Some(rest) = rest[2..].strip_prefix('-') else {
+        return Some(parts);
+    };
+    let Some(day) = rest.get(..2).and_then(|d| two(d, 1, 31)) else {
+        return Some(parts);
+    };
+    parts.day = Some(day);
+    let rest = &rest[2..];
+    if with_time && time_pattern().is_match(rest) {
+        parts.time = time_pattern().find(rest).map(|m| m.as_str().to_string());
+    }
+    Some(parts)
+}
+
+fn time_pattern() -> &'static Regex {
+    static TIME: OnceLock<Regex> = OnceLock::new();
+    TIME.get_or_init(|| {
+        Regex::new(r"^T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))")
+            .expect("a valid pattern")
+    })
+}
+
+/// Would a person born on this date be over 89 today (HIPAA Safe Harbor)?
+fn over_age_threshold(parts: &DateParts) -> bool {
+    let today = Utc::now().date_naive();
+    let (month, day) = (parts.month.unwrap_or(1), parts.day.unwrap_or(1));
+    let before_birthday = today.month() < month || (today.month() == month && today.day() < day);
+    today.year() - parts.year - i32::from(before_birthday) > AGE_THRESHOLD
+}
+
+pub fn redact_date(tree: &mut Tree, id: NodeId, partial: bool, with_time: bool) -> Operations {
+    let Some(value) = text(tree, id) else {
+        return Operations::default();
+    };
+    if partial {
+        if let Some(parts) = date_parts(&value, with_time) {
+            let year = (!over_age_threshold(&parts)).then(|| value[..4].to_string());
+            set(tree, id, year);
+        }
+    } else {
+        set(tree, id, None);
+    }
+    Operations::of(Operation::Redact)
+}
+
+/// The date shift of `prefix` + `key`: a number of days in [-50, 50].
+pub fn date_shift_days(prefix: &str, key: &str) -> i64 {
+    let mut offset: i32 = 0;
+    for b in prefix.bytes().chain(key.bytes()) {
+        offset = (offset * 131 + i32::from(b)) % (2 * DATE_SHIFT_RANGE + 1);
+    }
+    i64::from(offset - DATE_SHIFT_RANGE)
+}
+
+pub fn shift_date(
+    tree: &mut Tree,
+    id: NodeId,
+    days: i64,
+    partial: bool,
+    with_time: bool,
+) -> Result<Operations, ProcessingError> {
+    let Some(value) = text(tree, id) else {
+        return Ok(Operations::default());
+    };
+    let parts = match date_parts(&value, with_time) {
+        Some(parts) if parts.day.is_some() && !over_age_threshold(&parts) => parts,
+        _ => return Ok(redact_date(tree, id, partial, with_time)),
+    };
+    let date =
+        NaiveDate::from_ymd_opt(parts.year, parts.month.unwrap_or(1), parts.day.unwrap_or(1))
+            .ok_or_else(|| ProcessingError(format!("'{value}' is not a calendar date")))?;
+    let shifted = (date + Duration::days(days)).format("%Y-%m-%d").to_string();
+    let new = match parts.time {
+        // The time of day goes (every digit of it becomes 0); the zone stays.
+        Some(time) => {
+            let clock_end = time
+                .find(['Z', '+'])
+                .or_else(|| time[1..].find('-').map(|i| i + 1));
+            let (clock, zone) = time.split_at(clock_end.unwrap_or(time.len()));
+            let zeroed: String = clock
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                .collect();
+            format!("{shifted}{zeroed}{zone}")
+        }
+        None => shifted,
+    };
+    set(tree, id, Some(new));
+    Ok(Operations::of(Operation::Perturb))
+}
+
+pub fn redact_age(
+    tree: &mut Tree,
+    id: NodeId,
+    partial: bool,
+) -> Result<Operations, ProcessingError> {
+    let Some(value) = text(tree, id) else {
+        return Ok(Operations::default());
+    };
+    if partial {
+        let age: i64 = value
+            .parse()
+            .map_err(|_| ProcessingError(format!("the age '{value}' is not a whole number")))?;
+        if age > i64::from(AGE_THRESHOLD) {
+            set(tree, id, None);
+        }
+    } else {
+        set(tree, id, None);
+    }
+    Ok(Operations::of(Operation::Redact))
+}
+
+pub fn redact_postal_code(
+    tree: &mut Tree,
+    id: NodeId,
+    partial: bool,
+    restricted: &[String],
+) -> Operations {
+    let Some(value) = text(tree, id) else {
+        return Operations::default();
+    };
+    if !partial {
+        set(tree, id, None);
+        return Operations::of(Operation::Redact);
+    }
+    let zero = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_digit() { '0' } else { c })
+            .collect()
+    };
+    if restricted.iter().any(|r| value.starts_with(r.as_str())) {
+        set(tree, id, Some(zero(&value)));
+    } else if value.chars().count() >= 3 {
+        let split = value.char_indices().nth(3).map_or(value.len(), |(i, _)| i);
+        set(
+            tree,
+            id,
+            Some(format!("{}{}", &value[..split], zero(&value[split..]))),
+        );
+    }
+    Operations::of(Operation::Abstract)
+}
+
+// ---------------------------------------------------------------------------------------
+// Hashing and encryption
+
+pub fn hmac_hex(key: &[u8], input: &str) -> String {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), input.as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn crypto_hash(tree: &mut Tree, id: NodeId, key: &[u8]) -> Operations {
+    let Some(value) = text(tree, id) else {
+        return Operations::default();
+    };
+    let is_reference = tree.nodes[id].name == "reference"
+        && tree.nodes[id]
+            .parent
+            .is_some_and(|p| tree.nodes[p].ty == "Reference");
+    let hashed = if is_reference {
+        transform_reference_id(&value, |id| hmac_hex(key, id))
+    } else {
+        hmac_hex(key, &value)
+    };
+    set(tree, id, Some(hashed));
+    Operations::of(Operation::CryptoHash)
+}
+
+/// Applies `transform` to the id part of a literal reference (`Patient/123`,
+/// `http://x/fhir/Patient/123/_history/2`, `#contained`, `urn:uuid:…`, `urn:oid:…`); anything
+/// else is transformed whole.
+pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> String) -> String {
+    if let Some(internal) = reference.strip_prefix('#') {
+        return format!("#{}", transform(internal));
+    }
+    static PATTERNS: OnceLock<Vec<Regex>> = OnceLock::new();
+    let patterns = PATTERNS.get_or_init(|| {
+        [
+            format!(
+                r"^(?<prefix>((http|https)://([A-Za-z0-9\\/\.:%\$])*)?({})/)(?<id>[A-Za-z0-9\-\.]{{1,64}})(?<suffix>/_history/[A-Za-z0-9\-\.]{{1,64}})?$",
+                RESOURCE_TYPES.join("|")
+            ),
+            r"^(?<prefix>urn:oid:)(?<id>[0-2](\.(0|[1-9][0-9]*))+)(?<suffix>)$".to_string(),
+            r"^(?<prefix>urn:uuid:)(?<id>[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})(?<suffix>)$".to_string(),
+        ]
+        .iter()
+        .map(|p| Regex::new(p).expect("a valid pattern"))
+        .collect()
+    });
+    for pattern in patterns {
+        if let Some(m) = pattern.captures(reference) {
+            let group = |name| m.name(name).map_or("", |g| g.as_str());
+            return format!(
+                "{}{}{}",
+                group("prefix"),
+                transform(group("id")),
+                group("suffix")
+            );
+        }
+    }
+    transform(reference)
+}
+
+/// AES-CBC with PKCS#7 padding; the result is base64 of the IV followed by the ciphertext.
+pub fn encrypt(
+    tree: &mut Tree,
+    id: NodeId,
+    key: &[u8],
+    iv: [u8; 16],
+) -> Result<Operations, ProcessingError> {
+    let Some(value) = text(tree, id) else {
+        return Ok(Operations::default());
+    };
+    let algorithm = match key.len() {
+        16 => &cipher::AES_128,
+        24 => &cipher::AES_192,
+        _ => &cipher::AES_256,
+    };
+    let failed = |_| ProcessingError("the encryption failed".into());
+    let key = cipher::UnboundCipherKey::new(algorithm, key).map_err(failed)?;
+    let encrypting = cipher::PaddedBlockEncryptingKey::cbc_pkcs7(key).map_err(failed)?;
+    let mut data = value.into_bytes();
+    encrypting
+        .less_safe_encrypt(&mut data, cipher::EncryptionContext::Iv128(iv.into()))
+        .map_err(failed)?;
+    let mut out = iv.to_vec();
+    out.extend_from_slice(&data);
+    set(
+        tree,
+        id,
+        Some(base64::engine::general_purpose::STANDARD.encode(out)),
+    );
+    Ok(Operations::of(Operation::Encrypt))
+}
+
+// ---------------------------------------------------------------------------------------
+// Perturbation
+
+const QUANTITY_TYPES: &[&str] = &[
+    "Quantity",
+    "Age",
+    "Count",
+    "Duration",
+    "Distance",
+    "Money",
+    "MoneyQuantity",
+    "SimpleQuantity",
+];
+
+/// Adds noise drawn uniformly from [-span/2, span/2] (times the value when proportional),
+/// rounded to `round_to` places (0 for integers), to a number or a quantity's value.
+/// `uniform` is a number in [0, 1).
+#[allow(clippy::too_many_arguments)]
+pub fn perturb(
+    tree: &mut Tree,
+    id: NodeId,
+    visited: &mut Vec<bool>,
+    span: f64,
+    proportional: bool,
+    round_to: u32,
+    uniform: impl FnOnce(NodeId) -> f64,
+) -> Result<Operations, ProcessingError> {
+    let ty = tree.nodes[id].ty;
+    let value_node = if matches!(ty, "decimal" | "integer" | "positiveInt" | "unsignedInt") {
+        Some(id)
+    } else if QUANTITY_TYPES.contains(&ty) {
+        tree.children(id).find(|&c| tree.nodes[c].name == "value")
+    } else {
+        None
+    };
+    let Some(value_node) = value_node.filter(|&v| tree.nodes[v].value.is_some()) else {
+        return Ok(Operations::default());
+    };
+    if visited.get(value_node).copied().unwrap_or(false) {
+        return Ok(Operations::default());
+    }
+    let value_ty = tree.nodes[value_node].ty;
+    let text = text(tree, value_node).unwrap_or_default();
+    let origin: f64 = text
+        .parse()
+        .map_err(|_| ProcessingError(format!("'{text}' is not a number to perturb")))?;
+    let integer = matches!(value_ty, "integer" | "positiveInt" | "unsignedInt");
+    let places = if integer { 0 } else { round_to };
+    let span = if proportional { origin * span } else { span };
+    let noise = -span / 2.0 + uniform(value_node) * span;
+    let scale = 10f64.powi(places as i32);
+    let mut perturbed = ((origin + noise) * scale).round_ties_even() / scale;
+    if value_ty == "positiveInt" && perturbed <= 0.0 {
+        perturbed = 1.0;
+    }
+    if value_ty == "unsignedInt" && perturbed < 0.0 {
+        perturbed = 0.0;
+    }
+    let formatted = if span == 0.0 {
+        text // no noise: the value as it was
+    } else {
+        format!("{perturbed:.prec$}", prec = places as usize)
+    };
+    set(tree, value_node, Some(formatted));
+    mark_subtree(tree, id, visited);
+    Ok(Operations::of(Operation::Perturb))
+}
+
+pub fn mark_subtree(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
+    if visited.len() < tree.nodes.len() {
+        visited.resize(tree.nodes.len(), false);
+    }
+    visited[id] = true;
+    let children: Vec<NodeId> = tree.children(id).collect();
+    for child in children {
+        mark_subtree(tree, child, visited);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generalization
+
+/// The first case whose condition holds on the value sets it to the case's value; with none,
+/// the value goes (`otherValues: redact`) or stays.
+pub fn generalize(
+    tree: &mut Tree,
+    id: NodeId,
+    cases: &[(Expr, Expr)],
+    redact_others: bool,
+) -> Result<Operations, ProcessingError> {
+    if !tree.is_primitive(id) {
+        return Err(ProcessingError(format!(
+            "generalize applies to primitive values, not to {} ({})",
+            tree.nodes[id].ty,
+            tree.location(id)
+        )));
+    }
+    if tree.nodes[id].value.is_none() {
+        return Ok(Operations::default());
+    }
+    let focus = [Item::Node(id)];
+    for (condition, value) in cases {
+        let failed = |e: fhirpath::EvalError| ProcessingError(format!("generalize failed: {e}"));
+        let holds = fhirpath::evaluate(tree, condition, &focus).map_err(failed)?;
+        let holds = matches!(holds.as_slice(), [item] if matches!(fhirpath::value_of(tree, item), Some(Item::Bool(true))));
+        if holds {
+            let result = fhirpath::evaluate(tree, value, &focus).map_err(failed)?;
+            let new = match result.as_slice() {
+                [item] => fhirpath::value_of(tree, item).map(|v| fhirpath::text_of(&v)),
+                _ => None,
+            };
+            set(tree, id, new);
+            return Ok(Operations::of(Operation::Generalize));
+        }
+    }
+    if redact_others {
+        set(tree, id, None);
+    }
+    Ok(Operations::of(Operation::Generalize))
+}
+
+// ---------------------------------------------------------------------------------------
+// Substitution
+
+/// Replaces a node with `replace_with` (a primitive's new value, or a JSON fragment of the
+/// node's type). What earlier rules already changed inside it is kept.
+pub fn substitute(
+    tree: &mut Tree,
+    id: NodeId,
+    replace_with: &Value,
+    visited: &mut Vec<bool>,
+) -> Result<Operations, ProcessingError> {
+    let node = &tree.nodes[id];
+    let replacement = tree.nodes.len();
+    tree.nodes.push(super::tree::Node {
+        parent: None,
+        children: Vec::new(),
+        value: None,
+        removed: false,
+        ..node.clone()
+    });
+    if tree.is_primitive(id) {
+        let text = match replace_with {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        };
+        tree.nodes[replacement].value = text.map(Value::String);
+    } else {
+        let fragment = match replace_with {
+            Value::Null => Value::Object(Default::default()),
+            Value::String(s) => serde_json::from_str(s).map_err(|e| {
+                ProcessingError(format!(
+                    "replaceWith is not JSON for {}: {e}",
+                    tree.nodes[id].ty
+                ))
+            })?,
+            other => other.clone(),
+        };
+        let Value::Object(map) = fragment else {
+            return Err(ProcessingError(format!(
+                "replaceWith must be a JSON object for {}",
+                tree.nodes[id].ty
+            )));
+        };
+        for (key, value) in &map {
+            tree.add_from_json(replacement, key, value)
+                .map(drop)
+                .map_err(|e| {
+                    ProcessingError(format!(
+                        "replaceWith does not fit {}: {e}",
+                        tree.nodes[id].ty
+                    ))
+                })?;
+        }
+    }
+    visited.resize(tree.nodes.len(), false);
+    let mut keep = vec![false; tree.nodes.len()];
+    mark_changed(tree, id, visited, &mut keep);
+    let operations = substitute_node(tree, id, Some(replacement), visited, &keep);
+    mark_subtree(tree, id, visited);
+    Ok(operations)
+}
+
+/// Marks the nodes under `id` that were changed, or hold a changed node.
+fn mark_changed(tree: &Tree, id: NodeId, visited: &[bool], keep: &mut [bool]) -> bool {
+    let mut changed = false;
+    let children: Vec<NodeId> = tree.children(id).collect();
+    for child in children {
+        changed |= mark_changed(tree, child, visited, keep);
+    }
+    changed |= visited[id];
+    keep[id] = changed;
+    changed
+}
+
+fn substitute_node(
+    tree: &mut Tree,
+    id: NodeId,
+    replacement: Option<NodeId>,
+    visited: &[bool],
+    keep: &[bool],
+) -> Operations {
+    let was_visited = |n: NodeId| visited.get(n).copied().unwrap_or(false);
+    let kept = |n: NodeId| keep.get(n).copied().unwrap_or(false);
+    if was_visited(id) {
+        return Operations::default();
+    }
+    let targets: Vec<NodeId> = replacement
+        .map(|r| tree.children(r).collect())
+        .unwrap_or_default();
+    let mut names: Vec<&'static str> = Vec::new();
+    for &t in &targets {
+        if !names.contains(&tree.nodes[t].name) {
+            names.push(tree.nodes[t].name);
+        }
+    }
+    let mut operations = Operations::default();
+    for &name in &names {
+        let children: Vec<NodeId> = tree
+            .children(id)
+            .filter(|&c| tree.nodes[c].name == name)
+            .collect();
+        let named: Vec<NodeId> = targets
+            .iter()
+            .copied()
+            .filter(|&t| tree.nodes[t].name == name)
+            .collect();
+        let mut i = 0;
+        for child in children {
+            if was_visited(child) {
+                i += 1;
+            } else if i < named.len() {
+                operations |= substitute_node(tree, child, Some(named[i]), visited, keep);
+                i += 1;
+            } else if kept(child) {
+                operations |= substitute_node(tree, child, None, visited, keep);
+            } else {
+                tree.remove(child);
+            }
+        }
+        for &extra in &named[i.min(named.len())..] {
+            tree.nodes[extra].parent = Some(id);
+            tree.nodes[id].children.push(extra);
+        }
+    }
+    let others: Vec<NodeId> = tree
+        .children(id)
+        .filter(|&c| !names.contains(&tree.nodes[c].name))
+        .collect();
+    for child in others {
+        if was_visited(child) {
+            continue;
+        } else if kept(child) {
+            operations |= substitute_node(tree, child, None, visited, keep);
+        } else {
+            tree.remove(child);
+        }
+    }
+    tree.nodes[id].value = replacement.and_then(|r| tree.nodes[r].value.clone());
+    operations | Operations::of(Operation::Substitute)
+}

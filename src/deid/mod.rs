@@ -1,0 +1,472 @@
+//! De-identification on the way out (`_anonymizationConfig`): the configuration format and
+//! the behaviour of Microsoft's FHIR Tools for Anonymization, applied to each resource as it
+//! is written into a part.
+//!
+//! A resource is parsed once into a typed tree (`tree`), every resource in it (the resource,
+//! its contained resources, a Bundle's entries) is walked once by the rules in order — the
+//! first rule that reaches a node decides what happens to it and everything under it
+//! (`methods`) — emptied nodes are dropped, the resources get the `meta.security` labels of
+//! what was done to them, and the tree is written back. Rules are compiled once per job
+//! (`config`, `fhirpath`).
+
+mod config;
+mod fhirpath;
+mod methods;
+mod tree;
+
+use std::ops::{BitOr, BitOrAssign};
+
+use aws_lc_rs::hmac;
+use serde_json::{Value, json};
+
+pub use config::Invalid;
+use config::{Config, DateShiftScope, Method, Rule, Target};
+use fhirpath::Item;
+use tree::{NodeId, ROOT, Tree};
+
+/// A resource the rules could not be applied to (with `processingErrors: raise`, the job
+/// fails with this message).
+#[derive(Debug, thiserror::Error)]
+#[error("de-identification failed: {0}")]
+pub struct ProcessingError(pub String);
+
+/// What was done to a resource, for its `meta.security` labels.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Operations(u8);
+
+#[derive(Debug, Clone, Copy)]
+pub enum Operation {
+    Redact,
+    Abstract,
+    CryptoHash,
+    Encrypt,
+    Perturb,
+    Substitute,
+    Generalize,
+}
+
+impl Operation {
+    const ALL: [Operation; 7] = [
+        Operation::Redact,
+        Operation::Abstract,
+        Operation::CryptoHash,
+        Operation::Encrypt,
+        Operation::Perturb,
+        Operation::Substitute,
+        Operation::Generalize,
+    ];
+
+    /// The label the tool adds for it (its codes, spelling included).
+    fn label(self) -> Value {
+        const V3: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+        match self {
+            Operation::Redact => json!({"system": V3, "code": "REDACTED", "display": "redacted"}),
+            Operation::Abstract => {
+                json!({"system": V3, "code": "ABSTRED", "display": "abstracted"})
+            }
+            Operation::CryptoHash => {
+                json!({"system": V3, "code": "CRYTOHASH", "display": "cryptographic hash function"})
+            }
+            Operation::Encrypt => {
+                json!({"code": "ENCRYPT", "display": "exact value is transformed into ciphertext"})
+            }
+            Operation::Perturb => {
+                json!({"code": "PERTURBED", "display": "exact value is replaced with another exact value"})
+            }
+            Operation::Substitute => {
+                json!({"code": "SUBSTITUTED", "display": "exact value is replaced with a predefined value"})
+            }
+            Operation::Generalize => {
+                json!({"code": "GENERALIZED", "display": "exact value is replaced with a general value"})
+            }
+        }
+    }
+}
+
+impl Operations {
+    pub fn of(operation: Operation) -> Operations {
+        Operations(1 << operation as u8)
+    }
+
+    fn contains(self, operation: Operation) -> bool {
+        self.0 & (1 << operation as u8) != 0
+    }
+}
+
+impl BitOr for Operations {
+    type Output = Operations;
+    fn bitor(self, other: Operations) -> Operations {
+        Operations(self.0 | other.0)
+    }
+}
+
+impl BitOrAssign for Operations {
+    fn bitor_assign(&mut self, other: Operations) {
+        self.0 |= other.0;
+    }
+}
+
+/// A job's compiled configuration with its keys.
+pub struct Deidentifier {
+    config: Config,
+    seed: Vec<u8>,
+    crypto_hash_key: Vec<u8>,
+    date_shift_key: String,
+    encrypt_key: Vec<u8>,
+}
+
+/// Where a resource is written, for `dateShiftScope` `file` and `folder`.
+pub struct Scope<'a> {
+    pub file: &'a str,
+    pub folder: &'a str,
+}
+
+impl Deidentifier {
+    /// Validates a configuration (the kick-off's check).
+    pub fn validate(text: &str) -> Result<(), Invalid> {
+        Config::parse(text).map(|_| ())
+    }
+
+    /// Compiles `text` for a job whose secret is `seed`. Keys the configuration leaves empty
+    /// are drawn from the seed: the same within the job, different between jobs.
+    pub fn new(text: &str, seed: &[u8]) -> Result<Deidentifier, Invalid> {
+        let config = Config::parse(text)?;
+        let derived = |what: &str| derive(seed, what.as_bytes());
+        let params = &config.params;
+        let crypto_hash_key = match params.crypto_hash_key.as_str() {
+            "" => hex(&derived("cryptoHashKey")).into_bytes(),
+            key => key.as_bytes().to_vec(),
+        };
+        let date_shift_key = match params.date_shift_key.as_str() {
+            "" => hex(&derived("dateShiftKey")),
+            key => key.to_string(),
+        };
+        let encrypt_key = match params.encrypt_key.as_str() {
+            "" => derived("encryptKey"),
+            key => key.as_bytes().to_vec(),
+        };
+        Ok(Deidentifier {
+            config,
+            seed: seed.to_vec(),
+            crypto_hash_key,
+            date_shift_key,
+            encrypt_key,
+        })
+    }
+
+    /// The de-identified line of one resource. With `processingErrors: skip` a resource the
+    /// rules fail on is written empty but for its type and a REDACTED label.
+    pub fn apply(&self, line: &str, scope: &Scope) -> Result<String, ProcessingError> {
+        match self.run(line, scope) {
+            Ok(out) => Ok(out),
+            Err(_) if self.config.skip_processing_errors => {
+                let ty = serde_json::from_str::<Value>(line)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("resourceType")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    })
+                    .unwrap_or_default();
+                Ok(
+                    json!({"resourceType": ty, "meta": {"security": [Operation::Redact.label()]}})
+                        .to_string(),
+                )
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn run(&self, line: &str, scope: &Scope) -> Result<String, ProcessingError> {
+        let mut tree = Tree::parse(line).map_err(|e| ProcessingError(e.0))?;
+        let mut walk = Walk {
+            engine: self,
+            visited: vec![false; tree.nodes.len()],
+            resource_key: derive(&self.seed, line.as_bytes()),
+            scope,
+        };
+        walk.visit(&mut tree, ROOT)?;
+        tree.prune(ROOT);
+        Ok(tree.write())
+    }
+}
+
+/// One resource's walk.
+struct Walk<'a> {
+    engine: &'a Deidentifier,
+    visited: Vec<bool>,
+    /// Where this resource's random draws (IVs, noise) come from.
+    resource_key: Vec<u8>,
+    scope: &'a Scope<'a>,
+}
+
+impl Walk<'_> {
+    /// Applies the rules to each resource under `id` (a resource's own rules before those of
+    /// the resources inside it) and labels each; returns what was done.
+    fn visit(&mut self, tree: &mut Tree, id: NodeId) -> Result<Operations, ProcessingError> {
+        let resource = tree.is_resource(id);
+        let mut done = Operations::default();
+        if resource {
+            done |= self.process_resource(tree, id)?;
+        }
+        let children: Vec<NodeId> = tree.children(id).collect();
+        for child in children {
+            done |= self.visit(tree, child)?;
+        }
+        if resource && tree.nodes[id].name != "contained" {
+            add_labels(tree, id, done);
+        }
+        Ok(done)
+    }
+
+    fn process_resource(
+        &mut self,
+        tree: &mut Tree,
+        resource: NodeId,
+    ) -> Result<Operations, ProcessingError> {
+        let mut done = Operations::default();
+        for rule in &self.engine.config.rules {
+            if !rule.applies_to(tree.nodes[resource].ty) {
+                continue;
+            }
+            for node in matches(tree, rule, resource)? {
+                done |= self.process_recursive(tree, node, &rule.method)?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// The method on `id` and everything under it that no earlier rule reached, nested
+    /// resources aside.
+    fn process_recursive(
+        &mut self,
+        tree: &mut Tree,
+        id: NodeId,
+        method: &Method,
+    ) -> Result<Operations, ProcessingError> {
+        if self.visited(id) {
+            return Ok(Operations::default());
+        }
+        let done = self.process(tree, id, method)?;
+        self.mark(tree, id);
+        let mut done = done;
+        let children: Vec<NodeId> = tree.children(id).collect();
+        for child in children {
+            if !tree.is_resource(child) {
+                done |= self.process_recursive(tree, child, method)?;
+            }
+        }
+        Ok(done)
+    }
+
+    fn visited(&self, id: NodeId) -> bool {
+        self.visited.get(id).copied().unwrap_or(false)
+    }
+
+    fn mark(&mut self, tree: &Tree, id: NodeId) {
+        if self.visited.len() < tree.nodes.len() {
+            self.visited.resize(tree.nodes.len(), false);
+        }
+        self.visited[id] = true;
+    }
+
+    fn process(
+        &mut self,
+        tree: &mut Tree,
+        id: NodeId,
+        method: &Method,
+    ) -> Result<Operations, ProcessingError> {
+        let engine = self.engine;
+        let params = &engine.config.params;
+        let ty = tree.nodes[id].ty;
+        let is_date = ty == "date";
+        let is_date_time = ty == "dateTime" || ty == "instant";
+        Ok(match method {
+            Method::Keep => Operations::default(),
+            Method::Redact if is_date || is_date_time => {
+                methods::redact_date(tree, id, params.partial_dates, is_date_time)
+            }
+            Method::Redact if is_age_value(tree, id) => {
+                methods::redact_age(tree, id, params.partial_ages)?
+            }
+            Method::Redact if tree.nodes[id].name == "postalCode" => methods::redact_postal_code(
+                tree,
+                id,
+                params.partial_zip_codes,
+                &params.restricted_zip_codes,
+            ),
+            Method::Redact => match methods::text(tree, id) {
+                Some(_) => {
+                    tree.nodes[id].value = None;
+                    Operations::of(Operation::Redact)
+                }
+                None => Operations::default(),
+            },
+            Method::DateShift if is_date || is_date_time => {
+                let days = self.date_shift_days(tree);
+                methods::shift_date(tree, id, days, params.partial_dates, is_date_time)?
+            }
+            Method::DateShift => Operations::default(),
+            Method::CryptoHash => methods::crypto_hash(tree, id, &engine.crypto_hash_key),
+            Method::Encrypt => {
+                let iv = derive(
+                    &self.resource_key,
+                    format!("iv {}", tree.location(id)).as_bytes(),
+                );
+                let iv: [u8; 16] = iv[..16].try_into().expect("a 32-byte HMAC");
+                methods::encrypt(tree, id, &engine.encrypt_key, iv)?
+            }
+            Method::Substitute(with) => methods::substitute(tree, id, with, &mut self.visited)?,
+            Method::Perturb {
+                span,
+                proportional,
+                round_to,
+            } => {
+                let key = self.resource_key.clone();
+                let location = tree.location(id);
+                methods::perturb(
+                    tree,
+                    id,
+                    &mut self.visited,
+                    *span,
+                    *proportional,
+                    *round_to,
+                    |_| {
+                        let draw = derive(&key, format!("noise {location}").as_bytes());
+                        let bits =
+                            u64::from_be_bytes(draw[..8].try_into().expect("a 32-byte HMAC"));
+                        (bits >> 11) as f64 / (1u64 << 53) as f64
+                    },
+                )?
+            }
+            Method::Generalize {
+                cases,
+                redact_others,
+            } => methods::generalize(tree, id, cases, *redact_others)?,
+        })
+    }
+
+    fn date_shift_days(&self, tree: &Tree) -> i64 {
+        let params = &self.engine.config.params;
+        if let Some(days) = params.date_shift_fixed_offset {
+            return days;
+        }
+        let prefix = match params.date_shift_scope {
+            // The root resource's id as it is now (after an earlier rule hashed it, hashed).
+            DateShiftScope::Resource => tree.id_of(ROOT).unwrap_or_default().to_string(),
+            DateShiftScope::File => self.scope.file.to_string(),
+            DateShiftScope::Folder => self.scope.folder.to_string(),
+        };
+        methods::date_shift_days(&prefix, &self.engine.date_shift_key)
+    }
+}
+
+fn is_age_value(tree: &Tree, id: NodeId) -> bool {
+    tree.nodes[id].ty == "decimal"
+        && tree.nodes[id]
+            .parent
+            .is_some_and(|p| tree.nodes[p].ty == "Age")
+}
+
+/// The nodes of `resource` a rule picks.
+fn matches(tree: &Tree, rule: &Rule, resource: NodeId) -> Result<Vec<NodeId>, ProcessingError> {
+    Ok(match &rule.target {
+        Target::Resource => vec![resource],
+        Target::Lookup {
+            by_type,
+            key,
+            child,
+        } => {
+            let mut found = Vec::new();
+            lookup(tree, resource, *by_type, key, &mut found);
+            match child {
+                None => found,
+                Some(child) => found
+                    .into_iter()
+                    .flat_map(|n| {
+                        tree.children(n)
+                            .filter(|&c| tree.nodes[c].name == child.as_str())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect(),
+            }
+        }
+        Target::Expr(expr) => fhirpath::evaluate(tree, expr, &[Item::Node(resource)])
+            .map_err(|e| ProcessingError(format!("the rule {}: {e}", rule.path)))?
+            .into_iter()
+            .filter_map(|item| match item {
+                Item::Node(n) => Some(n),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// Descendants of `id` with the type or name `key`; a nested resource may match itself but
+/// what is inside it is left to its own walk.
+fn lookup(tree: &Tree, id: NodeId, by_type: bool, key: &str, found: &mut Vec<NodeId>) {
+    for child in tree.children(id) {
+        let node = &tree.nodes[child];
+        if (by_type && node.ty == key) || (!by_type && node.name == key) {
+            found.push(child);
+        }
+        if !tree.is_resource(child) {
+            lookup(tree, child, by_type, key, found);
+        }
+    }
+}
+
+/// Adds the labels of `done` that `meta.security` does not have yet.
+fn add_labels(tree: &mut Tree, resource: NodeId, done: Operations) {
+    if done == Operations::default() {
+        return;
+    }
+    let existing = tree
+        .children(resource)
+        .find(|&c| tree.nodes[c].name == "meta");
+    let meta = match existing {
+        Some(meta) => meta,
+        None => {
+            let added = tree.insert_json(resource, "meta", &json!({}), &["id"]);
+            added[0]
+        }
+    };
+    let has = |tree: &Tree, code: &str| {
+        tree.children(meta)
+            .filter(|&s| tree.nodes[s].name == "security")
+            .flat_map(|s| tree.children(s).collect::<Vec<_>>())
+            .any(|c| {
+                tree.nodes[c].name == "code"
+                    && tree.nodes[c]
+                        .value
+                        .as_ref()
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(code))
+            })
+    };
+    for operation in Operation::ALL {
+        let label = operation.label();
+        let code = label["code"].as_str().unwrap_or_default().to_string();
+        if done.contains(operation) && !has(tree, &code) {
+            tree.insert_json(
+                meta,
+                "security",
+                &Value::Array(vec![label]),
+                &["versionId", "lastUpdated", "source", "profile", "security"],
+            );
+        }
+    }
+}
+
+fn derive(key: &[u8], data: &[u8]) -> Vec<u8> {
+    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data)
+        .as_ref()
+        .to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;

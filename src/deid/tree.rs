@@ -1,0 +1,469 @@
+//! A resource as a tree of typed nodes: parsed from its JSON once, changed in place by the
+//! rules, written back in the order it came in. Every node knows its R4 type (a choice element
+//! `valueQuantity` is the node `value` of type `Quantity`), which is what `nodesByType` and the
+//! methods go by. A primitive is one node whether its JSON is `"birthDate"`, `"_birthDate"`
+//! (its id and extensions) or both.
+
+use serde_json::{Map, Value};
+
+use crate::fhir::{is_resource_type, model, r4::RESOURCE_TYPES};
+
+pub type NodeId = usize;
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The element name (`value` for `valueQuantity`); a root resource's is its type.
+    pub name: &'static str,
+    /// The JSON key it is written under.
+    pub key: &'static str,
+    /// The instance type: a datatype, a resource type, `BackboneElement` or `Element`.
+    pub ty: &'static str,
+    /// The type key of its children (a backbone element's definition path).
+    pub children_key: &'static str,
+    /// A primitive's value as it came in (or as a method set it).
+    pub value: Option<Value>,
+    pub children: Vec<NodeId>,
+    pub parent: Option<NodeId>,
+    /// Written as an array (the element repeats).
+    pub many: bool,
+    pub removed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub nodes: Vec<Node>,
+}
+
+/// Why a resource cannot be walked: its JSON does not follow R4.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+pub const ROOT: NodeId = 0;
+
+impl Tree {
+    pub fn parse(json: &str) -> Result<Tree, Invalid> {
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| Invalid(format!("not JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Invalid("a resource is a JSON object".into()));
+        };
+        let mut tree = Tree { nodes: Vec::new() };
+        let ty = resource_type(&map, "the resource")?;
+        tree.push(None, ty, ty, ty, ty, None, false);
+        tree.read_object(ROOT, &map, ty)?;
+        Ok(tree)
+    }
+
+    fn push(
+        &mut self,
+        parent: Option<NodeId>,
+        name: &'static str,
+        key: &'static str,
+        ty: &'static str,
+        children_key: &'static str,
+        value: Option<Value>,
+        many: bool,
+    ) -> NodeId {
+        let id = self.nodes.len();
+        self.nodes.push(Node {
+            name,
+            key,
+            ty,
+            children_key,
+            value,
+            children: Vec::new(),
+            parent,
+            many,
+            removed: false,
+        });
+        if let Some(parent) = parent {
+            self.nodes[parent].children.push(id);
+        }
+        id
+    }
+
+    /// Reads the members of `map` as the children of `id`, whose type key is `type_key`.
+    fn read_object(
+        &mut self,
+        id: NodeId,
+        map: &Map<String, Value>,
+        type_key: &str,
+    ) -> Result<(), Invalid> {
+        for (key, value) in map {
+            if key == "resourceType" && self.is_resource(id) {
+                continue;
+            }
+            // `_name` goes with `name`; alone it is a primitive without a value.
+            let (base, companion_only) = match key.strip_prefix('_') {
+                Some(base) if map.contains_key(base) => continue,
+                Some(base) => (base, true),
+                None => (key.as_str(), false),
+            };
+            let element = model::element(type_key, base).ok_or_else(|| {
+                Invalid(format!(
+                    "'{base}' is not an element of {}",
+                    self.nodes[id].ty
+                ))
+            })?;
+            let companion = if companion_only {
+                Some(value)
+            } else {
+                map.get(&format!("_{base}"))
+            };
+            let values = if companion_only { None } else { Some(value) };
+            self.read_element(id, element, values, companion)?;
+        }
+        Ok(())
+    }
+
+    fn read_element(
+        &mut self,
+        parent: NodeId,
+        element: &'static model::ElementType,
+        value: Option<&Value>,
+        companion: Option<&Value>,
+    ) -> Result<(), Invalid> {
+        let many = matches!(value.or(companion), Some(Value::Array(_)));
+        let items = |v: Option<&Value>| -> Vec<Option<Value>> {
+            match v {
+                None => Vec::new(),
+                Some(Value::Array(items)) => items.iter().cloned().map(Some).collect(),
+                Some(v) => vec![Some(v.clone())],
+            }
+        };
+        let values = items(value);
+        let companions = items(companion);
+        for i in 0..values.len().max(companions.len()) {
+            let item = values.get(i).cloned().flatten().filter(|v| !v.is_null());
+            let extra = companions
+                .get(i)
+                .cloned()
+                .flatten()
+                .filter(|v| !v.is_null());
+            if model::is_primitive(element.ty) {
+                if matches!(item, Some(Value::Object(_) | Value::Array(_))) {
+                    return Err(Invalid(format!("'{}' must be a primitive", element.key)));
+                }
+                let node = self.push(
+                    Some(parent),
+                    element.name,
+                    element.key,
+                    element.ty,
+                    element.children,
+                    item,
+                    many,
+                );
+                if let Some(Value::Object(extra)) = &extra {
+                    self.read_object(node, extra, element.ty)?;
+                }
+                continue;
+            }
+            let Some(Value::Object(map)) = &item else {
+                return Err(Invalid(format!("'{}' must be an object", element.key)));
+            };
+            if element.ty == "Resource" {
+                let ty = resource_type(map, element.key)?;
+                let node = self.push(Some(parent), element.name, element.key, ty, ty, None, many);
+                self.read_object(node, map, ty)?;
+            } else {
+                let node = self.push(
+                    Some(parent),
+                    element.name,
+                    element.key,
+                    element.ty,
+                    element.children,
+                    None,
+                    many,
+                );
+                self.read_object(node, map, element.children)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds children of `parent` from JSON (a substitution's replacement); the element must
+    /// exist on the parent's type. Returns the new children.
+    pub fn add_from_json(
+        &mut self,
+        parent: NodeId,
+        key: &str,
+        value: &Value,
+    ) -> Result<Vec<NodeId>, Invalid> {
+        let type_key = self.nodes[parent].children_key;
+        let element = model::element(type_key, key)
+            .ok_or_else(|| Invalid(format!("'{key}' is not an element of {type_key}")))?;
+        let before = self.nodes[parent].children.len();
+        self.read_element(parent, element, Some(value), None)?;
+        Ok(self.nodes[parent].children[before..].to_vec())
+    }
+
+    /// Adds children like `add_from_json`, placed after the last child whose key is one of
+    /// `after` (first when there is none), where R4's element order puts them.
+    pub fn insert_json(
+        &mut self,
+        parent: NodeId,
+        key: &str,
+        value: &Value,
+        after: &[&str],
+    ) -> Vec<NodeId> {
+        let added = self
+            .add_from_json(parent, key, value)
+            .expect("labels and meta fit every resource");
+        let mut children = std::mem::take(&mut self.nodes[parent].children);
+        children.truncate(children.len() - added.len());
+        let at = children
+            .iter()
+            .rposition(|&c| !self.nodes[c].removed && after.contains(&self.nodes[c].key))
+            .map_or(0, |i| i + 1);
+        children.splice(at..at, added.iter().copied());
+        self.nodes[parent].children = children;
+        added
+    }
+
+    pub fn is_resource(&self, id: NodeId) -> bool {
+        is_resource_type(self.nodes[id].ty) && self.nodes[id].ty == self.nodes[id].children_key
+    }
+
+    pub fn is_primitive(&self, id: NodeId) -> bool {
+        model::is_primitive(self.nodes[id].ty)
+    }
+
+    /// The live children of `id`.
+    pub fn children(&self, id: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes[id]
+            .children
+            .iter()
+            .copied()
+            .filter(|&c| !self.nodes[c].removed)
+    }
+
+    pub fn remove(&mut self, id: NodeId) {
+        self.nodes[id].removed = true;
+    }
+
+    /// `Observation.component[1].valueQuantity.value`: where a node is, unique in its tree.
+    pub fn location(&self, id: NodeId) -> String {
+        let mut steps = Vec::new();
+        let mut at = id;
+        while let Some(parent) = self.nodes[at].parent {
+            let node = &self.nodes[at];
+            let index = self.nodes[parent]
+                .children
+                .iter()
+                .filter(|&&c| self.nodes[c].key == node.key)
+                .position(|&c| c == at)
+                .unwrap_or(0);
+            steps.push(format!("{}[{index}]", node.key));
+            at = parent;
+        }
+        steps.push(self.nodes[at].ty.to_string());
+        steps.reverse();
+        steps.join(".")
+    }
+
+    /// The id element's value of a resource node.
+    pub fn id_of(&self, resource: NodeId) -> Option<&str> {
+        self.children(resource)
+            .find(|&c| self.nodes[c].name == "id")
+            .and_then(|c| self.nodes[c].value.as_ref())
+            .and_then(Value::as_str)
+    }
+
+    /// Drops nodes left without a value and without children (what redaction emptied);
+    /// resources stay.
+    pub fn prune(&mut self, id: NodeId) -> bool {
+        let children: Vec<NodeId> = self.children(id).collect();
+        let mut any = false;
+        for child in children {
+            if self.prune(child) {
+                any = true;
+            } else {
+                self.remove(child);
+            }
+        }
+        any || self.nodes[id].value.is_some() || self.is_resource(id)
+    }
+
+    /// The resource as JSON: members in the order they came in (`resourceType` first).
+    pub fn write(&self) -> String {
+        let mut out = String::with_capacity(1024);
+        self.write_object(ROOT, &mut out);
+        out
+    }
+
+    fn write_object(&self, id: NodeId, out: &mut String) {
+        out.push('{');
+        let mut first = true;
+        if self.is_resource(id) {
+            out.push_str("\"resourceType\":");
+            push_json_string(out, self.nodes[id].ty);
+            first = false;
+        }
+        // Children grouped by JSON key, in the order each key first appears.
+        let children: Vec<NodeId> = self.children(id).collect();
+        let mut keys: Vec<&'static str> = Vec::new();
+        for &c in &children {
+            if !keys.contains(&self.nodes[c].key) {
+                keys.push(self.nodes[c].key);
+            }
+        }
+        for key in keys {
+            let group: Vec<NodeId> = children
+                .iter()
+                .copied()
+                .filter(|&c| self.nodes[c].key == key)
+                .collect();
+            let many = self.nodes[group[0]].many;
+            if self.is_primitive(group[0]) {
+                let has_values = group.iter().any(|&c| self.nodes[c].value.is_some());
+                let has_extras = group.iter().any(|&c| self.children(c).next().is_some());
+                if has_values {
+                    self.write_key(key, &mut first, out);
+                    self.write_list(&group, many, out, |tree, c, out| {
+                        match &tree.nodes[c].value {
+                            Some(v) => push_primitive(out, tree.nodes[c].ty, v),
+                            None => out.push_str("null"),
+                        }
+                    });
+                }
+                if has_extras {
+                    self.write_key(&format!("_{key}"), &mut first, out);
+                    self.write_list(&group, many, out, |tree, c, out| {
+                        if tree.children(c).next().is_some() {
+                            tree.write_object(c, out)
+                        } else {
+                            out.push_str("null")
+                        }
+                    });
+                }
+            } else {
+                self.write_key(key, &mut first, out);
+                self.write_list(&group, many, out, |tree, c, out| tree.write_object(c, out));
+            }
+        }
+        out.push('}');
+    }
+
+    fn write_key(&self, key: &str, first: &mut bool, out: &mut String) {
+        if !*first {
+            out.push(',');
+        }
+        *first = false;
+        push_json_string(out, key);
+        out.push(':');
+    }
+
+    fn write_list(
+        &self,
+        group: &[NodeId],
+        many: bool,
+        out: &mut String,
+        item: impl Fn(&Tree, NodeId, &mut String),
+    ) {
+        if many {
+            out.push('[');
+        }
+        for (i, &c) in group.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            item(self, c, out);
+        }
+        if many {
+            out.push(']');
+        }
+    }
+}
+
+fn resource_type(map: &Map<String, Value>, what: &str) -> Result<&'static str, Invalid> {
+    let name = map
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Invalid(format!("{what} has no resourceType")))?;
+    RESOURCE_TYPES
+        .binary_search(&name)
+        .map(|i| RESOURCE_TYPES[i])
+        .map_err(|_| Invalid(format!("'{name}' is not an R4 resource type")))
+}
+
+/// A primitive value as its type writes it: numbers and booleans bare (when they are ones),
+/// everything else as a JSON string.
+fn push_primitive(out: &mut String, ty: &str, value: &Value) {
+    let text = match value {
+        Value::String(s) => s.as_str(),
+        other => {
+            let text = other.to_string();
+            return push_primitive(out, ty, &Value::String(text));
+        }
+    };
+    let bare = match ty {
+        "boolean" => text == "true" || text == "false",
+        "integer" | "positiveInt" | "unsignedInt" | "decimal" => is_json_number(text),
+        _ => false,
+    };
+    if bare {
+        out.push_str(text);
+    } else {
+        push_json_string(out, text);
+    }
+}
+
+fn is_json_number(text: &str) -> bool {
+    matches!(serde_json::from_str::<Value>(text), Ok(Value::Number(_)))
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(json: &str) -> String {
+        Tree::parse(json).unwrap().write()
+    }
+
+    #[test]
+    fn writes_what_it_read() {
+        for json in [
+            r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"1"},"name":[{"family":"Doe","given":["A","B"]}],"birthDate":"1970-01-01","_birthDate":{"extension":[{"url":"u","valueDateTime":"1970-01-01T10:00:00Z"}]}}"#,
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":1.50,"unit":"mg"},"component":[{"code":{"text":"y"},"valueInteger":3}]}"#,
+            r#"{"resourceType":"Patient","name":[{"given":["A",null],"_given":[null,{"id":"g2"}]}],"active":true}"#,
+            r#"{"resourceType":"Bundle","type":"collection","entry":[{"fullUrl":"urn:x","resource":{"resourceType":"Patient","id":"a"}}]}"#,
+            r##"{"resourceType":"Patient","contained":[{"resourceType":"Organization","id":"o"}],"managingOrganization":{"reference":"#o"}}"##,
+        ] {
+            assert_eq!(round_trip(json), json);
+        }
+    }
+
+    #[test]
+    fn types_and_locations() {
+        let tree = Tree::parse(
+            r#"{"resourceType":"Observation","status":"final","code":{"text":"x"},"component":[{"code":{"text":"y"}},{"code":{"text":"z"},"valueQuantity":{"value":2}}]}"#,
+        )
+        .unwrap();
+        let value = tree
+            .nodes
+            .iter()
+            .position(|n| n.key == "valueQuantity")
+            .unwrap();
+        assert_eq!(
+            (tree.nodes[value].name, tree.nodes[value].ty),
+            ("value", "Quantity")
+        );
+        assert_eq!(
+            tree.location(value),
+            "Observation.component[1].valueQuantity[0]"
+        );
+    }
+
+    #[test]
+    fn unknown_elements_and_types_are_refused() {
+        assert!(Tree::parse(r#"{"resourceType":"Patient","nickname":"x"}"#).is_err());
+        assert!(Tree::parse(r#"{"resourceType":"Patientx"}"#).is_err());
+        assert!(Tree::parse(r#"{"resourceType":"Patient","name":"x"}"#).is_err());
+        assert!(Tree::parse(r#"{"resourceType":"Patient","birthDate":{"a":1}}"#).is_err());
+    }
+}
