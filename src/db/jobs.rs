@@ -90,6 +90,11 @@ pub struct JobSpec {
     pub range_size: i64,
     /// The kick-off instant (database clock); also the "now" of `ap` date filters.
     pub created_at: DateTime<Utc>,
+    /// `_anonymizationConfig`: the configuration's name, its text as read at kick-off, and
+    /// the job's secret seed.
+    pub anonymization_name: Option<String>,
+    pub anonymization_config: Option<String>,
+    pub anonymization_seed: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -109,7 +114,8 @@ pub struct Job {
 
 const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
-    container, own_container, folder, part_size, part_max_bytes, range_size, created_at";
+    container, own_container, folder, part_size, part_max_bytes, range_size, created_at, \
+    anonymization_name, anonymization_config, anonymization_seed";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -225,7 +231,7 @@ pub async fn create(
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, ARRAY({WRITERS}))"
+                 $18, $19, $20, $21, $22, $23, $24, ARRAY({WRITERS}))"
     ))
     .bind(id)
     .bind(spec.level)
@@ -248,6 +254,9 @@ pub async fn create(
     .bind(spec.part_max_bytes)
     .bind(spec.range_size)
     .bind(spec.created_at)
+    .bind(&spec.anonymization_name)
+    .bind(&spec.anonymization_config)
+    .bind(&spec.anonymization_seed)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")

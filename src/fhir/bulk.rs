@@ -31,6 +31,10 @@ pub struct ExportParams {
     pub include_history: bool,
     /// `includeAssociatedData=_deleted`: the last state of deleted resources too.
     pub include_deleted: bool,
+    /// `_anonymizationConfig`: the name of the de-identification configuration to apply.
+    pub anonymization_config: Option<String>,
+    /// `_anonymizationConfigEtag`: the ETag that configuration must have.
+    pub anonymization_etag: Option<String>,
     /// What a lenient kick-off ignored, one sentence each.
     pub ignored: Vec<String>,
 }
@@ -141,6 +145,23 @@ pub fn parse(
                     }
                 }
             }
+            "_anonymizationConfig" => {
+                let valid = !value.is_empty()
+                    && value.len() <= 1024
+                    && value
+                        .split('/')
+                        .all(|p| !p.is_empty() && p != "." && p != "..")
+                    && !value.contains('\\');
+                if !valid {
+                    return Err(format!(
+                        "_anonymizationConfig '{value}' is not a configuration name"
+                    ));
+                }
+                set_once(&mut out.anonymization_config, name, value.clone())?
+            }
+            "_anonymizationConfigEtag" => {
+                set_once(&mut out.anonymization_etag, name, value.clone())?
+            }
             // Its naming rules belong to the storage; the caller checks them.
             "_container" => set_once(&mut out.container, name, value.clone())?,
             n if UNSUPPORTED.contains(&n) => {
@@ -167,6 +188,9 @@ pub fn parse(
             }
         }
         out.type_filters = kept;
+    }
+    if out.anonymization_etag.is_some() && out.anonymization_config.is_none() {
+        return Err("_anonymizationConfigEtag needs _anonymizationConfig".into());
     }
     if let (Some(since), Some(till)) = (out.since, out.till)
         && since >= till

@@ -26,13 +26,14 @@ use crate::{
         jobs::{self, Admission, JobSpec, Level},
         resources,
     },
+    deid::Deidentifier,
     fhir::{
         bulk, group, instant,
         outcome::{self, Issue, Severity},
         r4::RESOURCE_TYPES,
         type_filter,
     },
-    storage,
+    storage::{self, ANONYMIZATION_CONTAINER},
 };
 
 pub fn router() -> Router<AppState> {
@@ -143,6 +144,12 @@ async fn kick_off(
         }
     }
     let types = exported_types(principal, &params)?;
+    let anonymization = match &params.anonymization_config {
+        Some(name) => {
+            Some(anonymization_config(state, name, params.anonymization_etag.as_deref()).await?)
+        }
+        None => None,
+    };
     let quota = jobs::Quota {
         total: limits.max_active_jobs,
         per_client: limits.max_active_jobs_per_client,
@@ -211,6 +218,13 @@ async fn kick_off(
         part_max_bytes: settings.part_max_bytes as i64,
         range_size: settings.range_size,
         created_at: kicked_off,
+        anonymization_name: params.anonymization_config.clone(),
+        anonymization_config: anonymization,
+        anonymization_seed: params.anonymization_config.as_ref().map(|_| {
+            let mut seed = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut seed).expect("the system's random source");
+            seed
+        }),
     };
     let patients = patient_ids.unwrap_or_default();
     match jobs::create(&state.pool, id, &spec, &patients, quota).await? {
@@ -230,6 +244,7 @@ async fn kick_off(
         elements = %spec.elements.join(","),
         include_history = spec.include_history,
         include_deleted = spec.include_deleted,
+        anonymization = spec.anonymization_name.as_deref().unwrap_or("-"),
         patients = patients.len(),
         container = %spec.container,
         "export accepted"
@@ -257,6 +272,60 @@ async fn kick_off(
         HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
     );
     Ok(response)
+}
+
+/// The largest anonymization configuration read (the Safe Harbor sample is 14 KB).
+const MAX_ANONYMIZATION_CONFIG_BYTES: usize = 1 << 20;
+
+/// Reads and checks the configuration `name` from the storage's `anonymization` container:
+/// every problem with it (missing, another ETag, not valid) is a 400 naming it.
+async fn anonymization_config(
+    state: &AppState,
+    name: &str,
+    etag: Option<&str>,
+) -> ApiResult<String> {
+    let file = state
+        .storage
+        .read_small(
+            ANONYMIZATION_CONTAINER,
+            name,
+            MAX_ANONYMIZATION_CONFIG_BYTES,
+        )
+        .await
+        .map_err(ApiError::Internal)?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "_anonymizationConfig: there is no configuration '{name}' in the \
+                 '{ANONYMIZATION_CONTAINER}' container of the export storage"
+            ))
+        })?;
+    // ETags are compared without their quotes (clients pass them either way).
+    let bare = |e: &str| {
+        e.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_string()
+    };
+    if let Some(wanted) = etag
+        && bare(wanted) != bare(&file.etag)
+    {
+        return Err(ApiError::bad_request(format!(
+            "_anonymizationConfigEtag {wanted} does not match the configuration '{name}', \
+             whose ETag is {}",
+            file.etag
+        )));
+    }
+    if file.bytes.len() > MAX_ANONYMIZATION_CONFIG_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "_anonymizationConfig '{name}' is larger than {MAX_ANONYMIZATION_CONFIG_BYTES} bytes"
+        )));
+    }
+    let text = String::from_utf8(file.bytes).map_err(|_| {
+        ApiError::bad_request(format!("_anonymizationConfig '{name}' is not UTF-8 text"))
+    })?;
+    Deidentifier::validate(&text)
+        .map_err(|why| ApiError::bad_request(format!("_anonymizationConfig '{name}': {why}")))?;
+    Ok(text)
 }
 
 fn too_costly(message: String) -> ApiError {

@@ -26,6 +26,9 @@ use crate::{
     storage,
 };
 
+/// The manifest extension of a de-identified export.
+pub const DE_IDENTIFIED_EXTENSION: &str = "urn:fhir-export:de-identified";
+
 /// Status and cancel.
 pub fn router() -> Router<AppState> {
     Router::new().route("/export/{id}", get(status).delete(cancel))
@@ -189,6 +192,11 @@ async fn manifest(state: &AppState, job: &Job) -> ApiResult<Response> {
     });
     if job.spec.since.is_some() {
         body["deleted"] = json!(deleted);
+    }
+    // The IG keeps `extension` for servers (a JSON object): this one says the files were
+    // de-identified, and with which configuration.
+    if let Some(name) = &job.spec.anonymization_name {
+        body["extension"] = json!({"url": DE_IDENTIFIED_EXTENSION, "valueString": name});
     }
     let mut response = (StatusCode::OK, body.to_string()).into_response();
     let headers = response.headers_mut();

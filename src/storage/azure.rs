@@ -325,6 +325,36 @@ impl Storage for AzureStorage {
         }
     }
 
+    async fn read_small(
+        &self,
+        container: &str,
+        name: &str,
+        limit: usize,
+    ) -> anyhow::Result<Option<super::SmallFile>> {
+        let response = match self
+            .container(container)?
+            .blob_client(name)
+            .download(None)
+            .await
+        {
+            Ok(response) => response,
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
+            Err(e) => return Err(explain(e, &format!("reading {container}/{name}"))),
+        };
+        let etag = response
+            .headers
+            .get_optional_string(&azure_core::http::headers::ETAG)
+            .unwrap_or_default();
+        let body = response
+            .body
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .boxed();
+        Ok(Some(super::SmallFile {
+            bytes: super::collect_up_to(body, limit).await?,
+            etag,
+        }))
+    }
+
     async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()> {
         let client = self.container(container)?;
         let options = BlobContainerClientListBlobsOptions {

@@ -16,6 +16,10 @@ pub use filesystem::FilesystemStorage;
 
 use crate::config::{StorageConfig, StorageKind};
 
+/// Where de-identification configurations live (`_anonymizationConfig`): a container of the
+/// export storage, as in Azure's FHIR service.
+pub const ANONYMIZATION_CONTAINER: &str = "anonymization";
+
 /// A storage fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the
 /// worker retries it inside its attempt instead of spending one.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,30 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Streams a committed file; `None` if there is no such file.
     async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>>;
+
+    /// A small file (an anonymization configuration) with its ETag, read up to `limit + 1`
+    /// bytes; `None` if there is no such file. The ETag here is a digest of the content; Azure
+    /// answers with the blob's own.
+    async fn read_small(
+        &self,
+        container: &str,
+        name: &str,
+        limit: usize,
+    ) -> anyhow::Result<Option<SmallFile>> {
+        let Some(stream) = self.read(container, name).await? else {
+            return Ok(None);
+        };
+        let bytes = collect_up_to(stream, limit).await?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+        let hex: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Some(SmallFile {
+            bytes,
+            etag: format!("\"{hex}\""),
+        }))
+    }
 
     /// Deletes every file under `folder` in `container`.
     async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()>;
@@ -65,6 +93,26 @@ pub trait Storage: Send + Sync + 'static {
     ) -> anyhow::Result<Option<Vec<String>>> {
         Ok(None)
     }
+}
+
+/// A small file's content and its ETag (quoted, as HTTP writes it).
+pub struct SmallFile {
+    pub bytes: Vec<u8>,
+    pub etag: String,
+}
+
+/// The first `limit + 1` bytes of a stream (one more than allowed shows it was too long).
+async fn collect_up_to(mut stream: ByteStream, limit: usize) -> anyhow::Result<Vec<u8>> {
+    use futures::TryStreamExt;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.try_next().await? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > limit {
+            bytes.truncate(limit + 1);
+            break;
+        }
+    }
+    Ok(bytes)
 }
 
 /// A file being written. Memory stays bounded: bytes go out as they come.

@@ -24,6 +24,7 @@ use crate::{
         resources::{self, PatientFilter, Position, Rows, Selection},
         tasks::{HeldTask, TaskKind},
     },
+    deid::{Deidentifier, Scope},
     fhir::{bulk, elements, type_filter::TypeFilter},
 };
 
@@ -33,6 +34,8 @@ struct Output<'a> {
     /// `{Type}`, `{Type}-deleted`, `{Type}-history`, `{Type}-softdeleted`: file names.
     file_kind: String,
     filter: Option<TypeFilter>,
+    /// `_anonymizationConfig`: applied after the filter, before `_elements`.
+    deid: Option<Deidentifier>,
     elements: Option<BTreeSet<String>>,
 }
 
@@ -99,6 +102,10 @@ pub async fn run(
         },
         file_kind,
         filter,
+        deid: match (&spec.anonymization_config, &spec.anonymization_seed) {
+            (Some(config), Some(seed)) => Some(Deidentifier::new(config, seed)?),
+            _ => None,
+        },
         elements: elements::for_type(&spec.elements, resource_type),
     };
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
@@ -147,6 +154,7 @@ impl Output<'_> {
     /// Does each row go out as stored? Then the part is copied out of Postgres as it is.
     fn streams_stored_text(&self) -> bool {
         self.filter.is_none()
+            && self.deid.is_none()
             && self.elements.is_none()
             && matches!(self.selection.rows, Rows::Live | Rows::History { .. })
     }
@@ -258,11 +266,14 @@ async fn write_part(
                 continue;
             };
             let part = match &mut file {
-                // One resource always fits; past that the byte cap ends the part early.
-                Some(part) if part.bytes + line.len() as u64 + 1 > max_bytes => break 'pages,
                 Some(part) => part,
                 None => file.insert(part::open(context, job, held, &output.file_kind, seq).await?),
             };
+            let line = finish_line(output, line, &part.name, &job.spec.folder)?;
+            // One resource always fits; past that the byte cap ends the part early.
+            if part.lines > 0 && part.bytes + line.len() as u64 + 1 > max_bytes {
+                break 'pages;
+            }
             part.write_line(line.as_bytes()).await?;
             last_written = Some(position);
             if i64::from(part.lines) == limit {
@@ -282,8 +293,9 @@ async fn write_part(
     Ok(true)
 }
 
-/// The line a row becomes, or None when `_typeFilter` leaves it out. Stored text streams out
-/// untouched unless a filter, a deletion mark or `_elements` needs the resource parsed.
+/// The line a row becomes, or None when `_typeFilter` leaves it out (the filter sees the
+/// stored resource). Stored text streams out untouched unless a filter, a deletion mark,
+/// de-identification or `_elements` needs the resource parsed.
 fn render<'r>(output: &Output, row: &'r PgRow) -> anyhow::Result<Option<Cow<'r, str>>> {
     let selection = &output.selection;
     if selection.rows == Rows::Deleted {
@@ -304,8 +316,26 @@ fn render<'r>(output: &Output, row: &'r PgRow) -> anyhow::Result<Option<Cow<'r, 
     if selection.rows == Rows::LastState {
         line = Cow::Owned(bulk::mark_deleted(&line)?);
     }
+    Ok(Some(line))
+}
+
+/// De-identifies a rendered line (its scope is the file it goes into, `file` the part's
+/// storage name), then keeps only `_elements`.
+fn finish_line<'r>(
+    output: &Output,
+    mut line: Cow<'r, str>,
+    file: &str,
+    folder: &str,
+) -> anyhow::Result<Cow<'r, str>> {
+    if let Some(deid) = &output.deid {
+        let scope = Scope {
+            file: file.rsplit('/').next().unwrap_or(file),
+            folder,
+        };
+        line = Cow::Owned(deid.apply(&line, &scope)?);
+    }
     if let Some(keep) = &output.elements {
         line = Cow::Owned(elements::subset(&line, keep)?);
     }
-    Ok(Some(line))
+    Ok(line)
 }

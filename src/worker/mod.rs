@@ -31,6 +31,7 @@ use crate::{
         self, Pools, jobs,
         tasks::{self, Fenced, HeldTask, Resumed, TaskKind},
     },
+    deid,
     liveness::Liveness,
     metrics,
     storage::{self, Storage},
@@ -60,6 +61,9 @@ pub enum Ended {
     Released,
     /// A real failure (or a panic): the attempt is spent.
     Failed(String),
+    /// A resource the job's de-identification rules fail on (`processingErrors: raise`):
+    /// the job fails at once, as every retry would fail the same way.
+    Unprocessable(String),
 }
 
 impl Ended {
@@ -69,7 +73,7 @@ impl Ended {
             Ended::Done => "done",
             Ended::LeaseLost => "lease_lost",
             Ended::Released => "released",
-            Ended::Failed(_) => "failed",
+            Ended::Failed(_) | Ended::Unprocessable(_) => "failed",
         }
     }
 }
@@ -170,7 +174,12 @@ async fn run_task(
             Ended::Released => tracing::info!("released for shutdown"),
             Ended::Failed(message) => {
                 tracing::warn!(error = %message, "task attempt failed");
-                record_failure(context, &held, &message, &lease).await;
+                let max = context.config.export.max_attempts;
+                record_failure(context, &held, &message, max, &lease).await;
+            }
+            Ended::Unprocessable(message) => {
+                tracing::warn!(error = %message, "a resource could not be de-identified");
+                record_failure(context, &held, &message, 1, &lease).await;
             }
         }
     }
@@ -195,6 +204,9 @@ async fn run_with_retries(
         };
         if lease_lost(&error) || lease.is_lost() {
             return Ended::LeaseLost;
+        }
+        if error.chain().any(|e| e.is::<deid::ProcessingError>()) {
+            return Ended::Unprocessable(format!("{error:#}"));
         }
         let Some(cause) = transient_cause(&error) else {
             return Ended::Failed(format!("{error:#}"));
@@ -237,10 +249,15 @@ async fn run_kind(
     }
 }
 
-/// Spends the attempt; retried through a database blip while the lease holds (after that the
-/// rescuer counts it).
-async fn record_failure(context: &Context, held: &HeldTask, message: &str, lease: &Lease) {
-    let max = context.config.export.max_attempts;
+/// Spends the attempt (failing the job once `max` are spent); retried through a database blip
+/// while the lease holds (after that the rescuer counts it).
+async fn record_failure(
+    context: &Context,
+    held: &HeldTask,
+    message: &str,
+    max: i32,
+    lease: &Lease,
+) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
     while !lease.is_lost() {
         match held.fail(message, max, context.retention()).await {
