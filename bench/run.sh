@@ -9,7 +9,8 @@
 #
 # The first export runs right after `load`, before anything the server does not do itself
 # (`load` vacuums what it wrote). Also: the export again (steady state), a Patient export of all,
-# a Group export of a tenth of the patients, a `_typeFilter` export, and (when Azurite answers at
+# a Group export of a tenth of the patients, a `_typeFilter` export, a de-identified export
+# (bench/deid-config.json), and (when Azurite answers at
 # 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
 #
 # Needs a Postgres at BENCH_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), psql
@@ -47,6 +48,9 @@ export_run() {
   local label=$1 path=$2
   shift 2
   rm -rf "$OUT/exports"
+  # The de-identification configuration where the server looks for it.
+  mkdir -p "$OUT/exports/anonymization"
+  cp bench/deid-config.json "$OUT/exports/anonymization/bench.json"
   env DATABASE_URL="$DB_URL" FHIR_EXPORT_LISTEN="127.0.0.1:$PORT" FHIR_EXPORT_STORAGE_DIR="$OUT/exports" \
     FHIR_EXPORT_MAX_ACTIVE_JOBS_PER_CLIENT=100 "$@" "$BIN" serve >"$OUT/serve-$label.log" 2>&1 &
   SERVER=$!
@@ -124,6 +128,10 @@ PY
   FILTER_SECS=$EXPORT_SECS FILTER_MATCHED=$EXPORTED
   OBSERVATIONS=$(wc -l <"$DATA/Observation.ndjson")
 
+  # De-identified: every resource parsed, walked by the rules of bench/deid-config.json, written.
+  export_run deid "/\$export?_anonymizationConfig=bench.json"
+  DEID_SECS=$EXPORT_SECS DEID_EXPORTED=$EXPORTED DEID_RSS_KB=$RSS_KB
+
   AZ_SECS=skipped
   if curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10000/devstoreaccount1?comp=list | grep -q 403; then
     export_run azure "/\$export" FHIR_EXPORT_STORAGE=azure AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true
@@ -162,10 +170,11 @@ PY
   row "Patient/\$export (all, $PATIENT_EXPORTED)" "$PATIENT_SECS" "$(rate "$PATIENT_EXPORTED" "$PATIENT_SECS")" ""
   row "Group/\$export (a tenth, $GROUP_EXPORTED)" "$GROUP_SECS" "$(rate "$GROUP_EXPORTED" "$GROUP_SECS")" ""
   row "_typeFilter (Observations tested/s)" "$FILTER_SECS" "$(rate "$OBSERVATIONS" "$FILTER_SECS")" ""
+  row "\$export de-identified ($DEID_EXPORTED)" "$DEID_SECS" "$(rate "$DEID_EXPORTED" "$DEID_SECS")" "$(ratio "$STEADY_SECS" "$DEID_SECS") of plain"
   if [ "$AZ_SECS" != skipped ]; then
     row "\$export to Azurite" "$AZ_SECS" "$(rate "$FIRST_EXPORTED" "$AZ_SECS")" ""
   fi
   echo "filter: $FILTER_MATCHED of $OBSERVATIONS Observations matched"
-  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB})"
+  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB, de-identified $((DEID_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB})"
   echo "database size after load: $DB_SIZE"
 done

@@ -453,3 +453,82 @@ async fn with_auth_server_urls_need_the_token_and_sas_urls_do_not() {
         }
     }
 }
+
+/// Uploads a blob with Azurite's REST API (creating its container if needed); its ETag.
+async fn upload(container: &str, name: &str, body: &str) -> String {
+    let client = reqwest::Client::new();
+    let sas = account_sas("rwc");
+    let created = client
+        .put(format!(
+            "{}/{container}?restype=container&{sas}",
+            endpoint()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!([201, 409].contains(&created.status().as_u16()));
+    let put = client
+        .put(format!("{}/{container}/{name}?{sas}", endpoint()))
+        .header("x-ms-blob-type", "BlockBlob")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    put.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_de_identified_export_reads_its_configuration_from_the_anonymization_container() {
+    let app = TestApp::spawn_with(azure).await;
+    populate(&app).await;
+    let name = format!("{}.json", unique_container());
+    let config = json!({"fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "k"}});
+    let etag = upload("anonymization", &name, &config.to_string()).await;
+
+    let stale = kick_off_request(
+        &app,
+        &format!("/$export?_anonymizationConfig={name}&_anonymizationConfigEtag=%220x1%22"),
+        "respond-async",
+        None,
+    )
+    .await;
+    assert!(assert_outcome(stale, 400).await.contains(&etag));
+    let missing = kick_off_request(
+        &app,
+        "/$export?_anonymizationConfig=none.json",
+        "respond-async",
+        None,
+    )
+    .await;
+    assert_outcome(missing, 400).await;
+
+    let query = format!(
+        "/$export?_anonymizationConfig={name}&_anonymizationConfigEtag={}",
+        form_urlencoded::byte_serialize(etag.as_bytes()).collect::<String>()
+    );
+    let manifest = wait_manifest(&app, &kick_off(&app, &query).await).await;
+    assert_eq!(manifest["extension"]["valueString"], name.as_str());
+    let got = resources_by_key(&download_all(&app, &manifest).await);
+    assert_eq!(got.len(), 12);
+    let hash = |id: &str| {
+        let tag = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"k"),
+            id.as_bytes(),
+        );
+        tag.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    for p in ["p1", "p2", "p3"] {
+        assert!(got.contains_key(&format!("Patient/{}", hash(p))));
+        let o = &got[&format!("Observation/{}", hash(&format!("{p}-o0")))];
+        assert_eq!(
+            o["subject"]["reference"],
+            format!("Patient/{}", hash(p)).as_str()
+        );
+    }
+}

@@ -14,7 +14,10 @@ mod fhirpath;
 mod methods;
 mod tree;
 
-use std::ops::{BitOr, BitOrAssign};
+use std::{
+    collections::HashMap,
+    ops::{BitOr, BitOrAssign},
+};
 
 use aws_lc_rs::hmac;
 use serde_json::{Value, json};
@@ -225,11 +228,12 @@ impl Walk<'_> {
         resource: NodeId,
     ) -> Result<Operations, ProcessingError> {
         let mut done = Operations::default();
+        let index = Index::of(tree, resource);
         for rule in &self.engine.config.rules {
             if !rule.applies_to(tree.nodes[resource].ty) {
                 continue;
             }
-            for node in matches(tree, rule, resource)? {
+            for node in matches(tree, rule, resource, &index)? {
                 done |= self.process_recursive(tree, node, &rule.method)?;
             }
         }
@@ -369,7 +373,12 @@ fn is_age_value(tree: &Tree, id: NodeId) -> bool {
 }
 
 /// The nodes of `resource` a rule picks.
-fn matches(tree: &Tree, rule: &Rule, resource: NodeId) -> Result<Vec<NodeId>, ProcessingError> {
+fn matches(
+    tree: &Tree,
+    rule: &Rule,
+    resource: NodeId,
+    index: &Index,
+) -> Result<Vec<NodeId>, ProcessingError> {
     Ok(match &rule.target {
         Target::Resource => vec![resource],
         Target::Lookup {
@@ -377,12 +386,20 @@ fn matches(tree: &Tree, rule: &Rule, resource: NodeId) -> Result<Vec<NodeId>, Pr
             key,
             child,
         } => {
-            let mut found = Vec::new();
-            lookup(tree, resource, *by_type, key, &mut found);
+            let map = if *by_type {
+                &index.by_type
+            } else {
+                &index.by_name
+            };
+            let found = map
+                .get(key.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&n| !tree.nodes[n].removed);
             match child {
-                None => found,
+                None => found.collect(),
                 Some(child) => found
-                    .into_iter()
                     .flat_map(|n| {
                         tree.children(n)
                             .filter(|&c| tree.nodes[c].name == child.as_str())
@@ -402,16 +419,30 @@ fn matches(tree: &Tree, rule: &Rule, resource: NodeId) -> Result<Vec<NodeId>, Pr
     })
 }
 
-/// Descendants of `id` with the type or name `key`; a nested resource may match itself but
-/// what is inside it is left to its own walk.
-fn lookup(tree: &Tree, id: NodeId, by_type: bool, key: &str, found: &mut Vec<NodeId>) {
-    for child in tree.children(id) {
-        let node = &tree.nodes[child];
-        if (by_type && node.ty == key) || (!by_type && node.name == key) {
-            found.push(child);
-        }
-        if !tree.is_resource(child) {
-            lookup(tree, child, by_type, key, found);
+/// A resource's descendants by type and by name, taken once as its walk starts (as the tool
+/// does), for `nodesByType('T')` and `nodesByName('n')` rules. A nested resource is listed
+/// itself but what is inside it is left to its own walk.
+#[derive(Default)]
+struct Index {
+    by_type: HashMap<&'static str, Vec<NodeId>>,
+    by_name: HashMap<&'static str, Vec<NodeId>>,
+}
+
+impl Index {
+    fn of(tree: &Tree, resource: NodeId) -> Index {
+        let mut index = Index::default();
+        index.add_under(tree, resource);
+        index
+    }
+
+    fn add_under(&mut self, tree: &Tree, id: NodeId) {
+        for child in tree.children(id) {
+            let node = &tree.nodes[child];
+            self.by_type.entry(node.ty).or_default().push(child);
+            self.by_name.entry(node.name).or_default().push(child);
+            if !tree.is_resource(child) {
+                self.add_under(tree, child);
+            }
         }
     }
 }
