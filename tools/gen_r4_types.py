@@ -83,9 +83,9 @@ def main(src):
         out.write("    (%s, &[\n" % json.dumps(t))
         for key in sorted(types[t]):
             name, ty, children, many = types[t][key]
-            out.write("        ElementType { key: %s, name: %s, ty: %s, children: %s, many: %s },\n"
+            out.write("        ElementType { key: %s, name: %s, ty: %s, children: %s, many: %s, primitive: %s },\n"
                       % (json.dumps(key), json.dumps(name), json.dumps(ty), json.dumps(children),
-                         "true" if many else "false"))
+                         "true" if many else "false", "true" if ty in primitives else "false"))
         out.write("    ]),\n")
     out.write("];\n")
 

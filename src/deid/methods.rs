@@ -221,12 +221,22 @@ pub fn redact_postal_code(
 // ---------------------------------------------------------------------------------------
 // Hashing and encryption
 
-pub fn hmac_hex(key: &[u8], input: &str) -> String {
-    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), input.as_bytes());
-    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+/// HMAC-SHA256 of `input` in lowercase hex.
+pub fn hmac_hex(key: &hmac::Key, input: &str) -> String {
+    hex(hmac::sign(key, input.as_bytes()).as_ref())
 }
 
-pub fn crypto_hash(tree: &mut Tree, id: NodeId, key: &[u8]) -> Operations {
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+pub fn crypto_hash(tree: &mut Tree, id: NodeId, key: &hmac::Key) -> Operations {
     let Some(value) = text(tree, id) else {
         return Operations::default();
     };

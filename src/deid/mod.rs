@@ -15,8 +15,11 @@ mod methods;
 mod tree;
 
 use std::{
+    cell::OnceCell,
     collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
     ops::{BitOr, BitOrAssign},
+    sync::OnceLock,
 };
 
 use aws_lc_rs::hmac;
@@ -60,7 +63,13 @@ impl Operation {
     ];
 
     /// The label the tool adds for it (its codes, spelling included).
-    fn label(self) -> Value {
+    fn label(self) -> &'static Value {
+        static LABELS: OnceLock<Vec<Value>> = OnceLock::new();
+        &LABELS.get_or_init(|| Operation::ALL.iter().map(|o| o.make_label()).collect())
+            [self as usize]
+    }
+
+    fn make_label(self) -> Value {
         const V3: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
         match self {
             Operation::Redact => json!({"system": V3, "code": "REDACTED", "display": "redacted"}),
@@ -112,8 +121,8 @@ impl BitOrAssign for Operations {
 /// A job's compiled configuration with its keys.
 pub struct Deidentifier {
     config: Config,
-    seed: Vec<u8>,
-    crypto_hash_key: Vec<u8>,
+    seed: hmac::Key,
+    crypto_hash_key: hmac::Key,
     date_shift_key: String,
     encrypt_key: Vec<u8>,
 }
@@ -134,14 +143,16 @@ impl Deidentifier {
     /// are drawn from the seed: the same within the job, different between jobs.
     pub fn new(text: &str, seed: &[u8]) -> Result<Deidentifier, Invalid> {
         let config = Config::parse(text)?;
-        let derived = |what: &str| derive(seed, what.as_bytes());
+        let seed_key = hmac::Key::new(hmac::HMAC_SHA256, seed);
+        let derived = |what: &str| derive(&seed_key, what.as_bytes());
         let params = &config.params;
         let crypto_hash_key = match params.crypto_hash_key.as_str() {
-            "" => hex(&derived("cryptoHashKey")).into_bytes(),
+            "" => methods::hex(&derived("cryptoHashKey")).into_bytes(),
             key => key.as_bytes().to_vec(),
         };
+        let crypto_hash_key = hmac::Key::new(hmac::HMAC_SHA256, &crypto_hash_key);
         let date_shift_key = match params.date_shift_key.as_str() {
-            "" => hex(&derived("dateShiftKey")),
+            "" => methods::hex(&derived("dateShiftKey")),
             key => key.to_string(),
         };
         let encrypt_key = match params.encrypt_key.as_str() {
@@ -150,7 +161,7 @@ impl Deidentifier {
         };
         Ok(Deidentifier {
             config,
-            seed: seed.to_vec(),
+            seed: hmac::Key::new(hmac::HMAC_SHA256, seed),
             crypto_hash_key,
             date_shift_key,
             encrypt_key,
@@ -185,7 +196,8 @@ impl Deidentifier {
         let mut walk = Walk {
             engine: self,
             visited: vec![false; tree.nodes.len()],
-            resource_key: derive(&self.seed, line.as_bytes()),
+            line,
+            resource_key: OnceCell::new(),
             scope,
         };
         walk.visit(&mut tree, ROOT)?;
@@ -198,8 +210,10 @@ impl Deidentifier {
 struct Walk<'a> {
     engine: &'a Deidentifier,
     visited: Vec<bool>,
-    /// Where this resource's random draws (IVs, noise) come from.
-    resource_key: Vec<u8>,
+    /// The resource as stored, and the key its random draws (IVs, noise) come from: the
+    /// job's seed and the resource.
+    line: &'a str,
+    resource_key: OnceCell<hmac::Key>,
     scope: &'a Scope<'a>,
 }
 
@@ -314,7 +328,7 @@ impl Walk<'_> {
             Method::CryptoHash => methods::crypto_hash(tree, id, &engine.crypto_hash_key),
             Method::Encrypt => {
                 let iv = derive(
-                    &self.resource_key,
+                    self.resource_key(),
                     format!("iv {}", tree.location(id)).as_bytes(),
                 );
                 let iv: [u8; 16] = iv[..16].try_into().expect("a 32-byte HMAC");
@@ -326,7 +340,7 @@ impl Walk<'_> {
                 proportional,
                 round_to,
             } => {
-                let key = self.resource_key.clone();
+                let key = self.resource_key().clone();
                 let location = tree.location(id);
                 methods::perturb(
                     tree,
@@ -347,6 +361,13 @@ impl Walk<'_> {
                 cases,
                 redact_others,
             } => methods::generalize(tree, id, cases, *redact_others)?,
+        })
+    }
+
+    fn resource_key(&self) -> &hmac::Key {
+        self.resource_key.get_or_init(|| {
+            let key = derive(&self.engine.seed, self.line.as_bytes());
+            hmac::Key::new(hmac::HMAC_SHA256, &key)
         })
     }
 
@@ -424,8 +445,31 @@ fn matches(
 /// itself but what is inside it is left to its own walk.
 #[derive(Default)]
 struct Index {
-    by_type: HashMap<&'static str, Vec<NodeId>>,
-    by_name: HashMap<&'static str, Vec<NodeId>>,
+    by_type: HashMap<&'static str, Vec<NodeId>, Fnv>,
+    by_name: HashMap<&'static str, Vec<NodeId>, Fnv>,
+}
+
+/// FNV-1a: the index's keys are short type and element names, hashed once per node.
+type Fnv = BuildHasherDefault<FnvHasher>;
+
+struct FnvHasher(u64);
+
+impl Default for FnvHasher {
+    fn default() -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
 }
 
 impl Index {
@@ -482,21 +526,15 @@ fn add_labels(tree: &mut Tree, resource: NodeId, done: Operations) {
             tree.insert_json(
                 meta,
                 "security",
-                &Value::Array(vec![label]),
+                &Value::Array(vec![label.clone()]),
                 &["versionId", "lastUpdated", "source", "profile", "security"],
             );
         }
     }
 }
 
-fn derive(key: &[u8], data: &[u8]) -> Vec<u8> {
-    hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data)
-        .as_ref()
-        .to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn derive(key: &hmac::Key, data: &[u8]) -> Vec<u8> {
+    hmac::sign(key, data).as_ref().to_vec()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::fhir::{is_resource_type, model, r4::RESOURCE_TYPES};
+use crate::fhir::{model, r4::RESOURCE_TYPES};
 
 pub type NodeId = usize;
 
@@ -26,6 +26,8 @@ pub struct Node {
     pub parent: Option<NodeId>,
     /// Written as an array (the element repeats).
     pub many: bool,
+    /// A resource (the root, a contained one, a Bundle entry's).
+    pub resource: bool,
     pub removed: bool,
 }
 
@@ -50,31 +52,40 @@ impl Tree {
         };
         let mut tree = Tree { nodes: Vec::new() };
         let ty = resource_type(&map, "the resource")?;
-        tree.push(None, ty, ty, ty, ty, None, false);
+        let root = model::ElementType {
+            key: ty,
+            name: ty,
+            ty,
+            children: ty,
+            many: false,
+            primitive: false,
+        };
+        tree.push(None, &root, Some(ty), None, false);
         tree.read_object(ROOT, &map, ty)?;
         Ok(tree)
     }
 
+    /// Adds a node under `parent`: `element` says its name, key, type and children; a
+    /// resource (`resource_type`) has its own type instead.
     fn push(
         &mut self,
         parent: Option<NodeId>,
-        name: &'static str,
-        key: &'static str,
-        ty: &'static str,
-        children_key: &'static str,
+        element: &model::ElementType,
+        resource_type: Option<&'static str>,
         value: Option<Value>,
         many: bool,
     ) -> NodeId {
         let id = self.nodes.len();
         self.nodes.push(Node {
-            name,
-            key,
-            ty,
-            children_key,
+            name: element.name,
+            key: element.key,
+            ty: resource_type.unwrap_or(element.ty),
+            children_key: resource_type.unwrap_or(element.children),
             value,
             children: Vec::new(),
             parent,
             many,
+            resource: resource_type.is_some(),
             removed: false,
         });
         if let Some(parent) = parent {
@@ -90,6 +101,7 @@ impl Tree {
         map: &Map<String, Value>,
         type_key: &str,
     ) -> Result<(), Invalid> {
+        let elements = model::elements_of(type_key).unwrap_or_default();
         for (key, value) in map {
             if key == "resourceType" && self.is_resource(id) {
                 continue;
@@ -100,7 +112,7 @@ impl Tree {
                 Some(base) => (base, true),
                 None => (key.as_str(), false),
             };
-            let element = model::element(type_key, base).ok_or_else(|| {
+            let element = model::find(elements, base).ok_or_else(|| {
                 Invalid(format!(
                     "'{base}' is not an element of {}",
                     self.nodes[id].ty
@@ -125,57 +137,41 @@ impl Tree {
         companion: Option<&Value>,
     ) -> Result<(), Invalid> {
         let many = matches!(value.or(companion), Some(Value::Array(_)));
-        let items = |v: Option<&Value>| -> Vec<Option<Value>> {
+        // Items by position; JSON `null`s (placeholders in arrays) are none.
+        fn items(v: Option<&Value>) -> Vec<Option<&Value>> {
             match v {
                 None => Vec::new(),
-                Some(Value::Array(items)) => items.iter().cloned().map(Some).collect(),
-                Some(v) => vec![Some(v.clone())],
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|i| Some(i).filter(|i| !i.is_null()))
+                    .collect(),
+                Some(v) => vec![Some(v).filter(|v| !v.is_null())],
             }
-        };
+        }
         let values = items(value);
         let companions = items(companion);
         for i in 0..values.len().max(companions.len()) {
-            let item = values.get(i).cloned().flatten().filter(|v| !v.is_null());
-            let extra = companions
-                .get(i)
-                .cloned()
-                .flatten()
-                .filter(|v| !v.is_null());
-            if model::is_primitive(element.ty) {
+            let item = values.get(i).copied().flatten();
+            let extra = companions.get(i).copied().flatten();
+            if element.primitive {
                 if matches!(item, Some(Value::Object(_) | Value::Array(_))) {
                     return Err(Invalid(format!("'{}' must be a primitive", element.key)));
                 }
-                let node = self.push(
-                    Some(parent),
-                    element.name,
-                    element.key,
-                    element.ty,
-                    element.children,
-                    item,
-                    many,
-                );
-                if let Some(Value::Object(extra)) = &extra {
+                let node = self.push(Some(parent), element, None, item.cloned(), many);
+                if let Some(Value::Object(extra)) = extra {
                     self.read_object(node, extra, element.ty)?;
                 }
                 continue;
             }
-            let Some(Value::Object(map)) = &item else {
+            let Some(Value::Object(map)) = item else {
                 return Err(Invalid(format!("'{}' must be an object", element.key)));
             };
             if element.ty == "Resource" {
                 let ty = resource_type(map, element.key)?;
-                let node = self.push(Some(parent), element.name, element.key, ty, ty, None, many);
+                let node = self.push(Some(parent), element, Some(ty), None, many);
                 self.read_object(node, map, ty)?;
             } else {
-                let node = self.push(
-                    Some(parent),
-                    element.name,
-                    element.key,
-                    element.ty,
-                    element.children,
-                    None,
-                    many,
-                );
+                let node = self.push(Some(parent), element, None, None, many);
                 self.read_object(node, map, element.children)?;
             }
         }
@@ -222,7 +218,7 @@ impl Tree {
     }
 
     pub fn is_resource(&self, id: NodeId) -> bool {
-        is_resource_type(self.nodes[id].ty) && self.nodes[id].ty == self.nodes[id].children_key
+        self.nodes[id].resource
     }
 
     pub fn is_primitive(&self, id: NodeId) -> bool {

@@ -16,16 +16,23 @@ pub struct ElementType {
     pub children: &'static str,
     /// Does it repeat (a JSON array)?
     pub many: bool,
+    /// Is its type a primitive one?
+    pub primitive: bool,
 }
 
 /// The element of `type_key` (a type name or a backbone element's path) under `key`.
 pub fn element(type_key: &str, key: &str) -> Option<&'static ElementType> {
-    let elements = elements_of(type_key)?;
+    find(elements_of(type_key)?, key)
+}
+
+/// The element under `key` among a type's `elements` (see `elements_of`).
+pub fn find(elements: &'static [ElementType], key: &str) -> Option<&'static ElementType> {
     let i = elements.binary_search_by(|e| e.key.cmp(key)).ok()?;
     Some(&elements[i])
 }
 
-fn elements_of(type_key: &str) -> Option<&'static [ElementType]> {
+/// The elements of `type_key`, to look several keys up in.
+pub fn elements_of(type_key: &str) -> Option<&'static [ElementType]> {
     // A primitive's children (`id`, `extension`) are those of Element.
     let type_key = if is_primitive(type_key) {
         "Element"
