@@ -209,6 +209,21 @@ async fn a_safe_harbor_export_keeps_nothing_identifying_and_every_reference_reso
         );
     }
 
+    // At Group level too: the members' compartments, de-identified the same way.
+    let group = loaded["Group"][0]["id"].as_str().unwrap();
+    let members = resources_by_key(
+        &export_files(
+            &app,
+            &format!("/Group/{group}/$export?_type=Patient&_anonymizationConfig=safe-harbor.json"),
+        )
+        .await,
+    );
+    let expected: BTreeSet<String> = loaded["Patient"]
+        .iter()
+        .map(|p| format!("Patient/{}", hash(p["id"].as_str().unwrap())))
+        .collect();
+    assert_eq!(members.keys().cloned().collect::<BTreeSet<_>>(), expected);
+
     // Every reference in the output resolves to an output resource.
     let mut all = Vec::new();
     for resource in out.values() {

@@ -66,11 +66,14 @@ impl Pools {
 }
 
 /// Page reads: no JIT. A filtered page's cost estimate crosses `jit_above_cost`, and compiling
-/// costs more than the whole page takes to read.
+/// costs more than the whole page takes to read. A page's rows are filtered or de-identified
+/// while they stream, so its statement lasts as long as that work: not a slow statement worth
+/// a warning (debug level still shows it).
 fn page_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
     Ok(PgConnectOptions::from_str(url)?
         .application_name(APPLICATION_NAME)
-        .options([("jit", "off")]))
+        .options([("jit", "off")])
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1)))
 }
 
 fn pool_options(max_connections: u32) -> PgPoolOptions {
