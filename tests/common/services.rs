@@ -236,7 +236,8 @@ impl Azurite {
         );
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{port}/devstoreaccount1?comp=list");
-        for _ in 0..100 {
+        // Node takes its time to start while the rest of the suite keeps both cores busy.
+        for _ in 0..300 {
             if client.get(&url).send().await.is_ok() {
                 return Azurite {
                     port,
