@@ -1,5 +1,5 @@
-//! FHIR R4 knowledge: resource types, validation, stamping, the Patient compartment,
-//! OperationOutcome, instants. Pure functions; no I/O.
+//! FHIR R4 knowledge: resource types, every element's type, validation, stamping, the Patient
+//! compartment, OperationOutcome, instants. Pure functions; no I/O.
 
 pub mod bulk;
 pub mod compartment;

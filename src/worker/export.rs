@@ -5,7 +5,7 @@
 //! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
 //! reserve the file's number, commit the file if the lease still holds, then checkpoint. Rows
 //! that go out as stored come from `COPY … TO STDOUT` without being decoded; rows that a filter,
-//! `_elements` or a deletion mark must change are read row by row.
+//! de-identification, `_elements` or a deletion mark must change are read row by row.
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
