@@ -331,6 +331,21 @@ async fn every_configuration_mistake_is_a_400_naming_it() {
             json!({"fhirVersion": "Stu3", "fhirPathRules": []}).to_string(),
             "Stu3",
         ),
+        // Hostile: nesting that would take the parser's stack, a chain that would take the
+        // evaluator's.
+        (
+            "nested.json",
+            rules(
+                json!([{"path": format!("{}1{}", "(".repeat(100), ")".repeat(100)),
+                "method": "redact"}]),
+            ),
+            "nest",
+        ),
+        (
+            "long.json",
+            rules(json!([{"path": format!("1{}", "+1".repeat(50_000)), "method": "redact"}])),
+            "tokens",
+        ),
     ];
     for (name, text, says) in &cases {
         put_config(&app, name, text);

@@ -264,13 +264,26 @@ fn tokenize(src: &str) -> Result<Vec<Token>, String> {
 struct Parser {
     tokens: Vec<Token>,
     at: usize,
+    /// Expressions open around the current one: bounded, so that no configuration can take
+    /// the parser's (or the evaluator's) stack.
+    depth: usize,
 }
+
+const MAX_DEPTH: usize = 64;
+const MAX_TOKENS: usize = 500;
 
 /// Parses an expression; `Err` says what is not supported.
 pub fn parse(src: &str) -> Result<Expr, String> {
+    let tokens = tokenize(src)?;
+    // A long chain (`a.b.c…`, `1+1+…`) parses without recursion but makes a deep tree, which
+    // evaluating walks recursively.
+    if tokens.len() > MAX_TOKENS {
+        return Err(format!("an expression of more than {MAX_TOKENS} tokens"));
+    }
     let mut parser = Parser {
-        tokens: tokenize(src)?,
+        tokens,
         at: 0,
+        depth: 0,
     };
     let expr = parser.expr(0)?;
     if parser.at < parser.tokens.len() {
@@ -322,10 +335,30 @@ impl Parser {
     }
 
     fn expr(&mut self, level: usize) -> Result<Expr, String> {
+        if level > 0 {
+            return self.expr_at(level);
+        }
+        self.nested(|parser| parser.expr_at(0))
+    }
+
+    fn nested(
+        &mut self,
+        parse: impl FnOnce(&mut Parser) -> Result<Expr, String>,
+    ) -> Result<Expr, String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(format!("expressions nest more than {MAX_DEPTH} deep"));
+        }
+        let parsed = parse(self);
+        self.depth -= 1;
+        parsed
+    }
+
+    fn expr_at(&mut self, level: usize) -> Result<Expr, String> {
         if level == LEVELS.len() {
             return self.unary();
         }
-        let mut left = self.expr(level + 1)?;
+        let mut left = self.expr_at(level + 1)?;
         loop {
             if LEVELS[level].is_empty() {
                 // `x is T`, `x as T`
@@ -351,7 +384,7 @@ impl Parser {
                 return Ok(left);
             };
             self.at += 1;
-            let right = self.expr(level + 1)?;
+            let right = self.expr_at(level + 1)?;
             left = Expr::Binary(op, Box::new(left), Box::new(right));
         }
     }
@@ -380,7 +413,8 @@ impl Parser {
     fn unary(&mut self) -> Result<Expr, String> {
         if self.peek() == Some(&Token::Sym("-")) {
             self.at += 1;
-            return Ok(Expr::Negate(Box::new(self.unary()?)));
+            let operand = self.nested(Parser::unary)?;
+            return Ok(Expr::Negate(Box::new(operand)));
         }
         if self.peek() == Some(&Token::Sym("+")) {
             self.at += 1;
@@ -1150,5 +1184,19 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        // Nesting is bounded (the parser recurses).
+        let deep = format!("{}1{}", "(".repeat(200), ")".repeat(200));
+        assert!(parse(&deep).unwrap_err().contains("nest"));
+        assert!(
+            parse(&format!("{}1", "-".repeat(200)))
+                .unwrap_err()
+                .contains("nest")
+        );
+        assert!(parse(&format!("{}1{}", "(".repeat(60), ")".repeat(60))).is_ok());
+        assert!(
+            parse(&format!("1{}", "+1".repeat(100_000)))
+                .unwrap_err()
+                .contains("tokens")
+        );
     }
 }
