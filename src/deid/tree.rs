@@ -410,7 +410,14 @@ fn is_json_number(text: &str) -> bool {
 }
 
 fn push_json_string(out: &mut String, s: &str) {
-    out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+    // Most strings need no escaping: copied as they are.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).expect("a string serializes"));
+    }
 }
 
 #[cfg(test)]
