@@ -795,7 +795,10 @@ fn arithmetic(op: Op, a: Item, b: Item) -> Result2<Option<Item>> {
         });
     }
     let (Some(x), Some(y)) = (number(&a), number(&b)) else {
-        return Err(EvalError(format!("cannot compute {a:?} {op:?} {b:?}")));
+        // The values stay out of the message: it is logged, and they may identify someone.
+        return Err(EvalError(format!(
+            "{op:?} needs numbers (or two strings to add)"
+        )));
     };
     Ok(match op {
         Op::Add => Some(Item::Dec(x + y)),

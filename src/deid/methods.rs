@@ -2,7 +2,8 @@
 //! (with partial dates, ages and zip codes), the date shift, HMAC-SHA256 hashes (a literal
 //! reference keeps all but its id), AES-CBC encryption, perturbation, generalization and
 //! substitution. Where the tool draws random numbers (IVs, noise) these draw them from the
-//! job's seed and the resource, so a retried part is the same bytes.
+//! job's seed and the resource, so a retried part is the same bytes. Error messages name where
+//! (`Patient.birthDate[0]`), never the value: they are logged.
 
 use std::sync::OnceLock;
 
@@ -145,7 +146,9 @@ pub fn shift_date(
     };
     let date =
         NaiveDate::from_ymd_opt(parts.year, parts.month.unwrap_or(1), parts.day.unwrap_or(1))
-            .ok_or_else(|| ProcessingError(format!("'{value}' is not a calendar date")))?;
+            .ok_or_else(|| {
+                ProcessingError(format!("{} is not a calendar date", tree.location(id)))
+            })?;
     let shifted = (date + Duration::days(days)).format("%Y-%m-%d").to_string();
     let new = match parts.time {
         // The time of day goes (every digit of it becomes 0); the zone stays.
@@ -175,9 +178,12 @@ pub fn redact_age(
         return Ok(Operations::default());
     };
     if partial {
-        let age: i64 = value
-            .parse()
-            .map_err(|_| ProcessingError(format!("the age '{value}' is not a whole number")))?;
+        let age: i64 = value.parse().map_err(|_| {
+            ProcessingError(format!(
+                "the age {} is not a whole number",
+                tree.location(id)
+            ))
+        })?;
         if age > i64::from(AGE_THRESHOLD) {
             set(tree, id, None);
         }
@@ -363,9 +369,12 @@ pub fn perturb(
     }
     let value_ty = tree.nodes[value_node].ty;
     let text = text(tree, value_node).unwrap_or_default();
-    let origin: f64 = text
-        .parse()
-        .map_err(|_| ProcessingError(format!("'{text}' is not a number to perturb")))?;
+    let origin: f64 = text.parse().map_err(|_| {
+        ProcessingError(format!(
+            "{} is not a number to perturb",
+            tree.location(value_node)
+        ))
+    })?;
     let integer = matches!(value_ty, "integer" | "positiveInt" | "unsignedInt");
     let places = if integer { 0 } else { round_to };
     let span = if proportional { origin * span } else { span };

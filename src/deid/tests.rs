@@ -401,3 +401,15 @@ fn unchanged_resources_keep_their_bytes() {
     assert_eq!(engine.apply(line, &SCOPE).unwrap(), line);
     assert!(Tree::parse(line).is_ok());
 }
+
+#[test]
+fn errors_say_where_not_what() {
+    let mut config = rules(json!([{"path": "nodesByType('Age')", "method": "redact"}]));
+    config["parameters"]["enablePartialAgesForRedact"] = json!(true);
+    let engine = Deidentifier::new(&config.to_string(), b"s").unwrap();
+    let resource = json!({"resourceType": "Condition", "subject": {"reference": "Patient/1"},
+        "onsetAge": {"value": 45.5, "unit": "a"}});
+    let error = engine.apply(&resource.to_string(), &SCOPE).unwrap_err().0;
+    assert!(error.contains("Condition.onsetAge[0].value[0]"), "{error}");
+    assert!(!error.contains("45.5"), "{error}");
+}
