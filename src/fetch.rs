@@ -46,6 +46,12 @@ pub struct FetchArgs {
     /// `_elements`, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub elements: Vec<String>,
+    /// `_anonymizationConfig`: a de-identified export with the server's configuration NAME.
+    #[arg(long)]
+    pub anonymization_config: Option<String>,
+    /// `_anonymizationConfigEtag`: the ETag that configuration must have.
+    #[arg(long, requires = "anonymization_config")]
+    pub anonymization_config_etag: Option<String>,
     /// Kick off with POST and a `Parameters` body instead of GET.
     #[arg(long)]
     pub post: bool,
@@ -215,6 +221,12 @@ fn kickoff_url(args: &FetchArgs) -> (String, String) {
     }
     if !args.elements.is_empty() {
         query.append_pair("_elements", &args.elements.join(","));
+    }
+    if let Some(name) = &args.anonymization_config {
+        query.append_pair("_anonymizationConfig", name);
+    }
+    if let Some(etag) = &args.anonymization_config_etag {
+        query.append_pair("_anonymizationConfigEtag", etag);
     }
     (path, query.finish())
 }

@@ -1,5 +1,6 @@
-//! `fhir-export fetch` against this server: exact files, gzip and POST, a rerun that resumes,
-//! Ctrl-C in the middle, `--cancel`, and SMART Backend Services auth.
+//! `fhir-export fetch` against this server: exact files, gzip and POST, a de-identified
+//! export, a rerun that resumes, Ctrl-C in the middle, `--cancel`, and SMART Backend Services
+//! auth.
 
 mod common;
 
@@ -130,6 +131,39 @@ async fn fetch_downloads_exact_files_gzip_and_post_and_a_rerun_resumes() {
         written_ids(&written, "Observation")
     );
     assert_eq!(jobs(&app).await, ["completed", "completed"]);
+}
+
+#[tokio::test]
+async fn fetch_asks_for_a_de_identified_export() {
+    let app = TestApp::spawn().await;
+    let written = load_generated(&app, 1).await;
+    let configs = app.storage.path().join("anonymization");
+    std::fs::create_dir_all(&configs).unwrap();
+    let config = r#"{"fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "k"}}"#;
+    std::fs::write(configs.join("ids.json"), config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = fetch(&[
+        app.base.as_str(),
+        "--type",
+        "Patient",
+        "--post",
+        "--anonymization-config",
+        "ids.json",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_ok(&output);
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"k");
+    let hashed: BTreeSet<String> = written_ids(&written, "Patient")
+        .iter()
+        .map(|id| {
+            let tag = aws_lc_rs::hmac::sign(&key, id.as_bytes());
+            tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect();
+    assert_eq!(ids_in(dir.path(), "Patient"), hashed);
 }
 
 #[tokio::test]
