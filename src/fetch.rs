@@ -21,6 +21,7 @@ use reqwest::{StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{io::AsyncWriteExt, sync::Mutex};
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 
@@ -154,6 +155,17 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Ctrl-C is listened for before the kick-off: one that came between it and the first wait would
+    // otherwise end the process without saying how to resume.
+    let interrupted = CancellationToken::new();
+    tokio::spawn({
+        let interrupted = interrupted.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.cancel();
+            }
+        }
+    });
     let status_url = match state.status_url.clone() {
         Some(url) => {
             eprintln!("resuming {url}");
@@ -168,12 +180,12 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
     };
     let manifest = tokio::select! {
         manifest = client.poll(&status_url) => manifest?,
-        _ = tokio::signal::ctrl_c() => bail!(interrupted(&args)),
+        _ = interrupted.cancelled() => bail!(interrupted_message(&args)),
     };
     let state = Arc::new(Mutex::new(state));
     let summary = tokio::select! {
         summary = download_all(&client, &args, &manifest, state.clone()) => summary?,
-        _ = tokio::signal::ctrl_c() => bail!(interrupted(&args)),
+        _ = interrupted.cancelled() => bail!(interrupted_message(&args)),
     };
     eprintln!(
         "{} files, {} resources in {}",
@@ -187,7 +199,7 @@ pub async fn run(args: FetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn interrupted(args: &FetchArgs) -> String {
+fn interrupted_message(args: &FetchArgs) -> String {
     format!(
         "interrupted; run the same command again to resume (the state is in {})",
         args.out.join(STATE_FILE).display()
