@@ -49,15 +49,20 @@ pub enum Method {
     CryptoHash,
     Encrypt,
     Substitute(Value),
-    Perturb {
-        span: f64,
-        proportional: bool,
-        round_to: u32,
-    },
+    Perturb(Perturbation),
     Generalize {
         cases: Vec<(Expr, Expr)>,
         redact_others: bool,
     },
+}
+
+/// How `perturb` adds noise.
+#[derive(Debug)]
+pub struct Perturbation {
+    pub span: f64,
+    /// The span is a share of the value (`rangeType: proportional`), not a fixed amount.
+    pub proportional: bool,
+    pub round_to: u32,
 }
 
 #[derive(Debug, Default)]
@@ -103,16 +108,12 @@ impl Config {
                 return invalid(format!("fhirVersion {other} is not supported; expected R4"));
             }
         }
-        let skip_processing_errors = match root.get("processingErrors") {
-            None | Some(Value::Null) => false,
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("raise") => false,
-            Some(Value::String(s)) if s.eq_ignore_ascii_case("skip") => true,
-            Some(other) => {
-                return invalid(format!(
-                    "processingErrors must be \"raise\" or \"skip\", not {other}"
-                ));
-            }
-        };
+        let skip_processing_errors = either(
+            root.get("processingErrors"),
+            "processingErrors",
+            ("raise", "skip"),
+        )?
+        .unwrap_or(false);
         let Some(Value::Array(rules)) = root.get("fhirPathRules") else {
             return invalid("the configuration has no fhirPathRules array");
         };
@@ -251,16 +252,12 @@ impl Method {
                         .filter(|s| *s >= 0.0)
                         .ok_or_else(|| Invalid(format!("span must be a number ≥ 0, not {span}")))?,
                 };
-                let proportional = match rule.get("rangeType") {
-                    None | Some(Value::Null) => false,
-                    Some(Value::String(r)) if r.eq_ignore_ascii_case("fixed") => false,
-                    Some(Value::String(r)) if r.eq_ignore_ascii_case("proportional") => true,
-                    Some(other) => {
-                        return invalid(format!(
-                            "rangeType must be \"fixed\" or \"proportional\", not {other}"
-                        ));
-                    }
-                };
+                let proportional = either(
+                    rule.get("rangeType"),
+                    "rangeType",
+                    ("fixed", "proportional"),
+                )?
+                .unwrap_or(false);
                 let round_to = match rule.get("roundTo") {
                     None => 2,
                     Some(r) => number(r)
@@ -269,11 +266,11 @@ impl Method {
                             Invalid(format!("roundTo must be an integer from 0 to 28, not {r}"))
                         })? as u32,
                 };
-                Method::Perturb {
+                Method::Perturb(Perturbation {
                     span,
                     proportional,
                     round_to,
-                }
+                })
             }
             "generalize" => {
                 let Some(Value::Object(cases)) = rule.get("cases") else {
@@ -293,16 +290,9 @@ impl Method {
                         Ok((compile(when)?, compile(&then_text)?))
                     })
                     .collect::<Result<Vec<_>, Invalid>>()?;
-                let redact_others = match rule.get("otherValues") {
-                    None | Some(Value::Null) => true,
-                    Some(Value::String(o)) if o.eq_ignore_ascii_case("redact") => true,
-                    Some(Value::String(o)) if o.eq_ignore_ascii_case("keep") => false,
-                    Some(other) => {
-                        return invalid(format!(
-                            "otherValues must be \"redact\" or \"keep\", not {other}"
-                        ));
-                    }
-                };
+                let redact_others =
+                    either(rule.get("otherValues"), "otherValues", ("keep", "redact"))?
+                        .unwrap_or(true);
                 Method::Generalize {
                     cases,
                     redact_others,
@@ -310,6 +300,22 @@ impl Method {
             }
             other => return invalid(format!("the method '{other}' is not supported")),
         })
+    }
+}
+
+/// A setting with two values, in any case: whether it is the second one; `None` when absent.
+fn either(
+    value: Option<&Value>,
+    setting: &str,
+    (no, yes): (&str, &str),
+) -> Result<Option<bool>, Invalid> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case(no) => Ok(Some(false)),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case(yes) => Ok(Some(true)),
+        Some(other) => invalid(format!(
+            "{setting} must be \"{no}\" or \"{yes}\", not {other}"
+        )),
     }
 }
 

@@ -938,9 +938,7 @@ fn call(
                 let result = eval(tree, &args[0], std::slice::from_ref(&item), Some(&item))?;
                 if func == Func::Select {
                     out.extend(result);
-                } else if truth(tree, &result) == Some(true)
-                    && !matches!(result.as_slice(), [r] if matches!(value_of(tree, r), Some(Item::Bool(false))))
-                {
+                } else if truth(tree, &result) == Some(true) {
                     out.push(item);
                 }
             }
@@ -1002,9 +1000,7 @@ fn call(
         Func::Iif => {
             let focus: Vec<Item> = this.cloned().into_iter().collect();
             let condition = eval(tree, &args[0], &focus, this)?;
-            return if truth(tree, &condition) == Some(true)
-                && !matches!(condition.as_slice(), [c] if matches!(value_of(tree, c), Some(Item::Bool(false))))
-            {
+            return if truth(tree, &condition) == Some(true) {
                 eval(tree, &args[1], &focus, this)
             } else if let Some(otherwise) = args.get(2) {
                 eval(tree, otherwise, &focus, this)

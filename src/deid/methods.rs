@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{
     Operation, Operations, ProcessingError,
+    config::Perturbation,
     fhirpath::{self, Expr, Item},
     tree::{NodeId, Tree},
 };
@@ -36,6 +37,13 @@ pub fn text(tree: &Tree, id: NodeId) -> Option<String> {
 
 fn set(tree: &mut Tree, id: NodeId, value: Option<String>) {
     tree.nodes[id].value = value.map(Value::String);
+}
+
+/// Every digit as `0` (times of day and zip codes keep their shape).
+fn zero_digits(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_digit() { '0' } else { c })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -84,7 +92,7 @@ fn date_parts(value: &str, with_time: bool) -> Option<DateParts> {
     };
     parts.day = Some(day);
     let rest = &rest[2..];
-    if with_time && time_pattern().is_match(rest) {
+    if with_time {
         parts.time = time_pattern().find(rest).map(|m| m.as_str().to_string());
     }
     Some(parts)
@@ -157,11 +165,7 @@ pub fn shift_date(
                 .find(['Z', '+'])
                 .or_else(|| time[1..].find('-').map(|i| i + 1));
             let (clock, zone) = time.split_at(clock_end.unwrap_or(time.len()));
-            let zeroed: String = clock
-                .chars()
-                .map(|c| if c.is_ascii_digit() { '0' } else { c })
-                .collect();
-            format!("{shifted}{zeroed}{zone}")
+            format!("{shifted}{}{zone}", zero_digits(clock))
         }
         None => shifted,
     };
@@ -206,19 +210,18 @@ pub fn redact_postal_code(
         set(tree, id, None);
         return Operations::of(Operation::Redact);
     }
-    let zero = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_digit() { '0' } else { c })
-            .collect()
-    };
     if restricted.iter().any(|r| value.starts_with(r.as_str())) {
-        set(tree, id, Some(zero(&value)));
+        set(tree, id, Some(zero_digits(&value)));
     } else if value.chars().count() >= 3 {
         let split = value.char_indices().nth(3).map_or(value.len(), |(i, _)| i);
         set(
             tree,
             id,
-            Some(format!("{}{}", &value[..split], zero(&value[split..]))),
+            Some(format!(
+                "{}{}",
+                &value[..split],
+                zero_digits(&value[split..])
+            )),
         );
     }
     Operations::of(Operation::Abstract)
@@ -295,15 +298,17 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
 }
 
 /// AES-CBC with PKCS#7 padding; the result is base64 of the IV followed by the ciphertext.
+/// `iv` draws the IV, only for a node with a value.
 pub fn encrypt(
     tree: &mut Tree,
     id: NodeId,
     key: &[u8],
-    iv: [u8; 16],
+    iv: impl FnOnce(&Tree) -> [u8; 16],
 ) -> Result<Operations, ProcessingError> {
     let Some(value) = text(tree, id) else {
         return Ok(Operations::default());
     };
+    let iv = iv(tree);
     let algorithm = match key.len() {
         16 => &cipher::AES_128,
         24 => &cipher::AES_192,
@@ -342,16 +347,13 @@ const QUANTITY_TYPES: &[&str] = &[
 
 /// Adds noise drawn uniformly from [-span/2, span/2] (times the value when proportional),
 /// rounded to `round_to` places (0 for integers), to a number or a quantity's value.
-/// `uniform` is a number in [0, 1).
-#[allow(clippy::too_many_arguments)]
+/// `uniform` draws a number in [0, 1), only when there is a value to perturb.
 pub fn perturb(
     tree: &mut Tree,
     id: NodeId,
     visited: &mut Vec<bool>,
-    span: f64,
-    proportional: bool,
-    round_to: u32,
-    uniform: impl FnOnce(NodeId) -> f64,
+    how: &Perturbation,
+    uniform: impl FnOnce(&Tree) -> f64,
 ) -> Result<Operations, ProcessingError> {
     let ty = tree.nodes[id].ty;
     let value_node = if matches!(ty, "decimal" | "integer" | "positiveInt" | "unsignedInt") {
@@ -376,9 +378,13 @@ pub fn perturb(
         ))
     })?;
     let integer = matches!(value_ty, "integer" | "positiveInt" | "unsignedInt");
-    let places = if integer { 0 } else { round_to };
-    let span = if proportional { origin * span } else { span };
-    let noise = -span / 2.0 + uniform(value_node) * span;
+    let places = if integer { 0 } else { how.round_to };
+    let span = if how.proportional {
+        origin * how.span
+    } else {
+        how.span
+    };
+    let noise = -span / 2.0 + uniform(tree) * span;
     let scale = 10f64.powi(places as i32);
     let mut perturbed = ((origin + noise) * scale).round_ties_even() / scale;
     if value_ty == "positiveInt" && perturbed <= 0.0 {
@@ -397,11 +403,16 @@ pub fn perturb(
     Ok(Operations::of(Operation::Perturb))
 }
 
-pub fn mark_subtree(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
+/// Marks a node as reached by a rule (`visited` grows with nodes added since it was made).
+pub fn mark(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
     if visited.len() < tree.nodes.len() {
         visited.resize(tree.nodes.len(), false);
     }
     visited[id] = true;
+}
+
+pub fn mark_subtree(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
+    mark(tree, id, visited);
     let children: Vec<NodeId> = tree.children(id).collect();
     for child in children {
         mark_subtree(tree, child, visited);

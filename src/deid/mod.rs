@@ -6,8 +6,8 @@
 //! its contained resources, a Bundle's entries) is walked once by the rules in order — the
 //! first rule that reaches a node decides what happens to it and everything under it
 //! (`methods`) — emptied nodes are dropped, the resources get the `meta.security` labels of
-//! what was done to them, and the tree is written back. Rules are compiled once per job
-//! (`config`, `fhirpath`).
+//! what was done to them, and the tree is written back. Rules are compiled once per task
+//! from the text stored with the job (`config`, `fhirpath`).
 
 mod config;
 mod fhirpath;
@@ -161,7 +161,7 @@ impl Deidentifier {
         };
         Ok(Deidentifier {
             config,
-            seed: hmac::Key::new(hmac::HMAC_SHA256, seed),
+            seed: seed_key,
             crypto_hash_key,
             date_shift_key,
             encrypt_key,
@@ -196,8 +196,11 @@ impl Deidentifier {
         let mut walk = Walk {
             engine: self,
             visited: vec![false; tree.nodes.len()],
-            line,
-            resource_key: OnceCell::new(),
+            draws: Draws {
+                seed: &self.seed,
+                line,
+                key: OnceCell::new(),
+            },
             scope,
         };
         walk.visit(&mut tree, ROOT)?;
@@ -210,11 +213,26 @@ impl Deidentifier {
 struct Walk<'a> {
     engine: &'a Deidentifier,
     visited: Vec<bool>,
-    /// The resource as stored, and the key its random draws (IVs, noise) come from: the
-    /// job's seed and the resource.
-    line: &'a str,
-    resource_key: OnceCell<hmac::Key>,
+    draws: Draws<'a>,
     scope: &'a Scope<'a>,
+}
+
+/// Where a resource's random draws (IVs, noise) come from: the job's seed, the resource as
+/// stored, and the node's place in it.
+struct Draws<'a> {
+    seed: &'a hmac::Key,
+    line: &'a str,
+    /// The resource's key, made at its first draw.
+    key: OnceCell<hmac::Key>,
+}
+
+impl Draws<'_> {
+    fn draw(&self, tree: &Tree, what: &str, id: NodeId) -> Vec<u8> {
+        let key = self.key.get_or_init(|| {
+            hmac::Key::new(hmac::HMAC_SHA256, &derive(self.seed, self.line.as_bytes()))
+        });
+        derive(key, format!("{what} {}", tree.location(id)).as_bytes())
+    }
 }
 
 impl Walk<'_> {
@@ -242,7 +260,8 @@ impl Walk<'_> {
         resource: NodeId,
     ) -> Result<Operations, ProcessingError> {
         let mut done = Operations::default();
-        let index = Index::of(tree, resource);
+        // Taken when the first `nodesByType`/`nodesByName` rule needs it.
+        let index = OnceCell::new();
         for rule in &self.engine.config.rules {
             if !rule.applies_to(tree.nodes[resource].ty) {
                 continue;
@@ -265,9 +284,8 @@ impl Walk<'_> {
         if self.visited(id) {
             return Ok(Operations::default());
         }
-        let done = self.process(tree, id, method)?;
-        self.mark(tree, id);
-        let mut done = done;
+        let mut done = self.process(tree, id, method)?;
+        methods::mark(tree, id, &mut self.visited);
         let children: Vec<NodeId> = tree.children(id).collect();
         for child in children {
             if !tree.is_resource(child) {
@@ -279,13 +297,6 @@ impl Walk<'_> {
 
     fn visited(&self, id: NodeId) -> bool {
         self.visited.get(id).copied().unwrap_or(false)
-    }
-
-    fn mark(&mut self, tree: &Tree, id: NodeId) {
-        if self.visited.len() < tree.nodes.len() {
-            self.visited.resize(tree.nodes.len(), false);
-        }
-        self.visited[id] = true;
     }
 
     fn process(
@@ -326,48 +337,23 @@ impl Walk<'_> {
             }
             Method::DateShift => Operations::default(),
             Method::CryptoHash => methods::crypto_hash(tree, id, &engine.crypto_hash_key),
-            Method::Encrypt => {
-                let iv = derive(
-                    self.resource_key(),
-                    format!("iv {}", tree.location(id)).as_bytes(),
-                );
-                let iv: [u8; 16] = iv[..16].try_into().expect("a 32-byte HMAC");
-                methods::encrypt(tree, id, &engine.encrypt_key, iv)?
-            }
+            Method::Encrypt => methods::encrypt(tree, id, &engine.encrypt_key, |tree| {
+                let iv = self.draws.draw(tree, "iv", id);
+                iv[..16].try_into().expect("a 32-byte HMAC")
+            })?,
             Method::Substitute(with) => methods::substitute(tree, id, with, &mut self.visited)?,
-            Method::Perturb {
-                span,
-                proportional,
-                round_to,
-            } => {
-                let key = self.resource_key().clone();
-                let location = tree.location(id);
-                methods::perturb(
-                    tree,
-                    id,
-                    &mut self.visited,
-                    *span,
-                    *proportional,
-                    *round_to,
-                    |_| {
-                        let draw = derive(&key, format!("noise {location}").as_bytes());
-                        let bits =
-                            u64::from_be_bytes(draw[..8].try_into().expect("a 32-byte HMAC"));
-                        (bits >> 11) as f64 / (1u64 << 53) as f64
-                    },
-                )?
+            Method::Perturb(how) => {
+                let draws = &self.draws;
+                methods::perturb(tree, id, &mut self.visited, how, |tree| {
+                    let draw = draws.draw(tree, "noise", id);
+                    let bits = u64::from_be_bytes(draw[..8].try_into().expect("a 32-byte HMAC"));
+                    (bits >> 11) as f64 / (1u64 << 53) as f64
+                })?
             }
             Method::Generalize {
                 cases,
                 redact_others,
             } => methods::generalize(tree, id, cases, *redact_others)?,
-        })
-    }
-
-    fn resource_key(&self) -> &hmac::Key {
-        self.resource_key.get_or_init(|| {
-            let key = derive(&self.engine.seed, self.line.as_bytes());
-            hmac::Key::new(hmac::HMAC_SHA256, &key)
         })
     }
 
@@ -378,11 +364,11 @@ impl Walk<'_> {
         }
         let prefix = match params.date_shift_scope {
             // The root resource's id as it is now (after an earlier rule hashed it, hashed).
-            DateShiftScope::Resource => tree.id_of(ROOT).unwrap_or_default().to_string(),
-            DateShiftScope::File => self.scope.file.to_string(),
-            DateShiftScope::Folder => self.scope.folder.to_string(),
+            DateShiftScope::Resource => tree.id_of(ROOT).unwrap_or_default(),
+            DateShiftScope::File => self.scope.file,
+            DateShiftScope::Folder => self.scope.folder,
         };
-        methods::date_shift_days(&prefix, &self.engine.date_shift_key)
+        methods::date_shift_days(prefix, &self.engine.date_shift_key)
     }
 }
 
@@ -398,7 +384,7 @@ fn matches(
     tree: &Tree,
     rule: &Rule,
     resource: NodeId,
-    index: &Index,
+    index: &OnceCell<Index>,
 ) -> Result<Vec<NodeId>, ProcessingError> {
     Ok(match &rule.target {
         Target::Resource => vec![resource],
@@ -407,6 +393,7 @@ fn matches(
             key,
             child,
         } => {
+            let index = index.get_or_init(|| Index::of(tree, resource));
             let map = if *by_type {
                 &index.by_type
             } else {
@@ -521,8 +508,8 @@ fn add_labels(tree: &mut Tree, resource: NodeId, done: Operations) {
     };
     for operation in Operation::ALL {
         let label = operation.label();
-        let code = label["code"].as_str().unwrap_or_default().to_string();
-        if done.contains(operation) && !has(tree, &code) {
+        let code = label["code"].as_str().unwrap_or_default();
+        if done.contains(operation) && !has(tree, code) {
             tree.insert_json(
                 meta,
                 "security",
