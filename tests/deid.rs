@@ -64,22 +64,6 @@ fn put_config(app: &TestApp, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
 
-/// Every `reference` string anywhere in a resource.
-fn references(value: &Value, out: &mut Vec<String>) {
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map {
-                match (k.as_str(), v) {
-                    ("reference", Value::String(r)) => out.push(r.clone()),
-                    _ => references(v, out),
-                }
-            }
-        }
-        Value::Array(items) => items.iter().for_each(|v| references(v, out)),
-        _ => {}
-    }
-}
-
 /// Days from `before` to `after` (dates or dateTimes, by their date part).
 fn shift(before: &str, after: &str) -> i64 {
     let day = |s: &str| NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d").unwrap();
@@ -417,16 +401,7 @@ async fn every_configuration_mistake_is_a_400_naming_it() {
     let body = json!({"resourceType": "Parameters", "parameter": [
         {"name": "_anonymizationConfig", "valueString": "ok.json"},
         {"name": "_anonymizationConfigEtag", "valueString": format!("\"{etag}\"")}]});
-    let response = app
-        .client
-        .post(app.url("/Patient/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_kick_off(&app, "/Patient/$export", &body, "respond-async").await;
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
 }
 

@@ -370,16 +370,7 @@ async fn post_kick_off_takes_a_parameters_body() {
     let body = json!({"resourceType": "Parameters", "parameter": [
         {"name": "_type", "valueString": "Patient"},
         {"name": "_outputFormat", "valueString": "application/fhir+ndjson"}]});
-    let response = app
-        .client
-        .post(app.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
+    let response = post_kick_off(&app, "/$export", &body, "respond-async").await;
     assert_eq!(response.status(), 202);
     let url = response.headers()["content-location"]
         .to_str()
@@ -388,16 +379,13 @@ async fn post_kick_off_takes_a_parameters_body() {
     let files = download_all(&app, &wait_manifest(&app, &url).await).await;
     assert_eq!(counts(&files), BTreeMap::from([("Patient".to_string(), 5)]));
 
-    let not_parameters = app
-        .client
-        .post(app.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .body(json!({"resourceType": "Patient"}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let not_parameters = post_kick_off(
+        &app,
+        "/$export",
+        &json!({"resourceType": "Patient"}),
+        "respond-async",
+    )
+    .await;
     assert_outcome(not_parameters, 400).await;
 }
 
@@ -666,21 +654,14 @@ async fn elements_subset_resources_and_tag_them() {
     assert_eq!(org.as_object().unwrap().len(), 3);
 }
 
-async fn post_kick_off(
+async fn post_parameters(
     app: &TestApp,
     path: &str,
     parameters: Value,
     prefer: &str,
 ) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .header("accept", "application/fhir+json")
-        .header("prefer", prefer)
-        .header("content-type", "application/fhir+json")
-        .body(json!({"resourceType": "Parameters", "parameter": parameters}).to_string())
-        .send()
-        .await
-        .unwrap()
+    let body = json!({"resourceType": "Parameters", "parameter": parameters});
+    post_kick_off(app, path, &body, prefer).await
 }
 
 fn patient_param(id: &str) -> Value {
@@ -713,7 +694,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     )
     .await;
 
-    let response = post_kick_off(
+    let response = post_parameters(
         &app,
         "/Patient/$export",
         json!([patient_param("p1"), patient_param("p2")]),
@@ -733,7 +714,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     ];
     assert_eq!(keys, expected);
 
-    let response = post_kick_off(
+    let response = post_parameters(
         &app,
         "/Group/g/$export",
         json!([patient_param("p3")]),
@@ -747,7 +728,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     );
 
     // Not a member, not a patient, not in a POST, not at system level: 400.
-    let outsider = post_kick_off(
+    let outsider = post_parameters(
         &app,
         "/Group/g/$export",
         json!([patient_param("p4")]),
@@ -755,7 +736,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     )
     .await;
     assert!(assert_outcome(outsider, 400).await.contains("not a member"));
-    let unknown = post_kick_off(
+    let unknown = post_parameters(
         &app,
         "/Patient/$export",
         json!([patient_param("nobody")]),
@@ -767,7 +748,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
             .await
             .contains("does not exist")
     );
-    let system = post_kick_off(
+    let system = post_parameters(
         &app,
         "/$export",
         json!([patient_param("p1")]),
@@ -779,7 +760,7 @@ async fn patient_parameter_limits_patient_and_group_exports() {
     assert!(assert_outcome(get, 400).await.contains("POST"));
 
     // Lenient: the unknown patient is named and left out; the others are exported.
-    let lenient = post_kick_off(
+    let lenient = post_parameters(
         &app,
         "/Patient/$export",
         json!([patient_param("p5"), patient_param("nobody")]),

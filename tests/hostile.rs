@@ -41,18 +41,6 @@ fn patient_parameters(ids: impl Iterator<Item = String>) -> Value {
     json!({"resourceType": "Parameters", "parameter": parameter})
 }
 
-async fn post_kick_off(app: &TestApp, path: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url(path))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_hundred_thousand_patients_and_members_are_answered_at_once() {
     let app = TestApp::spawn_with(|c| c.export.workers = 1).await;
@@ -60,14 +48,14 @@ async fn a_hundred_thousand_patients_and_members_are_answered_at_once() {
 
     let all = patient_parameters((0..100_000).map(|i| format!("p{i}")));
     let started = Instant::now();
-    let response = post_kick_off(&app, "/Patient/$export", &all).await;
+    let response = post_kick_off(&app, "/Patient/$export", &all, "respond-async").await;
     eprintln!("100,000 patient references: {:?}", started.elapsed());
     assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
     let status_url = content_location(&response);
 
     let too_many = patient_parameters((0..100_001).map(|i| format!("p{i}")));
     let message = assert_outcome(
-        post_kick_off(&app, "/Patient/$export", &too_many).await,
+        post_kick_off(&app, "/Patient/$export", &too_many, "respond-async").await,
         400,
     )
     .await;
@@ -311,7 +299,11 @@ async fn limits_and_body_sizes_are_named_in_their_answers() {
     })
     .await;
     let big = patient_parameters((0..200).map(|i| format!("p{i}")));
-    let message = assert_outcome(post_kick_off(&app, "/Patient/$export", &big).await, 413).await;
+    let message = assert_outcome(
+        post_kick_off(&app, "/Patient/$export", &big, "respond-async").await,
+        413,
+    )
+    .await;
     assert!(message.contains("server.max_kickoff_bytes"), "{message}");
 
     let filters: Vec<String> = (0..4).map(|i| format!("Patient?_id=p{i}")).collect();

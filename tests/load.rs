@@ -90,7 +90,7 @@ async fn generated_data_is_deterministic_realistic_and_consistent() {
                 r["resourceType"].as_str().unwrap(),
                 r["id"].as_str().unwrap()
             ));
-            collect_references(&r, &mut references);
+            common::references(&r, &mut references);
         }
     }
     for t in [
@@ -133,21 +133,6 @@ async fn generated_data_is_deterministic_realistic_and_consistent() {
         std::fs::read(a.path().join("Patient.ndjson")).unwrap(),
         std::fs::read(other.path().join("Patient.ndjson")).unwrap()
     );
-}
-
-fn collect_references(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(m) => {
-            for (k, inner) in m {
-                match (k.as_str(), inner) {
-                    ("reference", Value::String(s)) => out.push(s.clone()),
-                    _ => collect_references(inner, out),
-                }
-            }
-        }
-        Value::Array(items) => items.iter().for_each(|i| collect_references(i, out)),
-        _ => {}
-    }
 }
 
 #[tokio::test]

@@ -265,6 +265,35 @@ pub async fn kick_off_request(
     request.send().await.unwrap()
 }
 
+/// A POST kick-off with a `Parameters` body, the bulk headers and `prefer`.
+pub async fn post_kick_off(app: &TestApp, path: &str, body: &Value, prefer: &str) -> Response {
+    app.client
+        .post(app.url(path))
+        .header("accept", "application/fhir+json")
+        .header("prefer", prefer)
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Every `reference` string anywhere in a JSON value.
+pub fn references(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, inner) in map {
+                match (key.as_str(), inner) {
+                    ("reference", Value::String(r)) => out.push(r.clone()),
+                    _ => references(inner, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| references(i, out)),
+        _ => {}
+    }
+}
+
 /// The status URL a kick-off answered with.
 pub fn content_location(response: &Response) -> String {
     response.headers()["content-location"]
