@@ -4,9 +4,9 @@
 //! files of the run.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fs::File,
-    hash::{Hash, Hasher},
+    hash::BuildHasher,
     io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
     sync::{
@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context, bail};
 use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
+use rustc_hash::FxHashSet;
 use serde_json::{Value, value::RawValue};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -171,7 +172,7 @@ pub async fn load_files(
     // Types with no rows yet: their resources are new unless a concurrent writer or an earlier
     // line of this load created them, which the primary key tells (see `write_batch`).
     let existing = db::resources::types_with_data(pool, RESOURCE_TYPES).await?;
-    let empty_types: Arc<HashSet<&'static str>> = Arc::new(
+    let empty_types: Arc<FxHashSet<&'static str>> = Arc::new(
         RESOURCE_TYPES
             .iter()
             .copied()
@@ -228,7 +229,7 @@ pub async fn load_files(
 /// One writer: each batch in one transaction with one COPY.
 async fn write_batches(
     pool: PgPool,
-    empty_types: Arc<HashSet<&'static str>>,
+    empty_types: Arc<FxHashSet<&'static str>>,
     mut batches: mpsc::Receiver<Vec<Prepared>>,
     loaded: Arc<AtomicU64>,
     progress: ProgressBar,
@@ -365,9 +366,8 @@ impl Batcher<'_> {
 
     /// Adds a prepared resource to its writer's batch. `false` means stop.
     fn add(&mut self, prepared: Prepared) -> bool {
-        let mut hasher = std::hash::DefaultHasher::new();
-        (&prepared.resource_type, &prepared.id).hash(&mut hasher);
-        let writer = (hasher.finish() % self.senders.len() as u64) as usize;
+        let hash = rustc_hash::FxBuildHasher.hash_one((&prepared.resource_type, &prepared.id));
+        let writer = (hash % self.senders.len() as u64) as usize;
         self.batches[writer].push(prepared);
         self.batches[writer].len() < self.size || self.flush(writer)
     }

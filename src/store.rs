@@ -1,9 +1,8 @@
 //! Writing resources: version numbers, server timestamps, stamped JSON and compartment
 //! membership. Shared by the FHIR REST API, transaction Bundles and `load`.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, TimeDelta, Utc};
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
@@ -148,12 +147,13 @@ pub async fn put_many(
     assume_new: bool,
 ) -> sqlx::Result<usize> {
     // Keys borrow the batch: no per-resource string copies on the way to the COPY.
-    let mut last_index: HashMap<(&str, &str), usize> = HashMap::with_capacity(batch.len());
+    let mut last_index: FxHashMap<(&str, &str), usize> =
+        FxHashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for (i, p) in batch.iter().enumerate() {
         last_index.insert(p.key_ref(), i);
     }
     let heads = if assume_new {
-        HashMap::new()
+        Default::default()
     } else {
         let keys: Vec<ResourceKey> = last_index
             .keys()
@@ -166,8 +166,8 @@ pub async fn put_many(
         .into_iter();
     let base = resources::next_timestamp(tx, None).await?;
     // Per resource: seq, and the last version number and timestamp given out so far.
-    let mut latest: HashMap<(&str, &str), (i64, i32, DateTime<Utc>)> =
-        HashMap::with_capacity(heads.len());
+    let mut latest: FxHashMap<(&str, &str), (i64, i32, DateTime<Utc>)> =
+        FxHashMap::with_capacity_and_hasher(heads.len(), Default::default());
     let mut rows = Vec::with_capacity(heads.len());
     for ((resource_type, id), (head, row)) in heads {
         if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {

@@ -16,13 +16,12 @@ mod tree;
 
 use std::{
     cell::OnceCell,
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
     ops::{BitOr, BitOrAssign},
     sync::OnceLock,
 };
 
 use aws_lc_rs::hmac;
+use rustc_hash::FxHashMap;
 use serde_json::{Value, json};
 
 pub use config::Invalid;
@@ -432,31 +431,8 @@ fn matches(
 /// itself but what is inside it is left to its own walk.
 #[derive(Default)]
 struct Index {
-    by_type: HashMap<&'static str, Vec<NodeId>, Fnv>,
-    by_name: HashMap<&'static str, Vec<NodeId>, Fnv>,
-}
-
-/// FNV-1a: the index's keys are short type and element names, hashed once per node.
-type Fnv = BuildHasherDefault<FnvHasher>;
-
-struct FnvHasher(u64);
-
-impl Default for FnvHasher {
-    fn default() -> FnvHasher {
-        FnvHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for FnvHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
+    by_type: FxHashMap<&'static str, Vec<NodeId>>,
+    by_name: FxHashMap<&'static str, Vec<NodeId>>,
 }
 
 impl Index {

@@ -14,8 +14,7 @@ pub fn patient_ids(resource_type: &str, id: &str, resource: &Map<String, Value>)
     }
     if let Ok(i) = PATIENT_COMPARTMENT.binary_search_by(|(t, _)| t.cmp(&resource_type)) {
         for path in PATIENT_COMPARTMENT[i].1 {
-            let segments: Vec<&str> = path.split('.').collect();
-            collect_references(resource, &segments, &mut ids);
+            collect_references(resource, Some(path), &mut ids);
         }
     }
     ids.sort();
@@ -31,9 +30,9 @@ pub fn top_level_elements(resource_type: &str) -> impl Iterator<Item = &'static 
     paths.iter().map(|p| p.split('.').next().unwrap_or(p))
 }
 
-/// Walks `segments` through objects and arrays; at the end, reads Reference elements.
-fn collect_references(object: &Map<String, Value>, segments: &[&str], out: &mut Vec<String>) {
-    let Some((first, rest)) = segments.split_first() else {
+/// Walks a dotted `path` through objects and arrays; at its end, reads Reference elements.
+fn collect_references(object: &Map<String, Value>, path: Option<&str>, out: &mut Vec<String>) {
+    let Some(path) = path else {
         if let Some(Value::String(reference)) = object.get("reference")
             && let Some(id) = patient_id(reference)
         {
@@ -41,12 +40,16 @@ fn collect_references(object: &Map<String, Value>, segments: &[&str], out: &mut 
         }
         return;
     };
+    let (first, rest) = match path.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (path, None),
+    };
     let mut visit = |value: &Value| {
         if let Value::Object(inner) = value {
             collect_references(inner, rest, out);
         }
     };
-    match object.get(*first) {
+    match object.get(first) {
         Some(Value::Array(items)) => items.iter().for_each(&mut visit),
         Some(value) => visit(value),
         None => {}

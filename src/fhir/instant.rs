@@ -6,17 +6,23 @@ use chrono::{DateTime, Utc};
 /// (Postgres reads the same text as a timestamptz.)
 pub fn format(t: DateTime<Utc>) -> String {
     use chrono::{Datelike, Timelike};
-    // Written out by hand: it runs twice per loaded resource, and chrono's formatter is slow.
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.timestamp_subsec_micros().min(999_999)
-    )
+    // Digits written by hand: it runs for every loaded resource, and the formatting machinery
+    // of `format!` (let alone chrono's) costs more than the rest of the row.
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, t.year().clamp(0, 9999) as u32);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 6, t.timestamp_subsec_micros().min(999_999));
+    String::from_utf8(text.to_vec()).expect("ASCII digits")
 }
 
 /// Parses a FHIR instant: date, time to the second, optional fraction and a required zone.
@@ -128,5 +134,16 @@ mod tests {
         assert!(parse("2024-01-31T12:00:00").is_err());
         assert!(parse("2024-01-31 12:00:00Z").is_err());
         assert!(parse("yesterday").is_err());
+    }
+
+    #[test]
+    fn formats_as_chrono_does_with_microseconds() {
+        use chrono::{SecondsFormat, TimeZone};
+        // Spread over four centuries, with and without fractions, leap days included.
+        for step in 0..20_000i64 {
+            let micros = -2_000_000_000_000_000 + step * 631_234_567_891;
+            let t = Utc.timestamp_micros(micros).unwrap();
+            assert_eq!(format(t), t.to_rfc3339_opts(SecondsFormat::Micros, true));
+        }
     }
 }
