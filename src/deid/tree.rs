@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::fhir::{model, r4::RESOURCE_TYPES};
+use crate::fhir::{model, r4::RESOURCE_TYPES, resource::push_json_string};
 
 pub type NodeId = usize;
 
@@ -407,17 +407,6 @@ fn push_primitive(out: &mut String, ty: &str, value: &Value) {
 
 fn is_json_number(text: &str) -> bool {
     matches!(serde_json::from_str::<Value>(text), Ok(Value::Number(_)))
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    // Most strings need no escaping: copied as they are.
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::to_string(s).expect("a string serializes"));
-    }
 }
 
 #[cfg(test)]

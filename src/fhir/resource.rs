@@ -147,11 +147,11 @@ impl Template {
 }
 
 /// Appends `text` as a JSON string.
-fn push_json_string(out: &mut String, text: &str) {
+pub fn push_json_string(out: &mut String, text: &str) {
     if text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-        out.push_str(&to_json(&Value::String(text.to_string())));
+        out.push_str(&serde_json::to_string(text).expect("a string always serializes"));
     } else {
-        // Nothing to escape: element names and ids always take this way.
+        // Nothing to escape (element names, ids and most values): copied as it is.
         out.push('"');
         out.push_str(text);
         out.push('"');
