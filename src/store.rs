@@ -165,9 +165,10 @@ pub async fn put_many(
         .await?
         .into_iter();
     let base = resources::next_timestamp(tx, None).await?;
-    // Per resource: seq, and the last version number and timestamp given out so far.
+    // Per resource: seq, and the last version number and timestamp given out so far (every
+    // resource of the batch ends up here, so it is sized for all of them at once).
     let mut latest: FxHashMap<(&str, &str), (i64, i32, DateTime<Utc>)> =
-        FxHashMap::with_capacity_and_hasher(heads.len(), Default::default());
+        FxHashMap::with_capacity_and_hasher(last_index.len(), Default::default());
     let mut rows = Vec::with_capacity(heads.len());
     for ((resource_type, id), (head, row)) in heads {
         if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {
