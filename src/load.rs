@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use chrono::TimeDelta;
 use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use rustc_hash::FxHashSet;
@@ -26,7 +27,10 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::Config,
-    db,
+    db::{
+        self,
+        bulk::{self, BulkLoad, Refused},
+    },
     fhir::{r4::RESOURCE_TYPES, resource},
     store::{self, Prepared},
 };
@@ -42,9 +46,13 @@ pub struct LoadArgs {
     /// Resources per database transaction.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: u32,
-    /// Database connections writing in parallel.
+    /// Database connections writing in parallel (a load into an empty store writes on one).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub writers: u32,
+    /// Leave the store open to other readers and writers even when it is empty: write in
+    /// batches, each its own transaction, as a load into a store with data always does.
+    #[arg(long)]
+    pub online: bool,
 }
 
 /// What a load did.
@@ -56,11 +64,25 @@ pub struct LoadReport {
     /// Resources that were already in the store (they got a new version).
     pub updated: u64,
     pub elapsed: Duration,
+    /// Written into the empty store in one transaction: frozen, indexed and analyzed already.
+    pub bulk: bool,
 }
 
 impl LoadReport {
     pub fn total(&self) -> u64 {
         self.per_type.values().sum()
+    }
+
+    fn count(&mut self, batch: &[Prepared]) {
+        for p in batch {
+            // Counted per resource: allocate the type's name only the first time it is seen.
+            match self.per_type.get_mut(&p.resource_type) {
+                Some(n) => *n += 1,
+                None => {
+                    self.per_type.insert(p.resource_type.clone(), 1);
+                }
+            }
+        }
     }
 }
 
@@ -69,9 +91,12 @@ pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     let pool = db::connect(&config.database.url, 4).await?;
     db::migrate(&pool).await?;
     let report = load_files(&pool, files, &args).await?;
-    // Hint bits and the visibility map are set now rather than by the first export's reads.
+    // Hint bits and the visibility map are set now rather than by the first export's reads
+    // (a bulk load wrote its rows frozen and all-visible).
     let vacuum = Instant::now();
-    db::resources::vacuum(&pool).await?;
+    if !report.bulk {
+        db::resources::vacuum(&pool).await?;
+    }
     let vacuum = vacuum.elapsed();
     println!("{:<28} {:>10}", "resource type", "resources");
     for (resource_type, n) in &report.per_type {
@@ -87,10 +112,17 @@ pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
         report.updated,
         report.skipped
     );
-    println!(
-        "vacuumed and analyzed the store in {:.1}s (so the first export reads as fast as the next)",
-        vacuum.as_secs_f64()
-    );
+    if report.bulk {
+        println!(
+            "the store was empty: written in one transaction, rows frozen, indexes built and \
+             statistics gathered afterwards (so the first export reads as fast as the next)"
+        );
+    } else {
+        println!(
+            "vacuumed and analyzed the store in {:.1}s (so the first export reads as fast as the next)",
+            vacuum.as_secs_f64()
+        );
+    }
     Ok(())
 }
 
@@ -148,26 +180,103 @@ fn kind(path: &Path) -> Option<Kind> {
 
 /// Loads `files` into the store.
 ///
-/// One thread reads and prepares resources; `writers` tasks write batches, each on its own
-/// connection. A resource always goes to the same writer (by a hash of its type and id), so
-/// its versions are written in input order.
+/// One thread reads and prepares resources while the database writes them. Into an empty
+/// store (unless `online`), one transaction takes the store, writes every row with one COPY
+/// and builds the indexes afterwards (`db::bulk`); if the input holds a resource more than
+/// once, that transaction is rolled back and the load starts again the other way. Otherwise
+/// `writers` tasks write batches, each on its own connection; a resource always goes to the
+/// same writer (by a hash of its type and id), so its versions are written in input order.
 pub async fn load_files(
     pool: &PgPool,
     files: Vec<PathBuf>,
     args: &LoadArgs,
 ) -> anyhow::Result<LoadReport> {
     let started = Instant::now();
-    let total_bytes = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
-    let progress = ProgressBar::new(total_bytes).with_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-        )
-        .expect("valid template"),
-    );
+    if !args.online {
+        match BulkLoad::open(pool).await? {
+            Ok(bulk) => match load_bulk(bulk, &files, args).await? {
+                Some(report) => {
+                    return Ok(LoadReport {
+                        elapsed: started.elapsed(),
+                        ..report
+                    });
+                }
+                None => tracing::warn!(
+                    "a resource comes more than once in the input: loading again, in batches \
+                     that give each appearance its own version"
+                ),
+            },
+            Err(Refused::Busy) => tracing::warn!(
+                "the store is in use: loading in batches instead of taking it for the load"
+            ),
+            Err(Refused::NotEmpty) => {}
+        }
+    }
+    let report = load_batched(pool, &files, args).await?;
+    Ok(LoadReport {
+        elapsed: started.elapsed(),
+        ..report
+    })
+}
+
+/// The bulk path (see `load_files`). `None`: a resource came more than once and nothing was
+/// written.
+async fn load_bulk(
+    mut bulk: BulkLoad,
+    files: &[PathBuf],
+    args: &LoadArgs,
+) -> anyhow::Result<Option<LoadReport>> {
+    let progress = progress_bar(files);
+    let (sender, mut batches) = mpsc::channel::<Vec<Prepared>>(2);
+    let writer = {
+        let progress = progress.clone();
+        async move {
+            let mut report = LoadReport::default();
+            let (mut next_seq, started_at, started) =
+                (bulk.first_seq, bulk.started_at, Instant::now());
+            let mut last_updated = started_at - TimeDelta::microseconds(1);
+            let mut copy = bulk.copy().await?;
+            while let Some(batch) = batches.recv().await {
+                // Timestamps follow the database clock as this run's clock advances.
+                let clock = (started_at + TimeDelta::from_std(started.elapsed())?)
+                    .max(last_updated + TimeDelta::microseconds(1));
+                last_updated =
+                    store::copy_first_versions(&mut copy, &batch, &mut next_seq, clock).await?;
+                report.count(&batch);
+                progress.set_message(format!("{} resources", report.total()));
+            }
+            copy.finish().await?;
+            Ok::<_, anyhow::Error>((bulk, report))
+        }
+    };
+    let mut writers = tokio::task::JoinSet::new();
+    writers.spawn(writer);
+    let (mut written, skipped) = read_into(files, args, &progress, vec![sender], writers)
+        .await
+        .context("load stopped; the store was empty and is left empty")?;
+    let (bulk, report) = written.pop().expect("one writer");
+    match bulk.commit(report.total()).await {
+        Ok(()) => Ok(Some(LoadReport {
+            files: files.len(),
+            skipped,
+            bulk: true,
+            ..report
+        })),
+        Err(bulk::Failed::Duplicate) => Ok(None),
+        Err(bulk::Failed::Database(e)) => {
+            Err(anyhow::Error::new(e)
+                .context("load stopped; the store was empty and is left empty"))
+        }
+    }
+}
+
+/// The batched path (see `load_files`).
+async fn load_batched(
+    pool: &PgPool,
+    files: &[PathBuf],
+    args: &LoadArgs,
+) -> anyhow::Result<LoadReport> {
+    let progress = progress_bar(files);
     let loaded = Arc::new(AtomicU64::new(0));
     // Types with no rows yet: their resources are new unless a concurrent writer or an earlier
     // line of this load created them, which the primary key tells (see `write_batch`).
@@ -192,24 +301,61 @@ pub async fn load_files(
             progress.clone(),
         ));
     }
-    let reader = {
-        let (files, args, progress) = (files.clone(), args.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || read_all(&files, &args, &progress, senders))
-    };
-
+    let (parts, skipped) = read_into(files, args, &progress, senders, writers)
+        .await
+        .with_context(|| {
+            format!(
+                "load stopped after {} resources",
+                loaded.load(Ordering::Relaxed)
+            )
+        })?;
     let mut report = LoadReport {
         files: files.len(),
+        skipped,
         ..LoadReport::default()
     };
+    for part in parts {
+        report.updated += part.updated;
+        for (t, n) in part.per_type {
+            *report.per_type.entry(t).or_default() += n;
+        }
+    }
+    Ok(report)
+}
+
+fn progress_bar(files: &[PathBuf]) -> ProgressBar {
+    let total_bytes = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    ProgressBar::new(total_bytes).with_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid template"),
+    )
+}
+
+/// Runs the reader thread (`read_all`) into `senders` while `writers` write what it sends;
+/// returns what each writer returned and how many resources were skipped, or the error that
+/// stopped the load (the reader's before the writers').
+async fn read_into<T: Send + 'static>(
+    files: &[PathBuf],
+    args: &LoadArgs,
+    progress: &ProgressBar,
+    senders: Vec<mpsc::Sender<Vec<Prepared>>>,
+    mut writers: tokio::task::JoinSet<anyhow::Result<T>>,
+) -> anyhow::Result<(Vec<T>, u64)> {
+    let reader = {
+        let (files, args, progress) = (files.to_vec(), args.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || read_all(&files, &args, &progress, senders))
+    };
+    let mut written = Vec::new();
     let mut failure = None;
     while let Some(result) = writers.join_next().await {
         match result.context("a writer task failed")? {
-            Ok(part) => {
-                report.updated += part.updated;
-                for (t, n) in part.per_type {
-                    *report.per_type.entry(t).or_default() += n;
-                }
-            }
+            Ok(output) => written.push(output),
             // The first failure wins; the other writers stop as their channels close.
             Err(e) => {
                 failure.get_or_insert(e);
@@ -218,12 +364,10 @@ pub async fn load_files(
     }
     let (skipped, read_error) = reader.await.context("reader thread failed")?;
     progress.finish_and_clear();
-    if let Some(e) = read_error.or(failure) {
-        return Err(e.context(format!("load stopped after {} resources", report.total())));
+    match read_error.or(failure) {
+        Some(e) => Err(e),
+        None => Ok((written, skipped)),
     }
-    report.skipped = skipped;
-    report.elapsed = started.elapsed();
-    Ok(report)
 }
 
 /// One writer: each batch in one transaction with one COPY.
@@ -246,15 +390,7 @@ async fn write_batches(
         // otherwise pay for every batch twice.
         assume_new &= !written.guessed_wrong;
         report.updated += written.updates as u64;
-        for p in &batch {
-            // Counted per resource: allocate the type's name only the first time it is seen.
-            match report.per_type.get_mut(&p.resource_type) {
-                Some(n) => *n += 1,
-                None => {
-                    report.per_type.insert(p.resource_type.clone(), 1);
-                }
-            }
-        }
+        report.count(&batch);
         let total = loaded.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
         progress.set_message(format!("{total} resources"));
     }

@@ -180,7 +180,7 @@ pub async fn put_many(
     resources::retire_rows(tx, &rows).await?;
 
     let mut updates = 0;
-    let mut copy = CopyWriter::start(tx).await?;
+    let mut copy = CopyWriter::start(tx, false).await?;
     for (i, prepared) in batch.iter().enumerate() {
         let key = prepared.key_ref();
         let own_clock = base + TimeDelta::microseconds(i as i64);
@@ -209,6 +209,36 @@ pub async fn put_many(
     }
     copy.finish().await?;
     Ok(updates)
+}
+
+/// Writes a batch as first versions into the COPY of a bulk load (`db::bulk`): each resource
+/// takes the next number from `next_seq` and a timestamp from `clock` on, a microsecond apart.
+/// Whether each is new indeed is settled when the bulk load builds its primary key. Returns
+/// the last timestamp given out.
+pub async fn copy_first_versions(
+    copy: &mut CopyWriter<'_>,
+    batch: &[Prepared],
+    next_seq: &mut i64,
+    clock: DateTime<Utc>,
+) -> sqlx::Result<DateTime<Utc>> {
+    let mut last_updated = clock;
+    for (i, prepared) in batch.iter().enumerate() {
+        last_updated = clock + TimeDelta::microseconds(i as i64);
+        let time_text = instant::format(last_updated);
+        copy.row(&CopyRow {
+            resource_type: &prepared.resource_type,
+            id: &prepared.id,
+            version_id: 1,
+            seq: *next_seq,
+            last_updated,
+            is_current: true,
+            patient_ids: &prepared.patient_ids,
+            body: Some(prepared.template.pieces("1", &time_text)),
+        })
+        .await?;
+        *next_seq += 1;
+    }
+    Ok(last_updated)
 }
 
 /// Deletes a resource (adds a tombstone version). `None` when there was nothing live to

@@ -247,6 +247,7 @@ async fn exports_stay_exact_through_kills_freezes_restarts_and_a_storage_pause()
         skip_invalid: false,
         batch_size: 2000,
         writers: 2,
+        online: false,
     };
     let loaded = fhir_export::load::load_files(&pool, files, &args)
         .await

@@ -449,6 +449,7 @@ async fn ndjson_load_lines_are_loaded_or_named() {
         skip_invalid,
         batch_size: 500,
         writers: 2,
+        online: false,
     };
     // Stopping at the first bad line names it.
     let error = fhir_export::load::load_files(&app.pool, vec![file.clone()], &load(false))

@@ -28,6 +28,7 @@ async fn load_patients(app: &TestApp, n: usize) {
         skip_invalid: false,
         batch_size: 5000,
         writers: 2,
+        online: false,
     };
     fhir_export::load::load_files(&app.pool, vec![file], &args)
         .await

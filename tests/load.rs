@@ -50,6 +50,20 @@ async fn current_counts(pool: &PgPool) -> BTreeMap<String, i64> {
     .collect()
 }
 
+/// The indexes and constraints of `resources`, as SQL.
+async fn index_definitions(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'resources'
+         UNION ALL
+         SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+         WHERE conrelid = 'resources'::regclass
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 async fn current_body(pool: &PgPool, t: &str, id: &str) -> Option<Value> {
     let body: Option<String> = sqlx::query_scalar(
         "SELECT body FROM resources WHERE resource_type = $1 AND id = $2 AND is_current",
@@ -276,7 +290,7 @@ async fn duplicate_ids_become_versions(batch_size: &str) {
 }
 
 #[tokio::test]
-async fn a_bad_line_names_file_and_line_and_stops_its_batch() {
+async fn a_bad_line_names_file_and_line_and_stops_the_load() {
     let db = TestDb::new().await;
     let data = tempfile::tempdir().unwrap();
     let good = |i: u32| {
@@ -295,12 +309,32 @@ async fn a_bad_line_names_file_and_line_and_stops_its_batch() {
     let file = data.path().join("patients.ndjson");
     std::fs::write(&file, text).unwrap();
 
+    // Into the empty store, the load is one transaction: nothing lands, and the store keeps
+    // its indexes.
+    ok(run(&db, &["migrate"]));
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    let indexes_before = index_definitions(&pool).await;
     let output = run(&db, &["load", "--batch-size", "2", file.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("patients.ndjson:4"), "{stderr}");
-    let pool = PgPool::connect(&db.url).await.unwrap();
-    // The first full batch (lines 1-2) landed; line 3's batch did not, nor anything after.
+    assert!(stderr.contains("left empty"), "{stderr}");
+    assert_eq!(current_counts(&pool).await.get("Patient"), None);
+    assert_eq!(index_definitions(&pool).await, indexes_before);
+
+    // Online, batch by batch: the first full batch (lines 1-2) landed; line 3's batch did not,
+    // nor anything after.
+    let output = run(
+        &db,
+        &[
+            "load",
+            "--online",
+            "--batch-size",
+            "2",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(!output.status.success());
     assert_eq!(current_counts(&pool).await.get("Patient"), Some(&2));
 
     let wrong_type = data.path().join("wrong.ndjson");

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod assertions;
+pub mod bulk;
 pub mod copy_out;
 pub mod jobs;
 pub mod resources;

@@ -234,12 +234,17 @@ const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 const TEXT_OID: i32 = 25;
 
 impl<'c> CopyWriter<'c> {
-    pub async fn start(tx: &'c mut PgConnection) -> sqlx::Result<CopyWriter<'c>> {
+    /// `freeze`: the rows are written frozen (`COPY … FREEZE`), which Postgres allows only
+    /// into a table created or truncated in the same transaction.
+    pub async fn start(tx: &'c mut PgConnection, freeze: bool) -> sqlx::Result<CopyWriter<'c>> {
         let copy = tx
-            .copy_in_raw(
+            .copy_in_raw(if freeze {
                 "COPY resources (resource_type, id, version_id, seq, last_updated, is_current, \
-                 patient_ids, body) FROM STDIN (FORMAT binary)",
-            )
+                 patient_ids, body) FROM STDIN (FORMAT binary, FREEZE)"
+            } else {
+                "COPY resources (resource_type, id, version_id, seq, last_updated, is_current, \
+                 patient_ids, body) FROM STDIN (FORMAT binary)"
+            })
             .await?;
         let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
         buf.extend_from_slice(COPY_HEADER);

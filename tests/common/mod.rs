@@ -438,6 +438,7 @@ pub async fn load_generated(
         skip_invalid: false,
         batch_size: 1000,
         writers: 2,
+        online: false,
     };
     load::load_files(&app.pool, files.clone(), &args)
         .await
