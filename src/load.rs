@@ -1,5 +1,6 @@
 //! `fhir-export load PATH…`: bulk loading of ndjson and Bundle/resource JSON files (optionally
-//! gzipped). One thread reads and prepares resources; batches go to Postgres with one COPY per
+//! gzipped). One thread reads and prepares resources; into an empty store they go to Postgres
+//! in one transaction with one COPY (`db::bulk`), otherwise in batches with one COPY per
 //! transaction. Ids in the files are kept, and `urn:uuid:` references are resolved across all
 //! files of the run.
 
@@ -88,7 +89,7 @@ impl LoadReport {
 
 pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     let files = collect_files(&args.paths)?;
-    let pool = db::connect(&config.database.url, 4).await?;
+    let pool = db::connect_for_load(&config.database.url, 4).await?;
     db::migrate(&pool).await?;
     let report = load_files(&pool, files, &args).await?;
     // Hint bits and the visibility map are set now rather than by the first export's reads

@@ -85,9 +85,24 @@ fn pool_options(max_connections: u32) -> PgPoolOptions {
 
 /// Connects a pool of `max_connections`, creating the database first if it does not exist.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    connect_with(url, max_connections, log::LevelFilter::Warn).await
+}
+
+/// `connect` for `load`: a bulk load's statements (one COPY of everything, index builds) take
+/// minutes by design, so they are not warned about as slow.
+pub async fn connect_for_load(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    connect_with(url, max_connections, log::LevelFilter::Debug).await
+}
+
+async fn connect_with(
+    url: &str,
+    max_connections: u32,
+    slow_statements: log::LevelFilter,
+) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .context("DATABASE_URL is not a Postgres URL")?
-        .application_name(APPLICATION_NAME);
+        .application_name(APPLICATION_NAME)
+        .log_slow_statements(slow_statements, Duration::from_secs(1));
     create_database_if_missing(&options).await?;
     pool_options(max_connections)
         .connect_with(options)
