@@ -98,7 +98,7 @@ pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     if !report.bulk {
         db::resources::vacuum(&pool).await?;
     }
-    let vacuum = vacuum.elapsed();
+    let vacuumed_in = vacuum.elapsed();
     println!("{:<28} {:>10}", "resource type", "resources");
     for (resource_type, n) in &report.per_type {
         println!("{resource_type:<28} {n:>10}");
@@ -121,7 +121,7 @@ pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "vacuumed and analyzed the store in {:.1}s (so the first export reads as fast as the next)",
-            vacuum.as_secs_f64()
+            vacuumed_in.as_secs_f64()
         );
     }
     Ok(())
@@ -220,6 +220,9 @@ pub async fn load_files(
     })
 }
 
+/// How a failed bulk load ends: its transaction rolled back.
+const LEFT_EMPTY: &str = "load stopped; the store was empty and is left empty";
+
 /// The bulk path (see `load_files`). `None`: a resource came more than once and nothing was
 /// written.
 async fn load_bulk(
@@ -254,7 +257,7 @@ async fn load_bulk(
     writers.spawn(writer);
     let (mut written, skipped) = read_into(files, args, &progress, vec![sender], writers)
         .await
-        .context("load stopped; the store was empty and is left empty")?;
+        .context(LEFT_EMPTY)?;
     let (bulk, report) = written.pop().expect("one writer");
     match bulk.commit(report.total()).await {
         Ok(()) => Ok(Some(LoadReport {
@@ -264,10 +267,7 @@ async fn load_bulk(
             ..report
         })),
         Err(bulk::Failed::Duplicate) => Ok(None),
-        Err(bulk::Failed::Database(e)) => {
-            Err(anyhow::Error::new(e)
-                .context("load stopped; the store was empty and is left empty"))
-        }
+        Err(bulk::Failed::Database(e)) => Err(anyhow::Error::new(e).context(LEFT_EMPTY)),
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     process::Output,
 };
 
-use common::{TestDb, binary};
+use common::{TestDb, binary, index_definitions};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -48,20 +48,6 @@ async fn current_counts(pool: &PgPool) -> BTreeMap<String, i64> {
     .unwrap()
     .into_iter()
     .collect()
-}
-
-/// The indexes and constraints of `resources`, as SQL.
-async fn index_definitions(pool: &PgPool) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT indexdef FROM pg_indexes WHERE tablename = 'resources'
-         UNION ALL
-         SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
-         WHERE conrelid = 'resources'::regclass
-         ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
 }
 
 async fn current_body(pool: &PgPool, t: &str, id: &str) -> Option<Value> {

@@ -238,13 +238,11 @@ impl<'c> CopyWriter<'c> {
     /// into a table created or truncated in the same transaction.
     pub async fn start(tx: &'c mut PgConnection, freeze: bool) -> sqlx::Result<CopyWriter<'c>> {
         let copy = tx
-            .copy_in_raw(if freeze {
+            .copy_in_raw(&format!(
                 "COPY resources (resource_type, id, version_id, seq, last_updated, is_current, \
-                 patient_ids, body) FROM STDIN (FORMAT binary, FREEZE)"
-            } else {
-                "COPY resources (resource_type, id, version_id, seq, last_updated, is_current, \
-                 patient_ids, body) FROM STDIN (FORMAT binary)"
-            })
+                 patient_ids, body) FROM STDIN (FORMAT binary{})",
+                if freeze { ", FREEZE" } else { "" }
+            ))
             .await?;
         let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
         buf.extend_from_slice(COPY_HEADER);

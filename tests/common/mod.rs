@@ -587,3 +587,17 @@ pub async fn smart_token(app: &TestApp, key: &keys::Key, client: &str, scope: &s
         .unwrap()
         .to_string()
 }
+
+/// The indexes and constraints of `resources`, as SQL.
+pub async fn index_definitions(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'resources'
+         UNION ALL
+         SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+         WHERE conrelid = 'resources'::regclass
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
