@@ -6,7 +6,10 @@ mod common;
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use chrono::{DateTime, Utc};
-use common::{TestApp, download_all, export_files, kick_off, resources_by_key, wait_manifest};
+use common::{
+    TestApp, TestDb, download_all, export_files, index_definitions, kick_off, resources_by_key,
+    services::PgCluster, wait_manifest,
+};
 use fhir_export::load::{self, LoadArgs, LoadReport};
 use serde_json::json;
 use sqlx::PgPool;
@@ -25,20 +28,6 @@ async fn load_into(app: &TestApp, files: Vec<PathBuf>) -> LoadReport {
     load::load_files(&app.pool, files, &args()).await.unwrap()
 }
 
-/// The indexes and constraints of `resources`, as SQL.
-async fn index_definitions(pool: &PgPool) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT indexdef FROM pg_indexes WHERE tablename = 'resources'
-         UNION ALL
-         SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
-         WHERE conrelid = 'resources'::regclass
-         ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 async fn scalar<T>(pool: &PgPool, sql: &str) -> T
 where
     T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
@@ -46,17 +35,20 @@ where
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// ndjson of Patients `p{i}`.
+fn patient_lines(ids: std::ops::Range<u32>) -> String {
+    ids.map(|i| {
+        format!(
+            "{}\n",
+            json!({"resourceType": "Patient", "id": format!("p{i}")})
+        )
+    })
+    .collect()
+}
+
 fn patients(dir: &std::path::Path, name: &str, ids: std::ops::Range<u32>) -> PathBuf {
     let path = dir.join(name);
-    let text: String = ids
-        .map(|i| {
-            format!(
-                "{}\n",
-                json!({"resourceType": "Patient", "id": format!("p{i}")})
-            )
-        })
-        .collect();
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, patient_lines(ids)).unwrap();
     path
 }
 
@@ -161,35 +153,8 @@ async fn a_store_in_use_is_loaded_in_batches() {
 async fn writes_and_exports_meanwhile_wait_for_the_bulk_load_and_lose_nothing() {
     let app = TestApp::spawn().await;
     let data = tempfile::tempdir().unwrap();
-    // The input is a pipe, so the test decides when its lines arrive.
-    let pipe = data.path().join("patients.ndjson");
-    assert!(
-        std::process::Command::new("mkfifo")
-            .arg(&pipe)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let loading = {
-        let (pool, files) = (app.pool.clone(), vec![pipe.clone()]);
-        tokio::spawn(async move { load::load_files(&pool, files, &args()).await.unwrap() })
-    };
-    wait_for_lock(&app.pool, "AccessExclusiveLock", true).await;
-    let mut writer = {
-        let pipe = pipe.clone();
-        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(pipe))
-            .await
-            .unwrap()
-            .unwrap()
-    };
-    let first: String = (0..300)
-        .map(|i| {
-            format!(
-                "{}\n",
-                json!({"resourceType": "Patient", "id": format!("p{i}")})
-            )
-        })
-        .collect();
+    let (mut writer, loading) = start_piped_load(&app, data.path()).await;
+    let first = patient_lines(0..300);
     writer.write_all(first.as_bytes()).unwrap();
     writer.flush().unwrap();
     // The first lines are read and stamped; then a write and an export arrive.
@@ -210,18 +175,11 @@ async fn writes_and_exports_meanwhile_wait_for_the_bulk_load_and_lose_nothing() 
     let status_url = kick_off(&app, "/$export?_type=Patient").await;
     // The write waits for the store.
     wait_for_lock(&app.pool, "RowExclusiveLock", false).await;
-    let rest: String = (300..500)
-        .map(|i| {
-            format!(
-                "{}\n",
-                json!({"resourceType": "Patient", "id": format!("p{i}")})
-            )
-        })
-        .collect();
+    let rest = patient_lines(300..500);
     writer.write_all(rest.as_bytes()).unwrap();
     drop(writer);
 
-    let report = loading.await.unwrap();
+    let report = loading.await.unwrap().unwrap();
     assert!(report.bulk);
     assert_eq!(report.total(), 500);
     assert_eq!(put.await.unwrap(), 201);
@@ -256,6 +214,70 @@ async fn writes_and_exports_meanwhile_wait_for_the_bulk_load_and_lose_nothing() 
         "the export's time falls inside the load: {}",
         exported.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_load_leaves_the_store_empty_and_a_new_load_fills_it() {
+    let cluster = PgCluster::start(&[]);
+    let app = TestApp::spawn_on(TestDb::new_on(&cluster.url("postgres")).await, |_| {}).await;
+    let indexes = index_definitions(&app.pool).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut writer, loading) = start_piped_load(&app, data.path()).await;
+    writer.write_all(patient_lines(0..300).as_bytes()).unwrap();
+    tokio::task::block_in_place(|| cluster.restart());
+    writer
+        .write_all(patient_lines(300..500).as_bytes())
+        .unwrap();
+    drop(writer);
+
+    let error = loading
+        .await
+        .unwrap()
+        .expect_err("the restart cut the load");
+    assert!(format!("{error:#}").contains("left empty"), "{error:#}");
+    let rows: i64 = scalar(&app.pool, "SELECT count(*) FROM resources").await;
+    assert_eq!(rows, 0);
+    assert_eq!(index_definitions(&app.pool).await, indexes);
+
+    let report = load_into(&app, vec![patients(data.path(), "again.ndjson", 0..500)]).await;
+    assert!(report.bulk);
+    let (current, distinct_seqs): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM resources WHERE is_current")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((current, distinct_seqs), (500, 500));
+    assert_eq!(index_definitions(&app.pool).await, indexes);
+}
+
+/// Starts a load whose input is a pipe, so the test decides when its lines arrive; returns
+/// once the load holds the store, with the pipe's writing end.
+async fn start_piped_load(
+    app: &TestApp,
+    dir: &std::path::Path,
+) -> (
+    std::fs::File,
+    tokio::task::JoinHandle<anyhow::Result<LoadReport>>,
+) {
+    let pipe = dir.join("patients.ndjson");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let loading = {
+        let (pool, files) = (app.pool.clone(), vec![pipe.clone()]);
+        tokio::spawn(async move { load::load_files(&pool, files, &args()).await })
+    };
+    wait_for_lock(&app.pool, "AccessExclusiveLock", true).await;
+    let writer =
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(pipe))
+            .await
+            .unwrap()
+            .unwrap();
+    (writer, loading)
 }
 
 /// Waits until some connection holds (`granted`) or waits for a lock of `mode` on `resources`.
