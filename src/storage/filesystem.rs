@@ -1,16 +1,16 @@
 //! Filesystem storage rooted at one folder. A file is written to a temporary name beside its
-//! final one, synced, renamed into place, and the folder synced: readers never see a torn
-//! file, and a committed file survives a power loss.
+//! final one (past the page cache, see `direct_file`), synced, renamed into place, and the
+//! folder synced: readers never see a torn file, and a committed file survives a power loss.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use futures::StreamExt;
-use tokio::{fs, io::AsyncWriteExt};
+use tokio::fs;
 use tokio_util::io::ReaderStream;
 
-use super::{ByteStream, Fence, PartWriter, Storage};
+use super::{ByteStream, Fence, PartWriter, Storage, direct_file::DirectFile};
 
 pub struct FilesystemStorage {
     root: PathBuf,
@@ -50,11 +50,11 @@ impl Storage for FilesystemStorage {
             ".{file_name}.{}.tmp",
             uuid::Uuid::new_v4().simple()
         ));
-        let file = fs::File::create(&temp)
+        let file = DirectFile::create(temp.clone())
             .await
             .with_context(|| format!("creating {}", temp.display()))?;
         Ok(Box::new(FilesystemWriter {
-            file: Some(tokio::io::BufWriter::with_capacity(256 * 1024, file)),
+            file: Some(file),
             temp,
             path,
         }))
@@ -128,7 +128,7 @@ async fn remove_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 struct FilesystemWriter {
-    file: Option<tokio::io::BufWriter<fs::File>>,
+    file: Option<DirectFile>,
     temp: PathBuf,
     path: PathBuf,
 }
@@ -137,19 +137,16 @@ struct FilesystemWriter {
 impl PartWriter for FilesystemWriter {
     async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let file = self.file.as_mut().expect("written before commit");
-        file.write_all(bytes)
+        file.write(bytes)
             .await
             .with_context(|| format!("writing {}", self.temp.display()))
     }
 
     async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool> {
-        let mut file = self.file.take().expect("committed once");
-        file.flush().await?;
-        file.get_ref()
-            .sync_all()
+        let file = self.file.take().expect("committed once");
+        file.finish()
             .await
-            .with_context(|| format!("syncing {}", self.temp.display()))?;
-        drop(file);
+            .with_context(|| format!("writing and syncing {}", self.temp.display()))?;
         if !fence.await? {
             return Ok(false); // Drop removes the temporary file.
         }

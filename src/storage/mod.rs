@@ -2,6 +2,7 @@
 //! `{container}/{folder}/{Type}-{n}.ndjson`.
 
 mod azure;
+mod direct_file;
 mod filesystem;
 mod sas;
 
