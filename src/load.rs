@@ -419,7 +419,8 @@ async fn write_batch(pool: &PgPool, batch: &[Prepared], all_new: bool) -> anyhow
         let assume_new = all_new && !guessed_wrong;
         let result = async {
             let mut tx = db::resources::begin_write(pool).await?;
-            let updates = store::put_many(&mut tx, batch, assume_new).await?;
+            let stamps = store::put_many(&mut tx, batch, assume_new).await?;
+            let updates = stamps.iter().filter(|s| s.version_id > 1).count();
             tx.commit().await?;
             Ok::<_, sqlx::Error>(updates)
         }

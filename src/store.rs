@@ -1,6 +1,8 @@
 //! Writing resources: version numbers, server timestamps, stamped JSON and compartment
 //! membership. Shared by the FHIR REST API, transaction Bundles and `load`.
 
+use std::borrow::Borrow;
+
 use chrono::{DateTime, TimeDelta, Utc};
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
@@ -136,60 +138,79 @@ pub async fn put(
     }
 }
 
+/// The version `put_many` gave one appearance of a resource.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamped {
+    pub version_id: i32,
+    pub last_updated: DateTime<Utc>,
+    /// No live version existed before this one.
+    pub created: bool,
+}
+
 /// Creates or updates many resources in one write transaction with a single COPY. A resource
 /// that appears several times gets one version per appearance; the last one is current.
 /// `assume_new` skips looking up current versions: a resource that has one then collides on
-/// the primary key, and the transaction must be rolled back. Returns how many of the versions
-/// written were updates (version 2 or later).
-pub async fn put_many(
+/// the primary key, and the transaction must be rolled back. The current rows are locked in
+/// the order of their keys, so that two such writes lock what they share in the same order.
+/// A resource created or retired by a concurrent writer meanwhile collides on the primary key
+/// too (`resources::is_version_collision`): nothing was written, and the batch can run again.
+/// Returns the version of each appearance, in the batch's order.
+pub async fn put_many<P: Borrow<Prepared>>(
     tx: &mut PgConnection,
-    batch: &[Prepared],
+    batch: &[P],
     assume_new: bool,
-) -> sqlx::Result<usize> {
+) -> sqlx::Result<Vec<Stamped>> {
     // Keys borrow the batch: no per-resource string copies on the way to the COPY.
     let mut last_index: FxHashMap<(&str, &str), usize> =
         FxHashMap::with_capacity_and_hasher(batch.len(), Default::default());
     for (i, p) in batch.iter().enumerate() {
-        last_index.insert(p.key_ref(), i);
+        last_index.insert(p.borrow().key_ref(), i);
     }
     let heads = if assume_new {
         Default::default()
     } else {
-        let keys: Vec<ResourceKey> = last_index
+        let mut keys: Vec<ResourceKey> = last_index
             .keys()
             .map(|(t, id)| (t.to_string(), id.to_string()))
             .collect();
+        keys.sort_unstable();
         resources::lock_current_many(tx, &keys).await?
     };
     let mut fresh_seqs = resources::next_seqs(tx, last_index.len() - heads.len())
         .await?
         .into_iter();
     let base = resources::next_timestamp(tx, None).await?;
-    // Per resource: seq, and the last version number and timestamp given out so far (every
+    // Per resource: the last version given out so far, or its head before the batch (every
     // resource of the batch ends up here, so it is sized for all of them at once).
-    let mut latest: FxHashMap<(&str, &str), (i64, i32, DateTime<Utc>)> =
+    let mut latest: FxHashMap<(&str, &str), Head> =
         FxHashMap::with_capacity_and_hasher(last_index.len(), Default::default());
     let mut rows = Vec::with_capacity(heads.len());
     for ((resource_type, id), (head, row)) in heads {
         if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {
-            let key = batch[i].key_ref();
-            latest.insert(key, (head.seq, head.version_id, head.last_updated));
+            latest.insert(batch[i].borrow().key_ref(), head);
         }
         rows.push(row);
     }
     resources::retire_rows(tx, &rows).await?;
 
-    let mut updates = 0;
+    let mut stamps = Vec::with_capacity(batch.len());
     let mut copy = CopyWriter::start(tx, false).await?;
     for (i, prepared) in batch.iter().enumerate() {
+        let prepared = prepared.borrow();
         let key = prepared.key_ref();
         let own_clock = base + TimeDelta::microseconds(i as i64);
-        let (seq, version_id, last_updated) = match latest.get(&key) {
-            Some(&(seq, v, t)) => (seq, v + 1, own_clock.max(t + TimeDelta::microseconds(1))),
+        let (seq, version_id, last_updated, created) = match latest.get(&key) {
+            Some(head) => (
+                head.seq,
+                head.version_id + 1,
+                own_clock.max(head.last_updated + TimeDelta::microseconds(1)),
+                head.deleted,
+            ),
             None => (
                 fresh_seqs.next().expect("one seq per new resource"),
                 1,
                 own_clock,
+                true,
             ),
         };
         let (version_text, time_text) = (version_id.to_string(), instant::format(last_updated));
@@ -204,11 +225,21 @@ pub async fn put_many(
             body: Some(prepared.template.pieces(&version_text, &time_text)),
         })
         .await?;
-        latest.insert(key, (seq, version_id, last_updated));
-        updates += usize::from(version_id > 1);
+        let given = Head {
+            version_id,
+            seq,
+            last_updated,
+            deleted: false,
+        };
+        latest.insert(key, given);
+        stamps.push(Stamped {
+            version_id,
+            last_updated,
+            created,
+        });
     }
     copy.finish().await?;
-    Ok(updates)
+    Ok(stamps)
 }
 
 /// Writes a batch as first versions into the COPY of a bulk load (`db::bulk`): each resource

@@ -184,3 +184,98 @@ async fn only_transaction_and_batch_bundles_are_accepted() {
     let bad_entries = json!({"resourceType": "Bundle", "type": "batch", "entry": 5});
     assert_outcome(app.post_json("/", &bad_entries).await, 400).await;
 }
+
+/// A transaction of thousands of entries: new resources, updates, re-creations of deleted ones,
+/// server-assigned ids, an `If-Match` update and a deletion, each answered with its own version
+/// and a timestamp of its own, and stored as exactly that version.
+#[tokio::test]
+async fn a_large_transaction_gives_each_entry_its_next_version() {
+    let app = TestApp::spawn().await;
+    let patient = |id: &str, family: &str| json!({"resourceType": "Patient", "id": id, "name": [{"family": family}]});
+    let put = |r: Value| {
+        let url = format!("Patient/{}", r["id"].as_str().unwrap());
+        entry("PUT", &url, None, Some(r))
+    };
+    let before: Vec<Value> = (0..200)
+        .map(|i| put(patient(&format!("p{i}"), "Before")))
+        .collect();
+    assert_eq!(
+        app.post_json("/", &bundle("transaction", before))
+            .await
+            .status(),
+        200
+    );
+    for i in 0..10 {
+        assert_eq!(app.delete(&format!("/Patient/p{i}")).await.status(), 204);
+    }
+
+    let mut entries: Vec<Value> = (0..200)
+        .map(|i| put(patient(&format!("p{i}"), "After")))
+        .collect();
+    entries.extend((0..2_700).map(|i| put(patient(&format!("q{i}"), "New"))));
+    entries.extend((0..100).map(|i| {
+        let observation = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": format!("o{i}")}, "subject": {"reference": "Patient/p150"}});
+        entry("POST", "Observation", None, Some(observation))
+    }));
+    let mut guarded = put(patient("p199", "Guarded"));
+    guarded["request"]["ifMatch"] = json!("W/\"1\"");
+    entries[199] = guarded;
+    entries.push(entry("DELETE", "Patient/p198", None, None));
+    entries.remove(198);
+    let response = app
+        .post_json("/", &bundle("transaction", entries.clone()))
+        .await;
+    assert_eq!(response.status(), 200);
+    let answered = json(response).await["entry"].as_array().unwrap().clone();
+    assert_eq!(answered.len(), entries.len());
+
+    let mut stamps = std::collections::HashSet::new();
+    for (sent, got) in entries.iter().zip(&answered) {
+        let url = sent["request"]["url"].as_str().unwrap();
+        let response = &got["response"];
+        if sent["request"]["method"] == "DELETE" {
+            assert_eq!(response["status"], "204 No Content", "{url}");
+            continue;
+        }
+        let id = url.strip_prefix("Patient/").unwrap_or("");
+        let (status, version) = match id.strip_prefix('p').map(|n| n.parse::<u32>().unwrap()) {
+            Some(n) if n < 10 => ("201 Created", 3), // deleted before: created again
+            Some(_) => ("200 OK", 2),
+            None => ("201 Created", 1),
+        };
+        assert_eq!(response["status"], status, "{url}");
+        assert_eq!(response["etag"], format!("W/\"{version}\""), "{url}");
+        let location = response["location"].as_str().unwrap();
+        assert!(
+            location.ends_with(&format!("/_history/{version}")),
+            "{location}"
+        );
+        let last_modified = response["lastModified"].as_str().unwrap().to_string();
+        assert!(
+            stamps.insert(last_modified.clone()),
+            "{url}: a timestamp of its own"
+        );
+        // Stored as answered.
+        let path = location.split("/_history").next().unwrap();
+        let stored = json(app.get(&format!("/{path}")).await).await;
+        assert_eq!(stored["meta"]["versionId"], version.to_string(), "{url}");
+        assert_eq!(stored["meta"]["lastUpdated"], last_modified, "{url}");
+        if let Some(resource) = sent.get("resource").filter(|_| !id.is_empty()) {
+            assert_eq!(stored["name"], resource["name"], "{url}");
+        }
+    }
+    assert_eq!(app.get("/Patient/p198").await.status(), 410);
+
+    // One current row per resource, versions without gaps.
+    let (resources, broken): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE versions <> last OR currents <> 1)
+         FROM (SELECT count(*) AS versions, max(version_id) AS last,
+                      count(*) FILTER (WHERE is_current) AS currents
+               FROM resources GROUP BY resource_type, id) r",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((resources, broken), (200 + 2_700 + 100, 0));
+}

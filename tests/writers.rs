@@ -228,3 +228,84 @@ async fn a_transaction_that_fails_while_writing_leaves_nothing_behind() {
     assert_eq!(app.get("/Patient/fresh").await.status(), 404);
     assert_eq!(app.get("/Patient/gone").await.status(), 200);
 }
+
+/// A transaction that waits for the lock of a resource that another writer then updates: the
+/// row it waited for is no longer current when it gets it. It must become the version after
+/// that writer's, not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_queued_behind_another_writer_becomes_the_version_after_it() {
+    let app = TestApp::spawn_with(|c| c.export.workers = 0).await;
+    let mut entries: Vec<Value> = (0..50)
+        .map(|i| put_entry(patient(&format!("t{i}"), "First"), None))
+        .collect();
+    assert_eq!(
+        app.post_json("/", &transaction(entries.clone()))
+            .await
+            .status(),
+        200
+    );
+
+    // Hold the current row of t7 so that both writers below queue for it, the PUT first.
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM resources WHERE id = 't7' AND is_current FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let waiting = async |n: i64| {
+        for _ in 0..200 {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            if waiters >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("{n} writers never queued");
+    };
+    let put = tokio::spawn({
+        let (client, url) = (app.client.clone(), app.url("/Patient/t7"));
+        async move {
+            client
+                .put(url)
+                .header("content-type", "application/fhir+json")
+                .body(patient("t7", "Single").to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    waiting(1).await;
+    for e in &mut entries {
+        e["resource"]["name"][0]["family"] = json!("Second");
+    }
+    let bundle = tokio::spawn({
+        let (client, url, body) = (app.client.clone(), app.url("/"), transaction(entries));
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    });
+    waiting(2).await;
+    holder.commit().await.unwrap();
+
+    assert_eq!(put.await.unwrap(), 200);
+    let (status, body) = bundle.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entry"][7]["response"]["etag"], "W/\"3\"");
+    assert_eq!(versions(&app, "t7").await, vec![1, 2, 3]);
+    let current = json(app.get("/Patient/t7").await).await;
+    assert_eq!(current["name"][0]["family"], "Second");
+    assert_eq!(versions(&app, "t8").await, vec![1, 2]);
+}

@@ -109,13 +109,14 @@ async fn transaction(
     // transactions lock what they share in the same order.
     let mut order: Vec<usize> = (0..writes.len()).collect();
     order.sort_by(|&a, &b| writes[a].sort_key().cmp(&writes[b].sort_key()));
-    let mut tries = 0;
+    let (mut tries, mut one_by_one) = (0, false);
     let responses = loop {
         tries += 1;
-        match apply_all(state, &writes, &order).await {
-            // Deadlocked with another transaction: nothing was written; go again.
-            Err(e) if tries < 5 && is_write_conflict(&e) => continue,
-            result => break result?,
+        match apply_all(state, &writes, &order, one_by_one).await {
+            Ok(responses) => break responses,
+            Err(Attempt::Conflicted(_)) if tries < 5 => continue,
+            Err(Attempt::Collided(_)) if !one_by_one => one_by_one = true,
+            Err(e) => return Err(e.into()),
         }
     };
     if writes.len() >= LARGE_BUNDLE {
@@ -142,26 +143,93 @@ fn vacuum_in_background(state: &AppState) {
     });
 }
 
-/// Applies a transaction's writes in `order`, all or nothing.
-async fn apply_all(state: &AppState, writes: &[Write], order: &[usize]) -> ApiResult<Vec<Value>> {
+/// Why an attempt at a transaction wrote nothing.
+enum Attempt {
+    /// Lost a deadlock or a serialization conflict to another transaction: run it again.
+    Conflicted(sqlx::Error),
+    /// A concurrent writer created or updated one of the resources while the one COPY was
+    /// being prepared (the primary key refused a version): the one-by-one way waits such
+    /// writers out.
+    Collided(sqlx::Error),
+    Refused(ApiError),
+}
+
+impl Attempt {
+    fn at_entry(self, index: usize) -> Attempt {
+        match self {
+            Attempt::Refused(e) => Attempt::Refused(at_entry(index, e)),
+            other => other,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(e: sqlx::Error) -> Attempt {
+        if db::is_write_conflict(&e) {
+            Attempt::Conflicted(e)
+        } else if resources::is_version_collision(&e) {
+            Attempt::Collided(e)
+        } else {
+            Attempt::Refused(e.into())
+        }
+    }
+}
+
+impl From<store::WriteError> for Attempt {
+    fn from(e: store::WriteError) -> Attempt {
+        match e {
+            store::WriteError::Database(e) => e.into(),
+            refused => Attempt::Refused(refused.into()),
+        }
+    }
+}
+
+impl From<Attempt> for ApiError {
+    fn from(attempt: Attempt) -> ApiError {
+        match attempt {
+            Attempt::Conflicted(e) | Attempt::Collided(e) => e.into(),
+            Attempt::Refused(e) => e,
+        }
+    }
+}
+
+/// Applies a transaction's writes in `order`, all or nothing: deletions and `If-Match` writes
+/// one by one, then the plain creates and updates together with one COPY (`store::put_many`) —
+/// or, `one_by_one`, every write on its own.
+async fn apply_all(
+    state: &AppState,
+    writes: &[Write],
+    order: &[usize],
+    one_by_one: bool,
+) -> Result<Vec<Value>, Attempt> {
     let mut responses = vec![Value::Null; writes.len()];
     let mut tx = resources::begin_write(&state.pool).await?;
+    let mut plain = Vec::new();
     for &i in order {
-        responses[i] = apply(&mut tx, &writes[i])
-            .await
-            .map_err(|e| at_entry(i, e))?;
+        match &writes[i] {
+            Write {
+                method: Method::Post | Method::Put,
+                prepared: Some(prepared),
+                if_match: None,
+                ..
+            } if !one_by_one => plain.push((i, prepared)),
+            write => responses[i] = apply(&mut tx, write).await.map_err(|e| e.at_entry(i))?,
+        }
+    }
+    if !plain.is_empty() {
+        let batch: Vec<&store::Prepared> = plain.iter().map(|&(_, p)| p).collect();
+        let stamps = store::put_many(&mut tx, &batch, false).await?;
+        for (&(i, _), stamp) in plain.iter().zip(stamps) {
+            responses[i] = put_response(
+                &writes[i],
+                stamp.version_id,
+                stamp.last_updated,
+                stamp.created,
+            );
+        }
     }
     tx.commit().await?;
     Ok(responses)
-}
-
-fn is_write_conflict(error: &ApiError) -> bool {
-    match error {
-        ApiError::Internal(e) => e
-            .downcast_ref::<sqlx::Error>()
-            .is_some_and(db::is_write_conflict),
-        ApiError::Outcome { .. } => false,
-    }
 }
 
 async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiResult<Response> {
@@ -171,7 +239,7 @@ async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiR
             let (entry, _) = parse_entry(value, principal)?;
             let write = entry.into_write();
             let mut tx = resources::begin_write(&state.pool).await?;
-            let response = apply(&mut tx, &write).await?;
+            let response = apply(&mut tx, &write).await.map_err(ApiError::from)?;
             tx.commit().await?;
             Ok::<_, ApiError>(response)
         }
@@ -341,7 +409,7 @@ impl Write {
     }
 }
 
-async fn apply(tx: &mut PgConnection, write: &Write) -> ApiResult<Value> {
+async fn apply(tx: &mut PgConnection, write: &Write) -> Result<Value, Attempt> {
     let Write {
         method,
         resource_type,
@@ -350,7 +418,6 @@ async fn apply(tx: &mut PgConnection, write: &Write) -> ApiResult<Value> {
         if_match,
     } = write;
     let (method, if_match) = (*method, *if_match);
-    let location = |v: i32| format!("{resource_type}/{id}/_history/{v}");
     match (method, prepared) {
         (Method::Delete, _) => Ok(
             match store::delete(tx, resource_type, id, if_match).await? {
@@ -364,19 +431,32 @@ async fn apply(tx: &mut PgConnection, write: &Write) -> ApiResult<Value> {
         ),
         (_, Some(prepared)) => {
             let w = store::put(tx, prepared, if_match).await?;
-            let status = if w.created { "201 Created" } else { "200 OK" };
-            Ok(json!({
-                "fullUrl": format!("{resource_type}/{id}"),
-                "response": {
-                    "status": status,
-                    "location": location(w.version_id),
-                    "etag": format!("W/\"{}\"", w.version_id),
-                    "lastModified": instant::format(w.last_updated),
-                }
-            }))
+            Ok(put_response(write, w.version_id, w.last_updated, w.created))
         }
-        (_, None) => Err(ApiError::bad_request("entry has no resource")),
+        (_, None) => Err(Attempt::Refused(ApiError::bad_request(
+            "entry has no resource",
+        ))),
     }
+}
+
+/// The response entry of a create or update.
+fn put_response(
+    write: &Write,
+    version_id: i32,
+    last_updated: chrono::DateTime<chrono::Utc>,
+    created: bool,
+) -> Value {
+    let (resource_type, id) = (&write.resource_type, &write.id);
+    let status = if created { "201 Created" } else { "200 OK" };
+    json!({
+        "fullUrl": format!("{resource_type}/{id}"),
+        "response": {
+            "status": status,
+            "location": format!("{resource_type}/{id}/_history/{version_id}"),
+            "etag": format!("W/\"{version_id}\""),
+            "lastModified": instant::format(last_updated),
+        }
+    })
 }
 
 fn status_line(status: StatusCode) -> String {
