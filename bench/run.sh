@@ -10,7 +10,7 @@
 # The first export runs right after `load`, before anything the server does not do itself
 # (`load` vacuums what it wrote). Also: the export again (steady state), a Patient export of all,
 # a Group export of a tenth of the patients, a `_typeFilter` export, a de-identified export
-# (bench/deid-config.json), and (when Azurite answers at
+# (bench/deid-config.json), large transaction Bundles, and (when Azurite answers at
 # 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
 #
 # Needs a Postgres at BENCH_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), psql
@@ -87,6 +87,47 @@ PY
   trap - EXIT
 }
 
+# bundle_run: posts $OUT/bundles/*.json as transactions through a fresh server; sets
+# EXPORT_SECS (the time of the posts alone) and BUNDLED.
+bundle_run() {
+  rm -rf "$OUT/bundles"
+  mkdir -p "$OUT/bundles"
+  python3 - "$DATA/Observation.ndjson" "$OUT/bundles" <<'PY'
+import json, sys
+source, out = open(sys.argv[1]), sys.argv[2]
+for b in range(5):
+    entries = []
+    for _ in range(10_000):
+        r = json.loads(next(source))
+        r["id"] = f"bundle-{r['id']}"
+        entries.append({"resource": r, "request": {"method": "PUT", "url": f"Observation/{r['id']}"}})
+    json.dump({"resourceType": "Bundle", "type": "transaction", "entry": entries}, open(f"{out}/{b}.json", "w"))
+PY
+  env DATABASE_URL="$DB_URL" FHIR_EXPORT_LISTEN="127.0.0.1:$PORT" FHIR_EXPORT_STORAGE_DIR="$OUT/exports" \
+    "$BIN" serve >"$OUT/serve-bundles.log" 2>&1 &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+  EXPORT_SECS=$(python3 - "$PORT" "$OUT"/bundles/*.json <<'PY'
+import http.client, sys, time
+port, files = int(sys.argv[1]), sys.argv[2:]
+bodies = [open(f, "rb").read() for f in files]
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+start = time.monotonic()
+for body in bodies:
+    conn.request("POST", "/", body, {"Content-Type": "application/fhir+json"})
+    answer = conn.getresponse()
+    answer.read()
+    assert answer.status == 200, answer.status
+print(f"{time.monotonic() - start:.2f}")
+PY
+)
+  BUNDLED=50000
+  kill $SERVER; wait $SERVER 2>/dev/null || true
+  trap - EXIT
+  rm -rf "$OUT/bundles"
+}
+
 row() { printf "%-40s %10s %14s %12s\n" "$@"; }
 
 for run in $(seq 1 "$RUNS"); do
@@ -138,6 +179,12 @@ PY
     AZ_SECS=$EXPORT_SECS AZ_RSS_KB=$RSS_KB
   fi
 
+  # Large transaction Bundles: 5 of 10,000 new Observations each (PUT, ids of their own),
+  # posted one after the other into the loaded store (after the exports, which
+  # it would change).
+  bundle_run
+  BUNDLE_SECS=$EXPORT_SECS
+
   # The physical limit: the same lines in a one-column text table (CSV with quote and delimiter
   # characters that never occur, so each line is taken as it is).
   psql -q "$DB_URL" -c "CREATE TABLE IF NOT EXISTS raw_lines (line text)" -c "TRUNCATE raw_lines"
@@ -170,6 +217,7 @@ PY
   row "Patient/\$export (all, $PATIENT_EXPORTED)" "$PATIENT_SECS" "$(rate "$PATIENT_EXPORTED" "$PATIENT_SECS")" ""
   row "Group/\$export (a tenth, $GROUP_EXPORTED)" "$GROUP_SECS" "$(rate "$GROUP_EXPORTED" "$GROUP_SECS")" ""
   row "_typeFilter (Observations tested/s)" "$FILTER_SECS" "$(rate "$OBSERVATIONS" "$FILTER_SECS")" ""
+  row "transaction Bundles (5 × 10,000 new)" "$BUNDLE_SECS" "$(rate "$BUNDLED" "$BUNDLE_SECS")" "$(ratio "$(rate "$BUNDLED" "$BUNDLE_SECS")" "$(rate "$RESOURCES" "$COPY_IN_SECS")")"
   row "\$export de-identified ($DEID_EXPORTED)" "$DEID_SECS" "$(rate "$DEID_EXPORTED" "$DEID_SECS")" "$(ratio "$STEADY_SECS" "$DEID_SECS") of plain"
   if [ "$AZ_SECS" != skipped ]; then
     row "\$export to Azurite" "$AZ_SECS" "$(rate "$FIRST_EXPORTED" "$AZ_SECS")" ""
