@@ -96,7 +96,7 @@ pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
     // (a bulk load wrote its rows frozen and all-visible).
     let vacuum = Instant::now();
     if !report.bulk {
-        db::resources::vacuum(&pool).await?;
+        db::resources::vacuum(&pool, true).await?;
     }
     let vacuumed_in = vacuum.elapsed();
     println!("{:<28} {:>10}", "resource type", "resources");

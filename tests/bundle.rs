@@ -279,3 +279,35 @@ async fn a_large_transaction_gives_each_entry_its_next_version() {
     .unwrap();
     assert_eq!((resources, broken), (200 + 2_700 + 100, 0));
 }
+
+/// A transaction of 5,000 entries or more is a bulk load: the store is vacuumed after it (with
+/// autovacuum off here), so the first export reads its pages as fast as the next.
+#[tokio::test]
+async fn a_large_transaction_leaves_its_pages_all_visible() {
+    let app = TestApp::spawn().await;
+    sqlx::query("ALTER TABLE resources SET (autovacuum_enabled = false)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let entries: Vec<Value> = (0..5_000)
+        .map(|i| {
+            let patient = json!({"resourceType": "Patient", "id": format!("v{i}")});
+            entry("PUT", &format!("Patient/v{i}"), None, Some(patient))
+        })
+        .collect();
+    let response = app.post_json("/", &bundle("transaction", entries)).await;
+    assert_eq!(response.status(), 200);
+    for _ in 0..300 {
+        let (pages, visible): (i32, i32) = sqlx::query_as(
+            "SELECT relpages, relallvisible FROM pg_class WHERE relname = 'resources'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if pages > 0 && visible == pages {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the store was not vacuumed after the transaction");
+}

@@ -136,7 +136,7 @@ fn vacuum_in_background(state: &AppState) {
     }
     let pool = state.pool.clone();
     tokio::spawn(async move {
-        if let Err(e) = resources::vacuum(&pool).await {
+        if let Err(e) = resources::vacuum(&pool, false).await {
             tracing::warn!(error = %e, "vacuum after a large transaction failed");
         }
         RUNNING.store(false, Ordering::Release);
