@@ -8,10 +8,10 @@
 #   RUNS=3 bench/run.sh            # the whole measurement three times (this machine is noisy)
 #
 # The first export runs right after `load`, before anything the server does not do itself
-# (`load` vacuums what it wrote). Also: the export again (steady state), a Patient export of all,
-# a Group export of a tenth of the patients, a `_typeFilter` export, a de-identified export
-# (bench/deid-config.json), large transaction Bundles, and (when Azurite answers at
-# 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
+# (`load` leaves what it wrote ready for readers). Also: the export again (steady state), a
+# Patient export of all, a Group export of a tenth of the patients, a `_typeFilter` export, a
+# de-identified export (bench/deid-config.json), large transaction Bundles, and (when Azurite
+# answers at 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
 #
 # Needs a Postgres at BENCH_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), psql
 # and GNU time. Uses (and drops) the database fhir_export_bench; writes under bench/out/.
