@@ -22,7 +22,7 @@ use chrono::TimeDelta;
 use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use rustc_hash::FxHashSet;
-use serde_json::{Value, value::RawValue};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
@@ -33,7 +33,7 @@ use crate::{
         bulk::{self, BulkLoad, Refused},
     },
     fhir::{r4::RESOURCE_TYPES, resource},
-    store::{self, Prepared},
+    store::{self, Prepared, text::Identity},
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -551,83 +551,6 @@ fn prepare(
     Ok(Prepared::new(&resource_type, &id, resource))
 }
 
-/// The fast path for an ndjson line: top-level elements are kept as the raw JSON text of the
-/// line (one line, so no newlines inside) instead of being parsed and written again; only
-/// `resourceType`, `id`, `meta` and the elements compartment membership reads are parsed.
-/// `None` sends the line down the full path (which also reports what is wrong with it).
-fn prepare_line_fast(line: &[u8], targets: &HashMap<String, String>) -> Option<Prepared> {
-    if !targets.is_empty() && line.windows(9).any(|w| w == b"urn:uuid:") {
-        return None;
-    }
-    let TopLevel(fields) = serde_json::from_slice(line).ok()?;
-    let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    let resource_type_json = get("resourceType")?.get();
-    let resource_type: &str = serde_json::from_str(resource_type_json).ok()?;
-    if !crate::fhir::is_resource_type(resource_type) {
-        return None;
-    }
-    let id = match get("id") {
-        Some(raw) => serde_json::from_str::<&str>(raw.get())
-            .ok()
-            .filter(|id| resource::is_valid_id(id))?
-            .to_string(),
-        None => uuid::Uuid::new_v4().to_string(),
-    };
-    let meta = match get("meta") {
-        Some(raw) => serde_json::from_str(raw.get()).ok()?,
-        None => serde_json::Map::new(),
-    };
-    let mut members = serde_json::Map::new();
-    for element in crate::fhir::compartment::top_level_elements(resource_type) {
-        if let Some(raw) = get(element) {
-            members.insert(element.to_string(), serde_json::from_str(raw.get()).ok()?);
-        }
-    }
-    let patient_ids = crate::fhir::compartment::patient_ids(resource_type, &id, &members);
-    let rest = fields
-        .iter()
-        .filter(|(k, _)| !matches!(*k, "resourceType" | "id" | "meta"))
-        .map(|(k, v)| (*k, v.get()));
-    let template = resource::Template::from_parts(resource_type_json, &id, &meta, rest);
-    Some(Prepared::from_parts(
-        resource_type,
-        &id,
-        patient_ids,
-        template,
-    ))
-}
-
-/// A resource's top-level elements as (name, raw JSON), in order: a few dozen at most, so a
-/// list searched by name beats a hashed map. A repeated name is refused (the full path then
-/// reports it).
-struct TopLevel<'a>(Vec<(&'a str, &'a RawValue)>);
-
-impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Fields;
-        impl<'de> serde::de::Visitor<'de> for Fields {
-            type Value = TopLevel<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut fields: Vec<(&'de str, &'de RawValue)> = Vec::with_capacity(16);
-                while let Some(key) = map.next_key::<&'de str>()? {
-                    if fields.iter().any(|(k, _)| *k == key) {
-                        return Err(serde::de::Error::custom(format!("repeated element {key}")));
-                    }
-                    fields.push((key, map.next_value()?));
-                }
-                Ok(TopLevel(fields))
-            }
-        }
-        deserializer.deserialize_map(Fields)
-    }
-}
-
 /// `urn:uuid:X` → `X`, the id a resource without one takes.
 fn id_from_full_url(full_url: Option<&str>) -> Option<String> {
     let uuid = full_url?.strip_prefix("urn:uuid:")?;
@@ -661,7 +584,10 @@ fn read_ndjson(file: &Path, progress: &ProgressBar, out: &mut Batcher) -> anyhow
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        if let Some(prepared) = prepare_line_fast(&line, out.targets) {
+        let fast = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|text| store::text::prepare(text, Identity::Own, out.targets));
+        if let Some(prepared) = fast {
             if !out.add(prepared) {
                 return Ok(false);
             }
@@ -746,34 +672,4 @@ fn collect_urn_targets(files: &[PathBuf]) -> HashMap<String, String> {
         }
     }
     targets
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn full_path(line: &str) -> Prepared {
-        prepare(serde_json::from_str(line).unwrap(), None, &HashMap::new()).unwrap()
-    }
-
-    #[test]
-    fn the_fast_path_stores_what_the_full_path_stores() {
-        let lines = [
-            r#"{"resourceType":"Observation","id":"o1","meta":{"profile":["p"],"versionId":"9"},"status":"final","subject":{"reference":"Patient/p1"},"valueString":"a \"quoted\" \\ line"}"#,
-            r#"{"id":"p1","resourceType":"Patient","name":[{"family":"Ünïcode"}],"extension":[]}"#,
-            r#"{"resourceType":"Encounter","id":"e1","subject":{"reference":"Patient/p2"},"participant":[{"individual":{"reference":"Practitioner/d"}}]}"#,
-        ];
-        for line in lines {
-            let fast = prepare_line_fast(line.as_bytes(), &HashMap::new()).expect("fast path");
-            let full = full_path(line);
-            assert_eq!(fast.stored_text(3, "t"), full.stored_text(3, "t"), "{line}");
-            assert_eq!(fast.patient_ids(), full.patient_ids(), "{line}");
-        }
-    }
-
-    #[test]
-    fn a_repeated_element_leaves_the_fast_path() {
-        let line = br#"{"resourceType":"Patient","id":"p1","gender":"male","gender":"female"}"#;
-        assert!(prepare_line_fast(line, &HashMap::new()).is_none());
-    }
 }

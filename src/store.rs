@@ -1,6 +1,8 @@
 //! Writing resources: version numbers, server timestamps, stamped JSON and compartment
 //! membership. Shared by the FHIR REST API, transaction Bundles and `load`.
 
+pub mod text;
+
 use std::borrow::Borrow;
 
 use chrono::{DateTime, TimeDelta, Utc};

@@ -311,3 +311,76 @@ async fn a_large_transaction_leaves_its_pages_all_visible() {
     }
     panic!("the store was not vacuumed after the transaction");
 }
+
+/// Resources are stored as one compact line however the client laid the Bundle out, with
+/// what escapes they hold intact; entries the fast way leaves (a repeated element) are stored
+/// the full way, and one bad resource among many fails the transaction by its position.
+#[tokio::test]
+async fn a_laid_out_transaction_is_stored_compact_and_checked_entry_by_entry() {
+    let app = TestApp::spawn().await;
+    let mut entries: Vec<Value> = (0..1_500)
+        .map(|i| {
+            let observation = json!({
+                "resourceType": "Observation", "id": format!("o{i}"), "status": "final",
+                "code": {"text": "a \"quoted\" \\ line\nand é"},
+                "subject": {"reference": "urn:uuid:pat"},
+            });
+            entry("PUT", &format!("Observation/o{i}"), None, Some(observation))
+        })
+        .collect();
+    entries.push(entry(
+        "POST",
+        "Patient",
+        Some("urn:uuid:pat"),
+        Some(json!({"resourceType": "Patient", "gender": "male"})),
+    ));
+    let laid_out = serde_json::to_string_pretty(&bundle("transaction", entries.clone())).unwrap();
+    // A repeated element, which only the full way takes (the last one wins).
+    let repeated = laid_out.replacen(
+        "\"status\": \"final\"",
+        "\"status\": \"preliminary\", \"status\": \"final\"",
+        1,
+    );
+    assert_ne!(repeated, laid_out);
+    let post = |body: String| {
+        app.client
+            .post(app.url("/"))
+            .header("content-type", "application/fhir+json")
+            .body(body)
+            .send()
+    };
+    let response = post(repeated).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let patient: String = sqlx::query_scalar(
+        "SELECT id FROM resources WHERE resource_type = 'Patient' AND is_current",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let bodies: Vec<(String, Vec<String>, String)> = sqlx::query_as(
+        "SELECT id, patient_ids, body FROM resources WHERE resource_type = 'Observation'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(bodies.len(), 1_500);
+    for (id, patient_ids, body) in &bodies {
+        assert!(!body.contains('\n') && !body.contains(": "), "{body}");
+        let stored: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(stored["id"], json!(id));
+        assert_eq!(stored["status"], "final");
+        assert_eq!(stored["code"]["text"], "a \"quoted\" \\ line\nand é");
+        assert_eq!(stored["subject"]["reference"], format!("Patient/{patient}"));
+        assert_eq!(patient_ids, &[patient.clone()]);
+    }
+
+    // One resource of another type than its URL says, far down: nothing is written.
+    entries[1_234]["resource"]["resourceType"] = json!("Patient");
+    let before = count(&app).await;
+    let response = post(serde_json::to_string_pretty(&bundle("transaction", entries)).unwrap())
+        .await
+        .unwrap();
+    let message = assert_outcome(response, 400).await;
+    assert!(message.contains("Bundle.entry[1234]"), "{message}");
+    assert_eq!(count(&app).await, before);
+}

@@ -12,6 +12,7 @@ pub mod outcome;
 pub mod r4;
 #[rustfmt::skip]
 pub mod r4_types;
+pub mod raw_json;
 pub mod resource;
 pub mod search_param;
 pub mod search_value;

@@ -2,6 +2,7 @@
 //! references resolved) or `batch` (each entry on its own).
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -9,21 +10,25 @@ use std::{
 use axum::{
     Extension, Router, extract::State, http::StatusCode, response::Response, routing::post,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value, error::Category, json, value::RawValue};
 use sqlx::PgConnection;
 
 use super::{
     ApiError, ApiResult, AppState,
     auth::require,
-    extract::FhirJson,
+    extract::FhirJsonText,
     fhir_response,
     rest::{parse_version_tag, resource_of_type},
 };
 use crate::{
     auth::{Principal, scopes::Access},
     db::{self, resources},
-    fhir::{self, instant, resource},
-    store,
+    fhir::{
+        self, instant,
+        raw_json::{self, Members},
+        resource,
+    },
+    store::{self, text::Identity},
 };
 
 pub fn router() -> Router<AppState> {
@@ -38,31 +43,70 @@ enum Method {
     Put,
 }
 
-struct Entry {
+/// One entry as sent, its resource still the JSON text it came as.
+struct Entry<'a> {
     method: Method,
     resource_type: String,
     id: String,
-    resource: Option<Map<String, Value>>,
+    resource: Option<&'a RawValue>,
     /// `request.ifMatch`: the version the entry expects to replace.
     if_match: Option<i32>,
+}
+
+/// A Bundle read and its resources prepared.
+enum Read {
+    Transaction(Vec<Write>),
+    /// Each entry on its own: what is wrong with one is that entry's answer.
+    Batch(Vec<ApiResult<Write>>),
 }
 
 async fn bundle(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
-    FhirJson(body): FhirJson,
+    FhirJsonText(body): FhirJsonText,
 ) -> ApiResult<Response> {
-    if body.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+    // Reading and preparing a large Bundle is CPU work: off the threads that serve requests.
+    let read = tokio::task::spawn_blocking(move || read_bundle(&body, &principal))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))??;
+    match read {
+        Read::Transaction(writes) => transaction(&state, writes).await,
+        Read::Batch(writes) => batch(&state, writes).await,
+    }
+}
+
+/// Reads the Bundle without a tree of all of it: the envelope and each entry's request are
+/// parsed, each resource is prepared from its text (`store::text`).
+fn read_bundle(body: &[u8], principal: &Principal) -> ApiResult<Read> {
+    let not_json = |e: &dyn std::fmt::Display| {
+        ApiError::bad_request(format!("the body is not valid JSON: {e}"))
+    };
+    let text = std::str::from_utf8(body).map_err(|e| not_json(&e))?;
+    let bundle = Members::parse(text).map_err(|e| match e.classify() {
+        Category::Data => ApiError::bad_request(format!("the body is not a Bundle: {e}")),
+        _ => not_json(&e),
+    })?;
+    if bundle
+        .get("resourceType")
+        .and_then(raw_json::string)
+        .as_deref()
+        != Some("Bundle")
+    {
         return Err(ApiError::bad_request("POST to the base URL needs a Bundle"));
     }
-    let entries = match body.get("entry") {
+    let entries: Vec<&RawValue> = match bundle.get("entry") {
         None => Vec::new(),
-        Some(Value::Array(entries)) => entries.clone(),
-        Some(_) => return Err(ApiError::bad_request("Bundle.entry must be an array")),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| ApiError::bad_request("Bundle.entry must be an array"))?,
     };
-    match body.get("type").and_then(Value::as_str) {
-        Some("transaction") => transaction(&state, &principal, entries).await,
-        Some("batch") => batch(&state, &principal, entries).await,
+    match bundle.get("type").and_then(raw_json::string).as_deref() {
+        Some("transaction") => read_transaction(&entries, principal).map(Read::Transaction),
+        Some("batch") => Ok(Read::Batch(
+            entries
+                .iter()
+                .map(|raw| parse_entry(raw, principal)?.0.prepare(&HashMap::new()))
+                .collect(),
+        )),
         other => Err(ApiError::bad_request(format!(
             "Bundle.type must be 'transaction' or 'batch', not {}",
             other.map_or("(missing)".to_string(), |t| format!("'{t}'"))
@@ -70,23 +114,20 @@ async fn bundle(
     }
 }
 
-async fn transaction(
-    state: &AppState,
-    principal: &Principal,
-    raw: Vec<Value>,
-) -> ApiResult<Response> {
+/// A transaction's entries, checked and prepared, `urn:uuid:` references resolved.
+fn read_transaction(raw: &[&RawValue], principal: &Principal) -> ApiResult<Vec<Write>> {
     let mut entries = Vec::with_capacity(raw.len());
     let mut targets = HashMap::new();
-    for (i, value) in raw.into_iter().enumerate() {
+    for (i, value) in raw.iter().enumerate() {
         let (entry, full_url) = parse_entry(value, principal).map_err(|e| at_entry(i, e))?;
         if let Some(url) = full_url.filter(|u| u.starts_with("urn:uuid:")) {
             targets.insert(url, format!("{}/{}", entry.resource_type, entry.id));
         }
         entries.push(entry);
     }
-    let mut seen = HashSet::new();
-    for (i, entry) in entries.iter_mut().enumerate() {
-        if !seen.insert((entry.resource_type.clone(), entry.id.clone())) {
+    let mut seen = HashSet::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        if !seen.insert((entry.resource_type.as_str(), entry.id.as_str())) {
             return Err(at_entry(
                 i,
                 ApiError::bad_request(format!(
@@ -95,16 +136,57 @@ async fn transaction(
                 )),
             ));
         }
-        if let Some(resource) = entry.resource.take() {
-            let mut value = Value::Object(resource);
-            resource::rewrite_references(&mut value, &targets);
-            if let Value::Object(resource) = value {
-                entry.resource = Some(resource);
-            }
-        }
     }
+    in_parallel(&entries, |i, entry| {
+        entry.prepare(&targets).map_err(|e| at_entry(i, e))
+    })
+}
 
-    let writes: Vec<Write> = entries.into_iter().map(Entry::into_write).collect();
+/// Below this many entries a transaction is prepared on one thread.
+const PARALLEL_MIN: usize = 512;
+
+/// `f` over `items` on every core, the results in order (the first error by position wins):
+/// preparing the resources is most of a large transaction's own work.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(usize, &T) -> ApiResult<R> + Sync,
+) -> ApiResult<Vec<R>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = items.len().div_ceil(threads).max(PARALLEL_MIN);
+    if items.len() <= chunk {
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| f(i, item))
+            .collect();
+    }
+    let f = &f;
+    let parts: ApiResult<Vec<Vec<R>>> = std::thread::scope(|scope| {
+        let running: Vec<_> = items
+            .chunks(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                scope.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(j, item)| f(c * chunk + j, item))
+                        .collect::<ApiResult<Vec<R>>>()
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+            .collect()
+    });
+    Ok(parts?.into_iter().flatten().collect())
+}
+
+async fn transaction(state: &AppState, writes: Vec<Write>) -> ApiResult<Response> {
     // FHIR's order (DELETE, POST, PUT); within it a fixed order of resources, so that two
     // transactions lock what they share in the same order.
     let mut order: Vec<usize> = (0..writes.len()).collect();
@@ -201,8 +283,8 @@ async fn apply_all(
     writes: &[Write],
     order: &[usize],
     one_by_one: bool,
-) -> Result<Vec<Value>, Attempt> {
-    let mut responses = vec![Value::Null; writes.len()];
+) -> Result<Vec<String>, Attempt> {
+    let mut responses = vec![String::new(); writes.len()];
     let mut tx = resources::begin_write(&state.pool).await?;
     let mut plain = Vec::new();
     for &i in order {
@@ -232,12 +314,11 @@ async fn apply_all(
     Ok(responses)
 }
 
-async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiResult<Response> {
-    let mut responses = Vec::with_capacity(raw.len());
-    for value in raw {
+async fn batch(state: &AppState, writes: Vec<ApiResult<Write>>) -> ApiResult<Response> {
+    let mut responses = Vec::with_capacity(writes.len());
+    for write in writes {
         let result = async {
-            let (entry, _) = parse_entry(value, principal)?;
-            let write = entry.into_write();
+            let write = write?;
             let mut tx = resources::begin_write(&state.pool).await?;
             let response = apply(&mut tx, &write).await.map_err(ApiError::from)?;
             tx.commit().await?;
@@ -250,6 +331,7 @@ async fn batch(state: &AppState, principal: &Principal, raw: Vec<Value>) -> ApiR
                 "status": status_line(status),
                 "outcome": fhir::outcome::operation_outcome(&[issue]),
             }})
+            .to_string()
         }));
     }
     Ok(response_bundle("batch-response", responses))
@@ -272,19 +354,27 @@ fn at_entry(index: usize, e: ApiError) -> ApiError {
     }
 }
 
-/// Reads one entry's request and resource, which the caller's scopes must allow; returns it
-/// with its `fullUrl`.
-fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<String>)> {
-    let Value::Object(mut entry) = value else {
-        return Err(ApiError::bad_request("an entry must be an object"));
-    };
+/// Reads one entry's request (the caller's scopes must allow it) and finds its resource;
+/// returns it with its `fullUrl`.
+fn parse_entry<'a>(
+    raw: &'a RawValue,
+    principal: &Principal,
+) -> ApiResult<(Entry<'a>, Option<String>)> {
+    let entry = Members::parse(raw.get()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "an entry must be a JSON object without repeated elements: {e}"
+        ))
+    })?;
     let full_url = entry
         .get("fullUrl")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let request = entry.get("request").and_then(Value::as_object);
+        .and_then(raw_json::string)
+        .map(Cow::into_owned);
+    let request: Option<Map<String, Value>> = entry
+        .get("request")
+        .and_then(|r| serde_json::from_str(r.get()).ok());
     let text = |key: &str| {
         request
+            .as_ref()
             .and_then(|r| r.get(key))
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -346,20 +436,9 @@ fn parse_entry(value: Value, principal: &Principal) -> ApiResult<(Entry, Option<
             "request.ifMatch applies to PUT and DELETE, not to POST",
         ));
     }
-    let resource = match (method, entry.remove("resource")) {
+    let resource = match (method, entry.get("resource")) {
         (Method::Delete, _) => None,
-        (_, Some(Value::Object(body))) => {
-            let body = resource_of_type(body, resource_type)?;
-            if method == Method::Put
-                && let Some(body_id) = resource::id(&body)
-                && body_id != id
-            {
-                return Err(ApiError::bad_request(format!(
-                    "the resource's id '{body_id}' does not match request.url '{url}'"
-                )));
-            }
-            Some(body)
-        }
+        (_, Some(raw)) if raw.get().starts_with('{') => Some(raw),
         _ => {
             return Err(ApiError::bad_request(
                 "POST and PUT entries need a resource object",
@@ -388,18 +467,62 @@ struct Write {
     if_match: Option<i32>,
 }
 
-impl Entry {
-    fn into_write(self) -> Write {
-        let prepared = self
-            .resource
-            .map(|r| store::Prepared::new(&self.resource_type, &self.id, r));
-        Write {
+impl Entry<'_> {
+    fn prepare(&self, targets: &HashMap<String, String>) -> ApiResult<Write> {
+        let prepared = match self.resource {
+            None => None,
+            Some(raw) => Some(self.prepare_resource(raw.get(), targets)?),
+        };
+        Ok(Write {
             method: self.method,
-            resource_type: self.resource_type,
-            id: self.id,
+            resource_type: self.resource_type.clone(),
+            id: self.id.clone(),
             prepared,
             if_match: self.if_match,
+        })
+    }
+
+    /// The fast way (`store::text`), or the full way, which also says what is wrong.
+    fn prepare_resource(
+        &self,
+        text: &str,
+        targets: &HashMap<String, String>,
+    ) -> ApiResult<store::Prepared> {
+        let (resource_type, id) = (self.resource_type.as_str(), self.id.as_str());
+        let identity = match self.method {
+            Method::Post => Identity::Assigned { resource_type, id },
+            _ => Identity::Given { resource_type, id },
+        };
+        if let Some(prepared) = store::text::prepare(text, identity, targets) {
+            return Ok(prepared);
         }
+        let body = match serde_json::from_str(text) {
+            Ok(Value::Object(body)) => resource_of_type(body, resource_type)?,
+            Ok(_) => {
+                return Err(ApiError::bad_request(
+                    "POST and PUT entries need a resource object",
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "the resource is not valid JSON: {e}"
+                )));
+            }
+        };
+        if self.method == Method::Put
+            && let Some(body_id) = resource::id(&body)
+            && body_id != id
+        {
+            return Err(ApiError::bad_request(format!(
+                "the resource's id '{body_id}' does not match request.url '{resource_type}/{id}'"
+            )));
+        }
+        let mut value = Value::Object(body);
+        resource::rewrite_references(&mut value, targets);
+        let Value::Object(body) = value else {
+            unreachable!("rewriting references keeps an object an object")
+        };
+        Ok(store::Prepared::new(resource_type, id, body))
     }
 }
 
@@ -409,7 +532,8 @@ impl Write {
     }
 }
 
-async fn apply(tx: &mut PgConnection, write: &Write) -> Result<Value, Attempt> {
+/// Applies one write; returns its response entry (JSON text).
+async fn apply(tx: &mut PgConnection, write: &Write) -> Result<String, Attempt> {
     let Write {
         method,
         resource_type,
@@ -421,12 +545,12 @@ async fn apply(tx: &mut PgConnection, write: &Write) -> Result<Value, Attempt> {
     match (method, prepared) {
         (Method::Delete, _) => Ok(
             match store::delete(tx, resource_type, id, if_match).await? {
-                Some(w) => json!({"response": {
-                    "status": "204 No Content",
-                    "etag": format!("W/\"{}\"", w.version_id),
-                    "lastModified": instant::format(w.last_updated),
-                }}),
-                None => json!({"response": {"status": "200 OK"}}),
+                Some(w) => format!(
+                    r#"{{"response":{{"status":"204 No Content","etag":"W/\"{}\"","lastModified":"{}"}}}}"#,
+                    w.version_id,
+                    instant::format(w.last_updated)
+                ),
+                None => r#"{"response":{"status":"200 OK"}}"#.to_string(),
             },
         ),
         (_, Some(prepared)) => {
@@ -439,24 +563,20 @@ async fn apply(tx: &mut PgConnection, write: &Write) -> Result<Value, Attempt> {
     }
 }
 
-/// The response entry of a create or update.
+/// The response entry of a create or update, written out directly (a large transaction has
+/// one per entry; types and ids need no escaping).
 fn put_response(
     write: &Write,
     version_id: i32,
     last_updated: chrono::DateTime<chrono::Utc>,
     created: bool,
-) -> Value {
+) -> String {
     let (resource_type, id) = (&write.resource_type, &write.id);
     let status = if created { "201 Created" } else { "200 OK" };
-    json!({
-        "fullUrl": format!("{resource_type}/{id}"),
-        "response": {
-            "status": status,
-            "location": format!("{resource_type}/{id}/_history/{version_id}"),
-            "etag": format!("W/\"{version_id}\""),
-            "lastModified": instant::format(last_updated),
-        }
-    })
+    let last_updated = instant::format(last_updated);
+    format!(
+        r#"{{"fullUrl":"{resource_type}/{id}","response":{{"status":"{status}","location":"{resource_type}/{id}/_history/{version_id}","etag":"W/\"{version_id}\"","lastModified":"{last_updated}"}}}}"#
+    )
 }
 
 fn status_line(status: StatusCode) -> String {
@@ -467,12 +587,21 @@ fn status_line(status: StatusCode) -> String {
     )
 }
 
-fn response_bundle(bundle_type: &str, entries: Vec<Value>) -> Response {
-    let body = json!({
-        "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "type": bundle_type,
-        "entry": entries,
-    });
-    fhir_response(StatusCode::OK, body.to_string())
+/// The response Bundle around its entries' JSON texts.
+fn response_bundle(bundle_type: &str, entries: Vec<String>) -> Response {
+    let size: usize = entries.iter().map(|e| e.len() + 1).sum();
+    let mut body = String::with_capacity(size + 128);
+    body.push_str(r#"{"resourceType":"Bundle","id":""#);
+    body.push_str(&uuid::Uuid::new_v4().to_string());
+    body.push_str(r#"","type":""#);
+    body.push_str(bundle_type);
+    body.push_str(r#"","entry":["#);
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(entry);
+    }
+    body.push_str("]}");
+    fhir_response(StatusCode::OK, body)
 }

@@ -21,8 +21,7 @@ impl<S: Send + Sync> FromRequest<S> for FhirJson {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        require_json_content_type(req.headers())?;
-        let bytes = Bytes::from_request(req, state).await?;
+        let FhirJsonText(bytes) = FhirJsonText::from_request(req, state).await?;
         match serde_json::from_slice(&bytes) {
             Ok(Value::Object(map)) => Ok(FhirJson(map)),
             Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
@@ -30,6 +29,18 @@ impl<S: Send + Sync> FromRequest<S> for FhirJson {
                 "the body is not valid JSON: {e}"
             ))),
         }
+    }
+}
+
+/// A FHIR JSON request body as it came, for handlers that read it without a tree of all of it.
+pub struct FhirJsonText(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for FhirJsonText {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        require_json_content_type(req.headers())?;
+        Ok(FhirJsonText(Bytes::from_request(req, state).await?))
     }
 }
 
