@@ -371,7 +371,7 @@ async fn a_laid_out_transaction_is_stored_compact_and_checked_entry_by_entry() {
         assert_eq!(stored["status"], "final");
         assert_eq!(stored["code"]["text"], "a \"quoted\" \\ line\nand é");
         assert_eq!(stored["subject"]["reference"], format!("Patient/{patient}"));
-        assert_eq!(patient_ids, &[patient.clone()]);
+        assert_eq!(patient_ids, std::slice::from_ref(&patient));
     }
 
     // One resource of another type than its URL says, far down: nothing is written.
