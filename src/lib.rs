@@ -93,6 +93,9 @@ impl Server {
             liveness: Arc::new(liveness),
             storage_health: Arc::default(),
             gauges: metrics::Gauges::new(&pools),
+            vacuum: Arc::new(db::deferred_vacuum::DeferredVacuum::start(
+                pools.primary.clone(),
+            )),
         };
         Ok(Server {
             listener,

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod assertions;
 pub mod bulk;
 pub mod copy_out;
+pub mod deferred_vacuum;
 pub mod jobs;
 pub mod resources;
 pub mod tasks;

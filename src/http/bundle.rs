@@ -4,7 +4,6 @@
 use std::{
     borrow::Cow,
     collections::{HashMap, HashSet},
-    sync::atomic::{AtomicBool, Ordering},
 };
 
 use axum::{
@@ -202,28 +201,14 @@ async fn transaction(state: &AppState, writes: Vec<Write>) -> ApiResult<Response
         }
     };
     if writes.len() >= LARGE_BUNDLE {
-        vacuum_in_background(state);
+        state.vacuum.request();
     }
     Ok(response_bundle("transaction-response", responses))
 }
 
-/// A transaction this large is a bulk load: the store is vacuumed after it, as after `load`.
+/// A transaction this large is a bulk load: the store is vacuumed after it (once such
+/// transactions pause), as after `load`.
 const LARGE_BUNDLE: usize = 5_000;
-
-/// One vacuum at a time per process, after the response (it may take a while).
-fn vacuum_in_background(state: &AppState) {
-    static RUNNING: AtomicBool = AtomicBool::new(false);
-    if RUNNING.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let pool = state.pool.clone();
-    tokio::spawn(async move {
-        if let Err(e) = resources::vacuum(&pool, false).await {
-            tracing::warn!(error = %e, "vacuum after a large transaction failed");
-        }
-        RUNNING.store(false, Ordering::Release);
-    });
-}
 
 /// Why an attempt at a transaction wrote nothing.
 enum Attempt {

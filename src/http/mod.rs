@@ -44,6 +44,8 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     pub storage_health: Arc<health::StorageHealth>,
     pub gauges: crate::metrics::Gauges,
+    /// The store's vacuum after large transactions.
+    pub vacuum: Arc<crate::db::deferred_vacuum::DeferredVacuum>,
 }
 
 pub fn router(state: AppState) -> Router {
