@@ -162,46 +162,86 @@ pub async fn put_many<P: Borrow<Prepared>>(
     batch: &[P],
     assume_new: bool,
 ) -> sqlx::Result<Vec<Stamped>> {
-    // Keys borrow the batch: no per-resource string copies on the way to the COPY.
-    let mut last_index: FxHashMap<(&str, &str), usize> =
-        FxHashMap::with_capacity_and_hasher(batch.len(), Default::default());
-    for (i, p) in batch.iter().enumerate() {
-        last_index.insert(p.borrow().key_ref(), i);
-    }
-    let heads = if assume_new {
-        Default::default()
-    } else {
-        let mut keys: Vec<ResourceKey> = last_index
-            .keys()
-            .map(|(t, id)| (t.to_string(), id.to_string()))
-            .collect();
-        keys.sort_unstable();
-        resources::lock_current_many(tx, &keys).await?
-    };
-    let mut fresh_seqs = resources::next_seqs(tx, last_index.len() - heads.len())
-        .await?
-        .into_iter();
-    let base = resources::next_timestamp(tx, None).await?;
-    // Per resource: the last version given out so far, or its head before the batch (every
-    // resource of the batch ends up here, so it is sized for all of them at once).
-    let mut latest: FxHashMap<(&str, &str), Head> =
-        FxHashMap::with_capacity_and_hasher(last_index.len(), Default::default());
-    let mut rows = Vec::with_capacity(heads.len());
-    for ((resource_type, id), (head, row)) in heads {
-        if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {
-            latest.insert(batch[i].borrow().key_ref(), head);
-        }
-        rows.push(row);
-    }
-    resources::retire_rows(tx, &rows).await?;
-
+    let keys = batch.iter().map(|p| p.borrow().key_ref()).collect();
+    let mut puts = PutMany::start(tx, keys, assume_new).await?;
     let mut stamps = Vec::with_capacity(batch.len());
-    let mut copy = CopyWriter::start(tx, false).await?;
-    for (i, prepared) in batch.iter().enumerate() {
-        let prepared = prepared.borrow();
-        let key = prepared.key_ref();
-        let own_clock = base + TimeDelta::microseconds(i as i64);
-        let (seq, version_id, last_updated, created) = match latest.get(&key) {
+    for prepared in batch {
+        stamps.push(puts.put(prepared.borrow()).await?);
+    }
+    puts.finish().await?;
+    Ok(stamps)
+}
+
+/// `put_many` for a batch whose resources are still being prepared: its keys first (the
+/// current rows are locked then), its resources as they come, in the keys' order.
+pub struct PutMany<'c, 'k> {
+    /// The batch's keys in its order; they borrow the caller's, not each resource.
+    keys: Vec<(&'k str, &'k str)>,
+    /// Per resource: its last appearance in the batch.
+    last_index: FxHashMap<(&'k str, &'k str), usize>,
+    /// Per resource: the last version given out so far, or its head before the batch.
+    latest: FxHashMap<(&'k str, &'k str), Head>,
+    fresh_seqs: std::vec::IntoIter<i64>,
+    base: DateTime<Utc>,
+    copy: CopyWriter<'c>,
+    next: usize,
+}
+
+impl<'c, 'k> PutMany<'c, 'k> {
+    pub async fn start(
+        tx: &'c mut PgConnection,
+        keys: Vec<(&'k str, &'k str)>,
+        assume_new: bool,
+    ) -> sqlx::Result<PutMany<'c, 'k>> {
+        let mut last_index: FxHashMap<(&str, &str), usize> =
+            FxHashMap::with_capacity_and_hasher(keys.len(), Default::default());
+        for (i, key) in keys.iter().enumerate() {
+            last_index.insert(*key, i);
+        }
+        let heads = if assume_new {
+            Default::default()
+        } else {
+            let mut owned: Vec<ResourceKey> = last_index
+                .keys()
+                .map(|(t, id)| (t.to_string(), id.to_string()))
+                .collect();
+            owned.sort_unstable();
+            resources::lock_current_many(tx, &owned).await?
+        };
+        let fresh_seqs = resources::next_seqs(tx, last_index.len() - heads.len())
+            .await?
+            .into_iter();
+        let base = resources::next_timestamp(tx, None).await?;
+        // Every resource of the batch ends up here, so it is sized for all of them at once.
+        let mut latest: FxHashMap<(&str, &str), Head> =
+            FxHashMap::with_capacity_and_hasher(last_index.len(), Default::default());
+        let mut rows = Vec::with_capacity(heads.len());
+        for ((resource_type, id), (head, row)) in heads {
+            if let Some(&i) = last_index.get(&(resource_type.as_str(), id.as_str())) {
+                latest.insert(keys[i], head);
+            }
+            rows.push(row);
+        }
+        resources::retire_rows(tx, &rows).await?;
+        Ok(PutMany {
+            keys,
+            last_index,
+            latest,
+            fresh_seqs,
+            base,
+            copy: CopyWriter::start(tx, false).await?,
+            next: 0,
+        })
+    }
+
+    /// Writes the batch's next appearance, whose key is the next of `start`'s keys.
+    pub async fn put(&mut self, prepared: &Prepared) -> sqlx::Result<Stamped> {
+        let i = self.next;
+        let key = self.keys[i];
+        debug_assert_eq!(key, prepared.key_ref(), "resources come in the keys' order");
+        self.next += 1;
+        let own_clock = self.base + TimeDelta::microseconds(i as i64);
+        let (seq, version_id, last_updated, created) = match self.latest.get(&key) {
             Some(head) => (
                 head.seq,
                 head.version_id + 1,
@@ -209,39 +249,48 @@ pub async fn put_many<P: Borrow<Prepared>>(
                 head.deleted,
             ),
             None => (
-                fresh_seqs.next().expect("one seq per new resource"),
+                self.fresh_seqs.next().expect("one seq per new resource"),
                 1,
                 own_clock,
                 true,
             ),
         };
         let (version_text, time_text) = (version_id.to_string(), instant::format(last_updated));
-        copy.row(&CopyRow {
-            resource_type: &prepared.resource_type,
-            id: &prepared.id,
-            version_id,
-            seq,
-            last_updated,
-            is_current: last_index[&key] == i,
-            patient_ids: &prepared.patient_ids,
-            body: Some(prepared.template.pieces(&version_text, &time_text)),
-        })
-        .await?;
+        self.copy
+            .row(&CopyRow {
+                resource_type: &prepared.resource_type,
+                id: &prepared.id,
+                version_id,
+                seq,
+                last_updated,
+                is_current: self.last_index[&key] == i,
+                patient_ids: &prepared.patient_ids,
+                body: Some(prepared.template.pieces(&version_text, &time_text)),
+            })
+            .await?;
         let given = Head {
             version_id,
             seq,
             last_updated,
             deleted: false,
         };
-        latest.insert(key, given);
-        stamps.push(Stamped {
+        self.latest.insert(key, given);
+        Ok(Stamped {
             version_id,
             last_updated,
             created,
-        });
+        })
     }
-    copy.finish().await?;
-    Ok(stamps)
+
+    pub async fn finish(self) -> sqlx::Result<()> {
+        debug_assert_eq!(self.next, self.keys.len(), "every key was written");
+        self.copy.finish().await
+    }
+
+    /// Gives up: nothing of the batch is written (see `CopyWriter::abort`).
+    pub async fn abort(self, why: &str) -> sqlx::Result<()> {
+        self.copy.abort(why).await
+    }
 }
 
 /// Writes a batch as first versions into the COPY of a bulk load (`db::bulk`): each resource

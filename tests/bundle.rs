@@ -135,6 +135,35 @@ async fn a_failing_transaction_leaves_nothing_behind() {
     assert_eq!(count(&app).await, before);
 }
 
+/// A transaction refused while its COPY is open leaves nothing holding on: the next write of
+/// the resource it had locked goes through at once.
+#[tokio::test]
+async fn a_transaction_refused_mid_copy_lets_go_of_what_it_locked() {
+    let app = TestApp::spawn().await;
+    let patient = json!({"resourceType": "Patient", "id": "p1"});
+    assert_eq!(app.put_json("/Patient/p1", &patient).await.status(), 201);
+    let refused = bundle(
+        "transaction",
+        vec![
+            entry("PUT", "Patient/p1", None, Some(patient.clone())),
+            entry(
+                "POST",
+                "Observation",
+                None,
+                Some(json!({"resourceType": "Nope"})),
+            ),
+        ],
+    );
+    let delete = bundle("batch", vec![entry("DELETE", "Patient/p1", None, None)]);
+    for _ in 0..10 {
+        assert_outcome(app.post_json("/", &refused).await, 400).await;
+        let started = std::time::Instant::now();
+        assert_eq!(app.post_json("/", &delete).await.status(), 200);
+        assert_eq!(app.put_json("/Patient/p1", &patient).await.status(), 201);
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+}
+
 #[tokio::test]
 async fn batch_entries_succeed_or_fail_on_their_own() {
     let app = TestApp::spawn().await;
@@ -378,13 +407,19 @@ async fn a_laid_out_transaction_is_stored_compact_and_checked_entry_by_entry() {
         assert_eq!(patient_ids, std::slice::from_ref(&patient));
     }
 
-    // One resource of another type than its URL says, far down: nothing is written.
-    entries[1_234]["resource"]["resourceType"] = json!("Patient");
+    // One resource of another type than its URL says, written last (its id sorts last), so
+    // that the COPY has taken the others when it is found: nothing is written.
+    entries[999]["resource"]["resourceType"] = json!("Patient");
     let before = count(&app).await;
-    let response = post(serde_json::to_string_pretty(&bundle("transaction", entries)).unwrap())
-        .await
-        .unwrap();
+    let response =
+        post(serde_json::to_string_pretty(&bundle("transaction", entries.clone())).unwrap())
+            .await
+            .unwrap();
     let message = assert_outcome(response, 400).await;
-    assert!(message.contains("Bundle.entry[1234]"), "{message}");
+    assert!(message.contains("Bundle.entry[999]"), "{message}");
     assert_eq!(count(&app).await, before);
+    let response = app
+        .put_json("/Observation/o0", &entries[0]["resource"])
+        .await;
+    assert_eq!(response.status(), 200);
 }

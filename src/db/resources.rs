@@ -258,6 +258,12 @@ impl<'c> CopyWriter<'c> {
         Ok(())
     }
 
+    /// Ends the COPY with nothing written. Dropping it unfinished would leave the connection
+    /// in its transaction, holding its locks.
+    pub async fn abort(self, why: &str) -> sqlx::Result<()> {
+        self.copy.abort(why).await
+    }
+
     pub async fn finish(mut self) -> sqlx::Result<()> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.copy.send(std::mem::take(&mut self.buf)).await?;

@@ -6,6 +6,8 @@ use std::{
     collections::{HashMap, HashSet},
 };
 
+use tokio::sync::{mpsc, oneshot};
+
 use axum::{
     Extension, Router, extract::State, http::StatusCode, response::Response, routing::post,
 };
@@ -52,12 +54,23 @@ struct Entry<'a> {
     if_match: Option<i32>,
 }
 
-/// A Bundle read and its resources prepared.
+/// A Bundle read.
 enum Read {
-    Transaction(Vec<Write>),
-    /// Each entry on its own: what is wrong with one is that entry's answer.
+    Transaction {
+        /// Its writes; only those applied one by one (deletions, `If-Match`) have their
+        /// resources yet.
+        writes: Vec<Write>,
+        /// The order they are applied in (`write_order`).
+        order: Vec<usize>,
+        /// The resources of the plain creates and updates, in that order, a chunk at a time
+        /// as they are prepared; or what is wrong with one of them.
+        plain: Chunks,
+    },
+    /// Each entry on its own, prepared: what is wrong with one is that entry's answer.
     Batch(Vec<ApiResult<Write>>),
 }
+
+type Chunks = mpsc::Receiver<ApiResult<Vec<(usize, store::Prepared)>>>;
 
 async fn bundle(
     State(state): State<AppState>,
@@ -65,18 +78,33 @@ async fn bundle(
     FhirJsonText(body): FhirJsonText,
 ) -> ApiResult<Response> {
     // Reading and preparing a large Bundle is CPU work: off the threads that serve requests.
-    let read = tokio::task::spawn_blocking(move || read_bundle(&body, &principal))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))??;
+    // A transaction's resources go on being prepared there while it is written.
+    let (hand_over, read) = oneshot::channel();
+    let reading = tokio::task::spawn_blocking(move || read_bundle(&body, &principal, hand_over));
+    let Ok(read) = read.await else {
+        // Nothing was handed over: the reading failed.
+        reading.await.map_err(|e| ApiError::Internal(e.into()))??;
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "a Bundle was read but not handed over"
+        )));
+    };
     match read {
-        Read::Transaction(writes) => transaction(&state, writes).await,
+        Read::Transaction {
+            writes,
+            order,
+            plain,
+        } => transaction(&state, writes, order, plain).await,
         Read::Batch(writes) => batch(&state, writes).await,
     }
 }
 
 /// Reads the Bundle without a tree of all of it: the envelope and each entry's request are
 /// parsed, each resource is prepared from its text (`store::text`).
-fn read_bundle(body: &[u8], principal: &Principal) -> ApiResult<Read> {
+fn read_bundle(
+    body: &[u8],
+    principal: &Principal,
+    hand_over: oneshot::Sender<Read>,
+) -> ApiResult<()> {
     let not_json = |e: &dyn std::fmt::Display| {
         ApiError::bad_request(format!("the body is not valid JSON: {e}"))
     };
@@ -99,13 +127,20 @@ fn read_bundle(body: &[u8], principal: &Principal) -> ApiResult<Read> {
             .map_err(|_| ApiError::bad_request("Bundle.entry must be an array"))?,
     };
     match bundle.get("type").and_then(raw_json::string).as_deref() {
-        Some("transaction") => read_transaction(&entries, principal).map(Read::Transaction),
-        Some("batch") => Ok(Read::Batch(
-            entries
+        Some("transaction") => read_transaction(&entries, principal, hand_over),
+        Some("batch") => {
+            let writes = entries
                 .iter()
-                .map(|raw| parse_entry(raw, principal)?.0.prepare(&HashMap::new()))
-                .collect(),
-        )),
+                .map(|raw| {
+                    parse_entry(raw, principal)?
+                        .0
+                        .prepared_write(&HashMap::new())
+                })
+                .collect();
+            // A request given up on has nobody to hand over to.
+            let _ = hand_over.send(Read::Batch(writes));
+            Ok(())
+        }
         other => Err(ApiError::bad_request(format!(
             "Bundle.type must be 'transaction' or 'batch', not {}",
             other.map_or("(missing)".to_string(), |t| format!("'{t}'"))
@@ -113,8 +148,14 @@ fn read_bundle(body: &[u8], principal: &Principal) -> ApiResult<Read> {
     }
 }
 
-/// A transaction's entries, checked and prepared, `urn:uuid:` references resolved.
-fn read_transaction(raw: &[&RawValue], principal: &Principal) -> ApiResult<Vec<Write>> {
+/// Checks a transaction's entries and hands its writes over, then prepares the resources of
+/// its plain creates and updates a chunk at a time, in the order they are written, each sent
+/// as soon as it is ready: the COPY takes them while the rest are prepared.
+fn read_transaction(
+    raw: &[&RawValue],
+    principal: &Principal,
+    hand_over: oneshot::Sender<Read>,
+) -> ApiResult<()> {
     let mut entries = Vec::with_capacity(raw.len());
     let mut targets = HashMap::new();
     for (i, value) in raw.iter().enumerate() {
@@ -136,9 +177,52 @@ fn read_transaction(raw: &[&RawValue], principal: &Principal) -> ApiResult<Vec<W
             ));
         }
     }
-    in_parallel(&entries, |i, entry| {
-        entry.prepare(&targets).map_err(|e| at_entry(i, e))
-    })
+    let prepare = |&i: &usize| -> ApiResult<(usize, store::Prepared)> {
+        let prepared = entries[i].prepare(&targets).map_err(|e| at_entry(i, e))?;
+        Ok((i, prepared.expect("creates and updates have a resource")))
+    };
+    let mut writes: Vec<Write> = entries.iter().map(Entry::write).collect();
+    let one_by_one: Vec<usize> = (0..writes.len())
+        .filter(|&i| !writes[i].is_plain() && entries[i].resource.is_some())
+        .collect();
+    for (i, prepared) in in_parallel(&one_by_one, |_, i| prepare(i))? {
+        writes[i].prepared = Some(prepared);
+    }
+    let order = write_order(&writes);
+    let plain: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| writes[i].is_plain())
+        .collect();
+    let (chunks, receiver) = mpsc::channel(2);
+    let read = Read::Transaction {
+        writes,
+        order,
+        plain: receiver,
+    };
+    if hand_over.send(read).is_err() {
+        return Ok(()); // the request was given up on
+    }
+    for chunk in plain.chunks(CHUNK) {
+        let prepared = in_parallel(chunk, |_, i| prepare(i));
+        let failed = prepared.is_err();
+        // Stop when the writer has stopped listening or been told what is wrong.
+        if chunks.blocking_send(prepared).is_err() || failed {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Resources prepared and sent to the COPY at a time.
+const CHUNK: usize = 1_000;
+
+/// FHIR's order (DELETE, POST, PUT); within it a fixed order of resources, so that two
+/// transactions lock what they share in the same order.
+fn write_order(writes: &[Write]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..writes.len()).collect();
+    order.sort_by(|&a, &b| writes[a].sort_key().cmp(&writes[b].sort_key()));
+    order
 }
 
 /// Below this many entries a transaction is prepared on one thread.
@@ -185,25 +269,119 @@ fn in_parallel<T: Sync, R: Send>(
     Ok(parts?.into_iter().flatten().collect())
 }
 
-async fn transaction(state: &AppState, writes: Vec<Write>) -> ApiResult<Response> {
-    // FHIR's order (DELETE, POST, PUT); within it a fixed order of resources, so that two
-    // transactions lock what they share in the same order.
-    let mut order: Vec<usize> = (0..writes.len()).collect();
-    order.sort_by(|&a, &b| writes[a].sort_key().cmp(&writes[b].sort_key()));
-    let (mut tries, mut one_by_one) = (0, false);
+async fn transaction(
+    state: &AppState,
+    mut writes: Vec<Write>,
+    order: Vec<usize>,
+    mut plain: Chunks,
+) -> ApiResult<Response> {
+    let mut arrived = Vec::with_capacity(writes.len());
+    let mut tries = 0;
     let responses = loop {
         tries += 1;
-        match apply_all(state, &writes, &order, one_by_one).await {
+        let failed = match apply_streamed(state, &writes, &order, &mut plain, &mut arrived).await {
             Ok(responses) => break responses,
-            Err(Attempt::Conflicted(_)) if tries < 5 => continue,
-            Err(Attempt::Collided(_)) if !one_by_one => one_by_one = true,
-            Err(e) => return Err(e.into()),
+            Err(Attempt::Refused(e)) => return Err(e),
+            Err(failed) => failed,
+        };
+        // Another attempt needs every resource at hand.
+        while let Some(chunk) = plain.recv().await {
+            arrived.extend(chunk?);
+        }
+        match failed {
+            Attempt::Conflicted(_) if tries < 5 => plain = resend(std::mem::take(&mut arrived)),
+            Attempt::Collided(_) => {
+                for (i, prepared) in arrived {
+                    writes[i].prepared = Some(prepared);
+                }
+                break apply_one_by_one(state, &writes, &order).await?;
+            }
+            e => return Err(e.into()),
         }
     };
     if writes.len() >= LARGE_BUNDLE {
         state.vacuum.request();
     }
     Ok(response_bundle("transaction-response", responses))
+}
+
+/// The resources of the plain writes again, as one chunk, for another attempt.
+fn resend(arrived: Vec<(usize, store::Prepared)>) -> Chunks {
+    let (sender, receiver) = mpsc::channel(1);
+    sender
+        .try_send(Ok(arrived))
+        .expect("a new channel takes one chunk");
+    receiver
+}
+
+/// The first attempt at a transaction, while the resources of its plain creates and updates
+/// are still being prepared: deletions and `If-Match` writes one by one, then the plain ones
+/// with one COPY that takes each chunk as it comes. What came is kept in `arrived`, for
+/// another attempt.
+async fn apply_streamed(
+    state: &AppState,
+    writes: &[Write],
+    order: &[usize],
+    plain: &mut Chunks,
+    arrived: &mut Vec<(usize, store::Prepared)>,
+) -> Result<Vec<String>, Attempt> {
+    let mut responses = vec![String::new(); writes.len()];
+    let mut tx = resources::begin_write(&state.pool).await?;
+    for &i in order.iter().filter(|&&i| !writes[i].is_plain()) {
+        responses[i] = apply(&mut tx, &writes[i])
+            .await
+            .map_err(|e| e.at_entry(i))?;
+    }
+    let keys: Vec<(&str, &str)> = order
+        .iter()
+        .filter(|&&i| writes[i].is_plain())
+        .map(|&i| (writes[i].resource_type.as_str(), writes[i].id.as_str()))
+        .collect();
+    if !keys.is_empty() {
+        let expected = keys.len();
+        let mut puts = store::PutMany::start(&mut tx, keys, false).await?;
+        let copied = copy_arriving(&mut puts, writes, plain, arrived, &mut responses).await;
+        match copied {
+            Ok(()) if arrived.len() == expected => puts.finish().await?,
+            outcome => {
+                // Ended explicitly: a COPY merely dropped would keep the transaction and its
+                // locks open on the connection.
+                if let Err(e) = puts.abort("the transaction was refused").await {
+                    tracing::warn!(error = %e, "ending an unfinished COPY failed");
+                }
+                return Err(outcome.err().unwrap_or_else(|| {
+                    Attempt::Refused(ApiError::Internal(anyhow::anyhow!(
+                        "the resources of a transaction stopped coming"
+                    )))
+                }));
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(responses)
+}
+
+/// Writes the resources of the plain writes into the COPY as they come, until they stop.
+async fn copy_arriving(
+    puts: &mut store::PutMany<'_, '_>,
+    writes: &[Write],
+    plain: &mut Chunks,
+    arrived: &mut Vec<(usize, store::Prepared)>,
+    responses: &mut [String],
+) -> Result<(), Attempt> {
+    while let Some(chunk) = plain.recv().await {
+        for (i, prepared) in chunk.map_err(Attempt::Refused)? {
+            let stamp = puts.put(&prepared).await?;
+            responses[i] = put_response(
+                &writes[i],
+                stamp.version_id,
+                stamp.last_updated,
+                stamp.created,
+            );
+            arrived.push((i, prepared));
+        }
+    }
+    Ok(())
 }
 
 /// A transaction this large is a bulk load: the store is vacuumed after it (once such
@@ -260,43 +438,34 @@ impl From<Attempt> for ApiError {
     }
 }
 
-/// Applies a transaction's writes in `order`, all or nothing: deletions and `If-Match` writes
-/// one by one, then the plain creates and updates together with one COPY (`store::put_many`) —
-/// or, `one_by_one`, every write on its own.
-async fn apply_all(
+/// Applies a transaction's writes in `order`, all or nothing, each on its own: after a
+/// collision with a concurrent writer, whom each write then waits out. A lost deadlock is
+/// tried again.
+async fn apply_one_by_one(
     state: &AppState,
     writes: &[Write],
     order: &[usize],
-    one_by_one: bool,
-) -> Result<Vec<String>, Attempt> {
-    let mut responses = vec![String::new(); writes.len()];
-    let mut tx = resources::begin_write(&state.pool).await?;
-    let mut plain = Vec::new();
-    for &i in order {
-        match &writes[i] {
-            Write {
-                method: Method::Post | Method::Put,
-                prepared: Some(prepared),
-                if_match: None,
-                ..
-            } if !one_by_one => plain.push((i, prepared)),
-            write => responses[i] = apply(&mut tx, write).await.map_err(|e| e.at_entry(i))?,
+) -> ApiResult<Vec<String>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let mut responses = vec![String::new(); writes.len()];
+            let mut tx = resources::begin_write(&state.pool).await?;
+            for &i in order {
+                responses[i] = apply(&mut tx, &writes[i])
+                    .await
+                    .map_err(|e| e.at_entry(i))?;
+            }
+            tx.commit().await?;
+            Ok(responses)
+        };
+        match attempt.await {
+            Ok(responses) => return Ok(responses),
+            Err(Attempt::Conflicted(_)) if tries < 5 => continue,
+            Err(e) => return Err(e.into()),
         }
     }
-    if !plain.is_empty() {
-        let batch: Vec<&store::Prepared> = plain.iter().map(|&(_, p)| p).collect();
-        let stamps = store::put_many(&mut tx, &batch, false).await?;
-        for (&(i, _), stamp) in plain.iter().zip(stamps) {
-            responses[i] = put_response(
-                &writes[i],
-                stamp.version_id,
-                stamp.last_updated,
-                stamp.created,
-            );
-        }
-    }
-    tx.commit().await?;
-    Ok(responses)
 }
 
 async fn batch(state: &AppState, writes: Vec<ApiResult<Write>>) -> ApiResult<Response> {
@@ -453,18 +622,30 @@ struct Write {
 }
 
 impl Entry<'_> {
-    fn prepare(&self, targets: &HashMap<String, String>) -> ApiResult<Write> {
-        let prepared = match self.resource {
-            None => None,
-            Some(raw) => Some(self.prepare_resource(raw.get(), targets)?),
-        };
-        Ok(Write {
+    /// The entry's write, its resource not prepared yet.
+    fn write(&self) -> Write {
+        Write {
             method: self.method,
             resource_type: self.resource_type.clone(),
             id: self.id.clone(),
-            prepared,
+            prepared: None,
             if_match: self.if_match,
+        }
+    }
+
+    /// The entry's write with its resource prepared.
+    fn prepared_write(&self, targets: &HashMap<String, String>) -> ApiResult<Write> {
+        Ok(Write {
+            prepared: self.prepare(targets)?,
+            ..self.write()
         })
+    }
+
+    /// The entry's resource, prepared (`None`: it has none).
+    fn prepare(&self, targets: &HashMap<String, String>) -> ApiResult<Option<store::Prepared>> {
+        self.resource
+            .map(|raw| self.prepare_resource(raw.get(), targets))
+            .transpose()
     }
 
     /// The fast way (`store::text`), or the full way, which also says what is wrong.
@@ -512,6 +693,11 @@ impl Entry<'_> {
 }
 
 impl Write {
+    /// A create or update without `If-Match`: written with the others in one COPY.
+    fn is_plain(&self) -> bool {
+        self.method != Method::Delete && self.if_match.is_none()
+    }
+
     fn sort_key(&self) -> (Method, &str, &str) {
         (self.method, &self.resource_type, &self.id)
     }
