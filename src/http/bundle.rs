@@ -156,10 +156,12 @@ fn read_transaction(
     principal: &Principal,
     hand_over: oneshot::Sender<Read>,
 ) -> ApiResult<()> {
-    let mut entries = Vec::with_capacity(raw.len());
+    let parsed = in_parallel(raw, |i, value| {
+        parse_entry(value, principal).map_err(|e| at_entry(i, e))
+    })?;
+    let mut entries = Vec::with_capacity(parsed.len());
     let mut targets = HashMap::new();
-    for (i, value) in raw.iter().enumerate() {
-        let (entry, full_url) = parse_entry(value, principal).map_err(|e| at_entry(i, e))?;
+    for (entry, full_url) in parsed {
         if let Some(url) = full_url.filter(|u| u.starts_with("urn:uuid:")) {
             targets.insert(url, format!("{}/{}", entry.resource_type, entry.id));
         }
