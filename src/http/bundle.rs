@@ -6,13 +6,12 @@ use std::{
     collections::{HashMap, HashSet},
 };
 
-use tokio::sync::{mpsc, oneshot};
-
 use axum::{
     Extension, Router, extract::State, http::StatusCode, response::Response, routing::post,
 };
 use serde_json::{Map, Value, error::Category, json, value::RawValue};
 use sqlx::PgConnection;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ApiError, ApiResult, AppState,
@@ -227,7 +226,7 @@ fn write_order(writes: &[Write]) -> Vec<usize> {
     order
 }
 
-/// Below this many entries a transaction is prepared on one thread.
+/// Fewer items than this are not worth a thread of their own.
 const PARALLEL_MIN: usize = 512;
 
 /// `f` over `items` on every core, the results in order (the first error by position wins):
@@ -316,10 +315,10 @@ fn resend(arrived: Vec<(usize, store::Prepared)>) -> Chunks {
     receiver
 }
 
-/// The first attempt at a transaction, while the resources of its plain creates and updates
-/// are still being prepared: deletions and `If-Match` writes one by one, then the plain ones
-/// with one COPY that takes each chunk as it comes. What came is kept in `arrived`, for
-/// another attempt.
+/// An attempt at a transaction: deletions and `If-Match` writes one by one, then the plain
+/// creates and updates with one COPY that takes each chunk of their resources as it comes (on
+/// the first attempt, while the rest are still being prepared). What came is kept in
+/// `arrived`, for another attempt.
 async fn apply_streamed(
     state: &AppState,
     writes: &[Write],
