@@ -3,8 +3,6 @@
 
 pub mod text;
 
-use std::borrow::Borrow;
-
 use chrono::{DateTime, TimeDelta, Utc};
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
@@ -42,21 +40,6 @@ impl Prepared {
             id: id.to_string(),
             patient_ids: compartment::patient_ids(resource_type, id, &resource),
             template: Template::new(resource, id),
-        }
-    }
-
-    /// From parts computed elsewhere (the fast path of `load`).
-    pub fn from_parts(
-        resource_type: &str,
-        id: &str,
-        patient_ids: Vec<String>,
-        template: Template,
-    ) -> Prepared {
-        Prepared {
-            resource_type: resource_type.to_string(),
-            id: id.to_string(),
-            patient_ids,
-            template,
         }
     }
 
@@ -157,16 +140,16 @@ pub struct Stamped {
 /// A resource created or retired by a concurrent writer meanwhile collides on the primary key
 /// too (`resources::is_version_collision`): nothing was written, and the batch can run again.
 /// Returns the version of each appearance, in the batch's order.
-pub async fn put_many<P: Borrow<Prepared>>(
+pub async fn put_many(
     tx: &mut PgConnection,
-    batch: &[P],
+    batch: &[Prepared],
     assume_new: bool,
 ) -> sqlx::Result<Vec<Stamped>> {
-    let keys = batch.iter().map(|p| p.borrow().key_ref()).collect();
+    let keys = batch.iter().map(Prepared::key_ref).collect();
     let mut puts = PutMany::start(tx, keys, assume_new).await?;
     let mut stamps = Vec::with_capacity(batch.len());
     for prepared in batch {
-        stamps.push(puts.put(prepared.borrow()).await?);
+        stamps.push(puts.put(prepared).await?);
     }
     puts.finish().await?;
     Ok(stamps)

@@ -613,7 +613,7 @@ fn parse_entry<'a>(
     ))
 }
 
-/// An entry ready to be written (references resolved, the resource prepared).
+/// An entry to be written; its resource once it is prepared (references resolved).
 struct Write {
     method: Method,
     resource_type: String,
@@ -642,26 +642,20 @@ impl Entry<'_> {
         })
     }
 
-    /// The entry's resource, prepared (`None`: it has none).
+    /// The entry's resource, prepared (`None`: it has none) the fast way (`store::text`), or
+    /// the full way, which also says what is wrong.
     fn prepare(&self, targets: &HashMap<String, String>) -> ApiResult<Option<store::Prepared>> {
-        self.resource
-            .map(|raw| self.prepare_resource(raw.get(), targets))
-            .transpose()
-    }
-
-    /// The fast way (`store::text`), or the full way, which also says what is wrong.
-    fn prepare_resource(
-        &self,
-        text: &str,
-        targets: &HashMap<String, String>,
-    ) -> ApiResult<store::Prepared> {
+        let Some(raw) = self.resource else {
+            return Ok(None);
+        };
+        let text = raw.get();
         let (resource_type, id) = (self.resource_type.as_str(), self.id.as_str());
         let identity = match self.method {
             Method::Post => Identity::Assigned { resource_type, id },
             _ => Identity::Given { resource_type, id },
         };
         if let Some(prepared) = store::text::prepare(text, identity, targets) {
-            return Ok(prepared);
+            return Ok(Some(prepared));
         }
         let body = match serde_json::from_str(text) {
             Ok(Value::Object(body)) => resource_of_type(body, resource_type)?,
@@ -689,7 +683,7 @@ impl Entry<'_> {
         let Value::Object(body) = value else {
             unreachable!("rewriting references keeps an object an object")
         };
-        Ok(store::Prepared::new(resource_type, id, body))
+        Ok(Some(store::Prepared::new(resource_type, id, body)))
     }
 }
 

@@ -95,12 +95,12 @@ pub fn prepare(
         &meta,
         rest.iter().map(|(k, v)| (*k, v.as_ref())),
     );
-    Some(Prepared::from_parts(
-        resource_type,
-        &id,
+    Some(Prepared {
+        resource_type: resource_type.to_string(),
+        id: id.into_owned(),
         patient_ids,
         template,
-    ))
+    })
 }
 
 /// An element's text with its `urn:uuid:` references resolved (`None`: not JSON).
