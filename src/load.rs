@@ -54,6 +54,11 @@ pub struct LoadArgs {
     /// batches, each its own transaction, as a load into a store with data always does.
     #[arg(long)]
     pub online: bool,
+    /// The server's FHIR base: absolute references under it are to its own resources (for
+    /// Patient compartments); others are to other servers. Default: the configured
+    /// `server.public_url`.
+    #[arg(long)]
+    pub base_url: Option<String>,
 }
 
 /// What a load did.
@@ -87,7 +92,8 @@ impl LoadReport {
     }
 }
 
-pub async fn run(config: &Config, args: LoadArgs) -> anyhow::Result<()> {
+pub async fn run(config: &Config, mut args: LoadArgs) -> anyhow::Result<()> {
+    args.base_url.get_or_insert_with(|| config.public_url());
     let files = collect_files(&args.paths)?;
     let pool = db::connect_for_load(&config.database.url, 4).await?;
     db::migrate(&pool).await?;
@@ -467,6 +473,7 @@ fn read_all(
         skip_invalid: args.skip_invalid,
         skipped: 0,
         targets: &targets,
+        base: args.base_url.as_deref().unwrap_or_default(),
     };
     for file in files {
         let result = match kind(file) {
@@ -491,12 +498,14 @@ struct Batcher<'a> {
     skip_invalid: bool,
     skipped: u64,
     targets: &'a HashMap<String, String>,
+    /// This server's FHIR base (see `LoadArgs::base_url`).
+    base: &'a str,
 }
 
 impl Batcher<'_> {
     /// Adds one resource (as parsed JSON, with its `fullUrl` if any). `Ok(false)` means stop.
     fn push(&mut self, value: Value, full_url: Option<&str>, place: &str) -> anyhow::Result<bool> {
-        match prepare(value, full_url, self.targets) {
+        match prepare(value, full_url, self.targets, self.base) {
             Ok(prepared) => Ok(self.add(prepared)),
             Err(why) => self.skip_or_fail(place, &why).map(|()| true),
         }
@@ -537,6 +546,7 @@ fn prepare(
     value: Value,
     full_url: Option<&str>,
     targets: &HashMap<String, String>,
+    base: &str,
 ) -> Result<Prepared, String> {
     let mut value = value;
     if !targets.is_empty() {
@@ -548,7 +558,7 @@ fn prepare(
         None => id_from_full_url(full_url).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
     };
     let resource_type = resource::resource_type(&resource).to_string();
-    Ok(Prepared::new(&resource_type, &id, resource))
+    Prepared::new(&resource_type, &id, resource, base).map_err(|invalid| invalid.to_string())
 }
 
 /// `urn:uuid:X` → `X`, the id a resource without one takes.
@@ -586,7 +596,7 @@ fn read_ndjson(file: &Path, progress: &ProgressBar, out: &mut Batcher) -> anyhow
         }
         let fast = std::str::from_utf8(&line)
             .ok()
-            .and_then(|text| store::text::prepare(text, Identity::Own, out.targets));
+            .and_then(|text| store::text::prepare(text, Identity::Own, out.targets, out.base));
         if let Some(prepared) = fast {
             if !out.add(prepared) {
                 return Ok(false);

@@ -10,7 +10,11 @@ use sqlx::PgConnection;
 
 use crate::{
     db::resources::{self, CopyRow, CopyWriter, Head, NewVersion, ResourceKey},
-    fhir::{compartment, instant, resource::Template},
+    fhir::{
+        compartment, instant,
+        resource::Template,
+        validate::{self, Invalid},
+    },
 };
 
 /// What a write did.
@@ -34,13 +38,22 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn new(resource_type: &str, id: &str, resource: Map<String, Value>) -> Prepared {
-        Prepared {
+    /// A resource of `resource_type` stored as `id`, once it is valid R4 (single values of
+    /// repeating elements become arrays). `base` is this server's FHIR base: references under
+    /// it are local.
+    pub fn new(
+        resource_type: &str,
+        id: &str,
+        mut resource: Map<String, Value>,
+        base: &str,
+    ) -> Result<Prepared, Invalid> {
+        validate::resource(resource_type, &mut resource)?;
+        Ok(Prepared {
             resource_type: resource_type.to_string(),
             id: id.to_string(),
-            patient_ids: compartment::patient_ids(resource_type, id, &resource),
+            patient_ids: compartment::patient_ids(resource_type, id, &resource, base),
             template: Template::new(resource, id),
-        }
+        })
     }
 
     fn key_ref(&self) -> (&str, &str) {

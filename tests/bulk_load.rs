@@ -21,6 +21,7 @@ fn args() -> LoadArgs {
         batch_size: 100,
         writers: 2,
         online: false,
+        base_url: None,
     }
 }
 

@@ -423,3 +423,44 @@ async fn a_laid_out_transaction_is_stored_compact_and_checked_entry_by_entry() {
         .await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn an_invalid_entry_refuses_the_transaction_by_its_position() {
+    let app = TestApp::spawn().await;
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "a"},
+         "request": {"method": "PUT", "url": "Patient/a"}},
+        {"resource": {"resourceType": "Patient", "id": "b", "birthDate": "yesterday"},
+         "request": {"method": "PUT", "url": "Patient/b"}},
+        {"resource": {"resourceType": "Patient", "name": {"family": "Single"}},
+         "request": {"method": "POST", "url": "Patient"}}]});
+    let response = app.post_json("/", &bundle).await;
+    assert_eq!(response.status(), 400);
+    let body = json(response).await;
+    let issue = &body["issue"][0];
+    assert_eq!(issue["expression"][0], "Patient.birthDate");
+    assert!(
+        issue["diagnostics"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bundle.entry[1]"),
+        "{body}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    // Without the bad entry it goes through; the single `name` is stored as an array.
+    let mut fixed = bundle.clone();
+    fixed["entry"].as_array_mut().unwrap().remove(1);
+    let response = app.post_json("/", &fixed).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let names: Vec<Value> = sqlx::query_scalar(
+        "SELECT (body::jsonb)->'name' FROM resources WHERE resource_type = 'Patient' AND id <> 'a'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(names, vec![json!([{"family": "Single"}])]);
+}

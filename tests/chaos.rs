@@ -248,6 +248,7 @@ async fn exports_stay_exact_through_kills_freezes_restarts_and_a_storage_pause()
         batch_size: 2000,
         writers: 2,
         online: false,
+        base_url: None,
     };
     let loaded = fhir_export::load::load_files(&pool, files, &args)
         .await
@@ -429,7 +430,8 @@ async fn exports_stay_exact_through_kills_freezes_restarts_and_a_storage_pause()
                         let body = json!({"resourceType": t, "id": id,
                             "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">slow</div>"}});
                         let Value::Object(map) = body else { unreachable!() };
-                        let prepared = fhir_export::store::Prepared::new(t, id, map);
+                        let prepared = fhir_export::store::Prepared::new(t, id, map, "")
+                            .expect("a valid resource");
                         fhir_export::store::put(&mut tx, &prepared, None).await?;
                         tokio::time::sleep(rng.millis(10, 100)).await;
                     }

@@ -34,9 +34,13 @@ async fn open_writer(app: &TestApp, id: &str) -> Transaction<'static, Postgres> 
     let Value::Object(map) = body else {
         unreachable!()
     };
-    store::put(&mut tx, &Prepared::new("Patient", id, map), None)
-        .await
-        .unwrap();
+    store::put(
+        &mut tx,
+        &Prepared::new("Patient", id, map, "").unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     tx
 }
 
@@ -385,4 +389,147 @@ async fn a_429_slot_is_freed_when_a_job_ends() {
         202
     );
     kick_off(&app, "/$export").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_right_after_kick_off_never_deadlocks_with_a_claim() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 2;
+        c.export.poll_interval_ms = 50;
+    })
+    .await;
+    put_patients(&app, 3).await;
+    // The workers claim on the kick-off's NOTIFY while the DELETE takes the job: thousands of
+    // times, every cancel is answered 202 at once.
+    for round in 0..2000 {
+        let status_url = kick_off(&app, "/$export?_type=Patient").await;
+        let started = std::time::Instant::now();
+        let response = app.client.delete(&status_url).send().await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 202, "round {round}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "round {round}: a cancel waited {:?}",
+            started.elapsed()
+        );
+    }
+    let unfinished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM export_jobs WHERE status <> 'cancelled'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(unfinished, 0, "a cancelled job went on");
+    rows_until(
+        &app,
+        "SELECT count(*) = 0 FROM export_tasks WHERE status IN ('queued', 'running')",
+    )
+    .await;
+
+    // Ten cancels of one job at once: each 202 or 404, none waiting for a deadlock to be found.
+    let status_url = kick_off(&app, "/$export?_type=Patient").await;
+    let cancels = (0..10).map(|_| {
+        let request = app.client.delete(&status_url);
+        async move {
+            let started = std::time::Instant::now();
+            let status = request.send().await.unwrap().status().as_u16();
+            (status, started.elapsed())
+        }
+    });
+    let answers = futures::future::join_all(cancels).await;
+    assert!(answers.iter().any(|(s, _)| *s == 202), "{answers:?}");
+    for (status, took) in answers {
+        assert!(status == 202 || status == 404, "{status}");
+        assert!(
+            took < Duration::from_millis(900),
+            "a concurrent cancel took {took:?}"
+        );
+    }
+}
+
+/// A small filesystem of its own (tmpfs), unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: usize) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount (the tests run as root)");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk(dir)
+    }
+
+    fn files(&self) -> usize {
+        let mut count = 0;
+        let mut dirs = vec![self.0.path().to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                if entry.path().is_dir() {
+                    dirs.push(entry.path());
+                } else {
+                    count += 1;
+                }
+            }
+        }
+        count
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_export_removes_its_files_after_attempts_that_back_off() {
+    let disk = SmallDisk::mount(256 * 1024);
+    let app = TestApp::spawn_with(|c| {
+        c.storage.dir = disk.0.path().display().to_string();
+        c.export.max_attempts = 3;
+        c.export.retry_backoff_secs = 1;
+        c.export.part_size = 100_000;
+    })
+    .await;
+    load_generated(&app, 3).await;
+    let started = std::time::Instant::now();
+    // The Patients fit; the Observations fill the disk, every attempt.
+    let status_url = kick_off(&app, "/$export?_type=Patient,Observation").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let response = loop {
+        let response = app.client.get(&status_url).send().await.unwrap();
+        if response.status() != 202 {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never failed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_outcome(response, 500).await;
+    // Three attempts, 1 s then 2 s apart.
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "attempts did not back off: {:?}",
+        started.elapsed()
+    );
+    let failures: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 3);
+    let committed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM export_parts WHERE resources IS NOT NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(committed >= 1, "no file was written before the failure");
+    // Its files are gone: the disk is free for the next export.
+    assert_eq!(disk.files(), 0, "a failed export kept its files");
+    let again = kick_off(&app, "/$export?_type=Patient").await;
+    wait_manifest(&app, &again).await;
 }

@@ -352,3 +352,55 @@ async fn a_bad_line_names_file_and_line_and_stops_the_load() {
     std::fs::write(&txt, "x").unwrap();
     assert!(!run(&db, &["load", txt.to_str().unwrap()]).status.success());
 }
+
+#[tokio::test]
+async fn resources_that_are_not_valid_r4_are_reported_by_line_and_the_rest_loaded() {
+    let db = TestDb::new().await;
+    let data = tempfile::tempdir().unwrap();
+    let lines = [
+        json!({"resourceType": "Patient", "id": "ok1", "gender": "female"}),
+        json!({"resourceType": "Patient", "id": "bad1", "gender": {"code": "female"}}),
+        json!({"resourceType": "Patient", "id": "ok2", "name": {"family": "Single"}}),
+        json!({"resourceType": "Patient", "id": "bad2", "birthDate": "x", "unknown": 1}),
+        json!({"resourceType": "Observation", "id": "bad3", "valueInteger": 99999999999_i64}),
+        json!({"resourceType": "Patient", "id": "ok3"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let file = data.path().join("mixed.ndjson");
+    std::fs::write(&file, text).unwrap();
+
+    // Without --skip-invalid the first bad line stops the load, named by file and line.
+    let output = run(&db, &["load", file.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("mixed.ndjson:2") && stderr.contains("Patient.gender"),
+        "{stderr}"
+    );
+
+    let output = run(&db, &["load", "--skip-invalid", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let stdout = ok(output);
+    assert!(stdout.contains("3 skipped"), "{stdout}");
+    for (line, what) in [
+        (2, "Patient.gender"),
+        (4, "Patient.birthDate"),
+        (4, "Patient.unknown"),
+        (5, "Observation.valueInteger"),
+    ] {
+        let place = format!("mixed.ndjson:{line}");
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&place) && l.contains(what)),
+            "{place} {what} not reported: {stderr}"
+        );
+    }
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    assert_eq!(
+        current_counts(&pool).await,
+        BTreeMap::from([("Patient".to_string(), 3)])
+    );
+    let ok2 = current_body(&pool, "Patient", "ok2").await.unwrap();
+    assert_eq!(ok2["name"], json!([{"family": "Single"}]));
+}

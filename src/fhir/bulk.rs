@@ -65,6 +65,14 @@ pub fn parse(
         HashSet::new(),
     );
     for (name, value) in params {
+        // No parameter holds control characters; a NUL could not even be stored.
+        if let Some(c) = name.chars().chain(value.chars()).find(|c| c.is_control()) {
+            return Err(format!(
+                "parameter {} holds the control character U+{:04X}",
+                name.escape_debug(),
+                c as u32
+            ));
+        }
         match name.as_str() {
             "_outputFormat" => {
                 if !OUTPUT_FORMATS.contains(&value.as_str()) {
@@ -107,8 +115,8 @@ pub fn parse(
                     return Err("patient is only supported for Patient and Group export".into());
                 }
                 for reference in value.split(',').map(str::trim) {
-                    let id = super::compartment::patient_id(reference).ok_or_else(|| {
-                        format!("patient '{reference}' is not a Patient reference")
+                    let id = super::compartment::patient_id(reference, base_url).ok_or_else(|| {
+                        format!("patient '{reference}' is not a reference to a Patient of this server")
                     })?;
                     if patients.insert(id) {
                         out.patients.push(id.to_string());
@@ -146,8 +154,9 @@ pub fn parse(
                 }
             }
             "_anonymizationConfig" => {
+                // A blob name whose every segment is also a file name (at most 255 bytes).
                 let valid = !value.is_empty()
-                    && value.len() <= 1024
+                    && value.len() <= 255
                     && value
                         .split('/')
                         .all(|p| !p.is_empty() && p != "." && p != "..")
@@ -543,8 +552,13 @@ mod tests {
                 BASE,
             )
             .unwrap_err()
-            .contains("Patient reference")
+            .contains("reference to a Patient of this server")
         );
+        let foreign = p(&[("patient", "http://other.example/fhir/Patient/a")]);
+        assert!(parse(&foreign, false, false, now(), BASE).is_err());
+        let own = format!("{BASE}/Patient/c");
+        let r = parse(&p(&[("patient", &own)]), false, false, now(), BASE).unwrap();
+        assert_eq!(r.patients, vec!["c"]);
     }
 
     #[test]

@@ -6,15 +6,21 @@ use serde_json::{Map, Value};
 use super::r4::PATIENT_COMPARTMENT;
 
 /// The ids of the patients whose compartment holds this resource, sorted and unique.
-/// A Patient is in its own compartment.
-pub fn patient_ids(resource_type: &str, id: &str, resource: &Map<String, Value>) -> Vec<String> {
+/// A Patient is in its own compartment. Only references to this server (relative, or under
+/// `base`) count: `http://other.example/fhir/Patient/X` is another server's patient.
+pub fn patient_ids(
+    resource_type: &str,
+    id: &str,
+    resource: &Map<String, Value>,
+    base: &str,
+) -> Vec<String> {
     let mut ids = Vec::new();
     if resource_type == "Patient" {
         ids.push(id.to_string());
     }
     if let Ok(i) = PATIENT_COMPARTMENT.binary_search_by(|(t, _)| t.cmp(&resource_type)) {
         for path in PATIENT_COMPARTMENT[i].1 {
-            collect_references(resource, Some(path), &mut ids);
+            collect_references(resource, Some(path), base, &mut ids);
         }
     }
     ids.sort();
@@ -31,10 +37,15 @@ pub fn top_level_elements(resource_type: &str) -> impl Iterator<Item = &'static 
 }
 
 /// Walks a dotted `path` through objects and arrays; at its end, reads Reference elements.
-fn collect_references(object: &Map<String, Value>, path: Option<&str>, out: &mut Vec<String>) {
+fn collect_references(
+    object: &Map<String, Value>,
+    path: Option<&str>,
+    base: &str,
+    out: &mut Vec<String>,
+) {
     let Some(path) = path else {
         if let Some(Value::String(reference)) = object.get("reference")
-            && let Some(id) = patient_id(reference)
+            && let Some(id) = patient_id(reference, base)
         {
             out.push(id.to_string());
         }
@@ -46,7 +57,7 @@ fn collect_references(object: &Map<String, Value>, path: Option<&str>, out: &mut
     };
     let mut visit = |value: &Value| {
         if let Value::Object(inner) = value {
-            collect_references(inner, rest, out);
+            collect_references(inner, rest, base, out);
         }
     };
     match object.get(first) {
@@ -56,18 +67,12 @@ fn collect_references(object: &Map<String, Value>, path: Option<&str>, out: &mut
     }
 }
 
-/// `Patient/123`, `Patient/123/_history/2` or `https://host/fhir/Patient/123` → `123`.
-pub fn patient_id(reference: &str) -> Option<&str> {
-    let mut parts = reference.rsplit('/');
-    let last = parts.next()?;
-    let (type_part, id) = if parts.clone().next() == Some("_history") {
-        parts.next();
-        let id = parts.next()?;
-        (parts.next()?, id)
-    } else {
-        (parts.next()?, last)
-    };
-    (type_part == "Patient" && super::resource::is_valid_id(id)).then_some(id)
+/// `Patient/123`, `Patient/123/_history/2` or `{base}/Patient/123` → `123`.
+pub fn patient_id<'r>(reference: &'r str, base: &str) -> Option<&'r str> {
+    match super::resource::local_reference(reference, base)? {
+        ("Patient", id) => Some(id),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -75,8 +80,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const BASE: &str = "http://example.org/fhir";
+
     fn ids(t: &str, id: &str, v: Value) -> Vec<String> {
-        patient_ids(t, id, v.as_object().unwrap())
+        patient_ids(t, id, v.as_object().unwrap(), BASE)
     }
 
     #[test]
@@ -92,6 +99,8 @@ mod tests {
         let ap = json!({"participant": [
             {"actor": {"reference": "http://example.org/fhir/Patient/a/_history/3"}},
             {"actor": {"reference": "Patient/b"}},
+            {"actor": {"reference": "http://other.example/fhir/Patient/c"}},
+            {"actor": {"reference": "http://example.org/fhirx/Patient/d"}},
             {"actor": {"reference": "Location/l"}}]});
         assert_eq!(ids("Appointment", "x", ap), vec!["a", "b"]);
     }
@@ -114,9 +123,11 @@ mod tests {
 
     #[test]
     fn unresolved_and_odd_references_are_ignored() {
-        assert_eq!(patient_id("urn:uuid:1234"), None);
-        assert_eq!(patient_id("Patient/"), None);
-        assert_eq!(patient_id("Patient/a b"), None);
-        assert_eq!(patient_id("Patient/a"), Some("a"));
+        assert_eq!(patient_id("urn:uuid:1234", BASE), None);
+        assert_eq!(patient_id("Patient/", BASE), None);
+        assert_eq!(patient_id("Patient/a b", BASE), None);
+        assert_eq!(patient_id("Patient/a", BASE), Some("a"));
+        assert_eq!(patient_id("x/Patient/a", BASE), None);
+        assert_eq!(patient_id("https://other.example/Patient/a", BASE), None);
     }
 }

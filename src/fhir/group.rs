@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::{instant, resource::is_valid_id};
+use super::{instant, resource::local_reference};
 
 /// The active members of a Group that export follows.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -47,8 +47,8 @@ struct Period<'a> {
 }
 
 /// The members of a Group (its JSON text) that are not `inactive` and whose `period` (if any)
-/// includes `now`.
-pub fn active_members(group: &str, now: DateTime<Utc>) -> serde_json::Result<Members> {
+/// includes `now`, and are resources of this server (relative references, or under `base`).
+pub fn active_members(group: &str, now: DateTime<Utc>, base: &str) -> serde_json::Result<Members> {
     let parsed: GroupMembers = serde_json::from_str(group)?;
     let mut members = Members::default();
     for member in parsed.member {
@@ -58,13 +58,9 @@ pub fn active_members(group: &str, now: DateTime<Utc>) -> serde_json::Result<Mem
         let Some(reference) = member.entity.and_then(|e| e.reference) else {
             continue;
         };
-        let mut parts = reference.trim_end_matches('/').rsplit('/');
-        let (Some(id), Some(kind)) = (parts.next(), parts.next()) else {
+        let Some((kind, id)) = local_reference(&reference, base) else {
             continue;
         };
-        if !is_valid_id(id) {
-            continue;
-        }
         match kind {
             "Patient" => members.patients.push(id.to_string()),
             "Group" => members.groups.push(id.to_string()),
@@ -101,13 +97,18 @@ mod tests {
             {"entity": {"reference": "Group/g2"}},
             {"entity": {"reference": "Practitioner/x"}},
             {"entity": {"reference": "https://other.example/fhir/Patient/f"}},
+            {"entity": {"reference": "https://this.example/fhir/Patient/g"}},
         ]});
-        let m = active_members(&g.to_string(), now).unwrap();
-        assert_eq!(m.patients, vec!["a", "e", "f"]);
+        let base = "https://this.example/fhir";
+        let m = active_members(&g.to_string(), now, base).unwrap();
+        assert_eq!(m.patients, vec!["a", "e", "g"]);
         assert_eq!(m.groups, vec!["g2"]);
-        assert_eq!(active_members("{}", now).unwrap(), Members::default());
+        assert_eq!(active_members("{}", now, base).unwrap(), Members::default());
         let escaped = r#"{"member": [{"entity": {"reference": "Patient\/x"}}]}"#;
-        assert_eq!(active_members(escaped, now).unwrap().patients, vec!["x"]);
-        assert!(active_members(r#"{"member": 5}"#, now).is_err());
+        assert_eq!(
+            active_members(escaped, now, base).unwrap().patients,
+            vec!["x"]
+        );
+        assert!(active_members(r#"{"member": 5}"#, now, base).is_err());
     }
 }

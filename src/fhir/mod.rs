@@ -17,6 +17,7 @@ pub mod resource;
 pub mod search_param;
 pub mod search_value;
 pub mod type_filter;
+pub mod validate;
 
 /// Is `name` an R4 resource type?
 pub fn is_resource_type(name: &str) -> bool {

@@ -18,6 +18,8 @@ pub struct ElementType {
     pub many: bool,
     /// Is its type a primitive one?
     pub primitive: bool,
+    /// Must it be present (minimum cardinality 1)?
+    pub required: bool,
 }
 
 /// The element of `type_key` (a type name or a backbone element's path) under `key`.

@@ -27,6 +27,8 @@ pub struct Issue {
     pub severity: Severity,
     pub code: &'static str,
     pub diagnostics: String,
+    /// FHIRPath of what the issue is about.
+    pub expression: Option<String>,
 }
 
 impl Issue {
@@ -35,15 +37,26 @@ impl Issue {
             severity,
             code,
             diagnostics: diagnostics.into(),
+            expression: None,
         }
     }
 
+    /// The issue is about the element at `expression` (FHIRPath).
+    pub fn at(mut self, expression: impl Into<String>) -> Issue {
+        self.expression = Some(expression.into());
+        self
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut issue = json!({
             "severity": self.severity.code(),
             "code": self.code,
             "diagnostics": self.diagnostics,
-        })
+        });
+        if let Some(expression) = &self.expression {
+            issue["expression"] = json!([expression]);
+        }
+        issue
     }
 }
 

@@ -12,6 +12,25 @@ pub fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// The type and id a reference names when it is to a resource of this server: relative
+/// (`Patient/123`, `Patient/123/_history/2`) or absolute under this server's `base`.
+/// A reference to another server, a `urn:`, a fragment or anything else is not local.
+pub fn local_reference<'r>(reference: &'r str, base: &str) -> Option<(&'r str, &'r str)> {
+    let relative = match reference.strip_prefix(base) {
+        Some(rest) if !base.is_empty() => rest.strip_prefix('/')?,
+        _ if reference.contains(':') => return None,
+        _ => reference,
+    };
+    let mut parts = relative.split('/');
+    let (resource_type, id) = (parts.next()?, parts.next()?);
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => {}
+        (Some("_history"), Some(version), None) if !version.is_empty() => {}
+        _ => return None,
+    }
+    (super::is_resource_type(resource_type) && is_valid_id(id)).then_some((resource_type, id))
+}
+
 /// Parses JSON text that must be a resource: an object with a known `resourceType` and, if
 /// present, a valid `id`.
 pub fn parse(text: &[u8]) -> Result<Map<String, Value>, String> {

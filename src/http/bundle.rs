@@ -79,7 +79,9 @@ async fn bundle(
     // Reading and preparing a large Bundle is CPU work: off the threads that serve requests.
     // A transaction's resources go on being prepared there while it is written.
     let (hand_over, read) = oneshot::channel();
-    let reading = tokio::task::spawn_blocking(move || read_bundle(&body, &principal, hand_over));
+    let base = state.base_url.clone();
+    let reading =
+        tokio::task::spawn_blocking(move || read_bundle(&body, &principal, &base, hand_over));
     let Ok(read) = read.await else {
         // Nothing was handed over: the reading failed.
         reading.await.map_err(|e| ApiError::Internal(e.into()))??;
@@ -102,6 +104,7 @@ async fn bundle(
 fn read_bundle(
     body: &[u8],
     principal: &Principal,
+    base: &str,
     hand_over: oneshot::Sender<Read>,
 ) -> ApiResult<()> {
     let not_json = |e: &dyn std::fmt::Display| {
@@ -126,14 +129,14 @@ fn read_bundle(
             .map_err(|_| ApiError::bad_request("Bundle.entry must be an array"))?,
     };
     match bundle.get("type").and_then(raw_json::string).as_deref() {
-        Some("transaction") => read_transaction(&entries, principal, hand_over),
+        Some("transaction") => read_transaction(&entries, principal, base, hand_over),
         Some("batch") => {
             let writes = entries
                 .iter()
                 .map(|raw| {
                     parse_entry(raw, principal)?
                         .0
-                        .prepared_write(&HashMap::new())
+                        .prepared_write(&HashMap::new(), base)
                 })
                 .collect();
             // A request given up on has nobody to hand over to.
@@ -153,6 +156,7 @@ fn read_bundle(
 fn read_transaction(
     raw: &[&RawValue],
     principal: &Principal,
+    base: &str,
     hand_over: oneshot::Sender<Read>,
 ) -> ApiResult<()> {
     let parsed = in_parallel(raw, |i, value| {
@@ -179,7 +183,9 @@ fn read_transaction(
         }
     }
     let prepare = |&i: &usize| -> ApiResult<(usize, store::Prepared)> {
-        let prepared = entries[i].prepare(&targets).map_err(|e| at_entry(i, e))?;
+        let prepared = entries[i]
+            .prepare(&targets, base)
+            .map_err(|e| at_entry(i, e))?;
         Ok((i, prepared.expect("creates and updates have a resource")))
     };
     let mut writes: Vec<Write> = entries.iter().map(Entry::write).collect();
@@ -481,10 +487,10 @@ async fn batch(state: &AppState, writes: Vec<ApiResult<Write>>) -> ApiResult<Res
         }
         .await;
         responses.push(result.unwrap_or_else(|e| {
-            let (status, issue) = e.report();
+            let (status, issues) = e.report();
             json!({"response": {
                 "status": status_line(status),
-                "outcome": fhir::outcome::operation_outcome(&[issue]),
+                "outcome": fhir::outcome::operation_outcome(&issues),
             }})
             .to_string()
         }));
@@ -504,6 +510,10 @@ fn at_entry(index: usize, e: ApiError) -> ApiError {
             code,
             message: format!("Bundle.entry[{index}]: {message}"),
             headers,
+        },
+        ApiError::Invalid { invalid, .. } => ApiError::Invalid {
+            within: Some(format!("Bundle.entry[{index}]")),
+            invalid,
         },
         internal => internal,
     }
@@ -635,16 +645,20 @@ impl Entry<'_> {
     }
 
     /// The entry's write with its resource prepared.
-    fn prepared_write(&self, targets: &HashMap<String, String>) -> ApiResult<Write> {
+    fn prepared_write(&self, targets: &HashMap<String, String>, base: &str) -> ApiResult<Write> {
         Ok(Write {
-            prepared: self.prepare(targets)?,
+            prepared: self.prepare(targets, base)?,
             ..self.write()
         })
     }
 
     /// The entry's resource, prepared (`None`: it has none) the fast way (`store::text`), or
     /// the full way, which also says what is wrong.
-    fn prepare(&self, targets: &HashMap<String, String>) -> ApiResult<Option<store::Prepared>> {
+    fn prepare(
+        &self,
+        targets: &HashMap<String, String>,
+        base: &str,
+    ) -> ApiResult<Option<store::Prepared>> {
         let Some(raw) = self.resource else {
             return Ok(None);
         };
@@ -654,7 +668,7 @@ impl Entry<'_> {
             Method::Post => Identity::Assigned { resource_type, id },
             _ => Identity::Given { resource_type, id },
         };
-        if let Some(prepared) = store::text::prepare(text, identity, targets) {
+        if let Some(prepared) = store::text::prepare(text, identity, targets, base) {
             return Ok(Some(prepared));
         }
         let body = match serde_json::from_str(text) {
@@ -683,7 +697,7 @@ impl Entry<'_> {
         let Value::Object(body) = value else {
             unreachable!("rewriting references keeps an object an object")
         };
-        Ok(Some(store::Prepared::new(resource_type, id, body)))
+        Ok(Some(store::Prepared::new(resource_type, id, body, base)?))
     }
 }
 

@@ -7,7 +7,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::fhir::outcome::{self, Issue, Severity};
+use crate::fhir::{
+    outcome::{self, Issue, Severity},
+    validate::Invalid,
+};
 
 use super::fhir_response;
 
@@ -21,8 +24,24 @@ pub enum ApiError {
         message: String,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
+    /// A resource that is not valid R4: a 400 with an issue per problem.
+    #[error("{invalid}")]
+    Invalid {
+        /// Where the resource is in the request (`Bundle.entry[3]`), if not the body itself.
+        within: Option<String>,
+        invalid: Invalid,
+    },
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> ApiError {
+        ApiError::Invalid {
+            within: None,
+            invalid,
+        }
+    }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -65,16 +84,30 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Outcome { status, .. } => *status,
+            ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// Logs an internal error (once, here, with its details under a new correlation id) and
-    /// returns the client-facing status and issue: a generic message naming only that id.
-    pub fn report(&self) -> (StatusCode, Issue) {
+    /// returns the client-facing status and issues: for an internal error, a generic message
+    /// naming only that id.
+    pub fn report(&self) -> (StatusCode, Vec<Issue>) {
         let issue = match self {
             ApiError::Outcome { code, message, .. } => {
                 Issue::new(Severity::Error, code, message.clone())
+            }
+            ApiError::Invalid { within, invalid } => {
+                let issues = invalid.0.iter().map(|problem| {
+                    let diagnostics = match within {
+                        Some(within) => {
+                            format!("{within}: {}: {}", problem.location, problem.message)
+                        }
+                        None => format!("{}: {}", problem.location, problem.message),
+                    };
+                    Issue::new(Severity::Error, "structure", diagnostics).at(&problem.location)
+                });
+                return (self.status_code(), issues.collect());
             }
             ApiError::Internal(e) => {
                 let correlation_id = uuid::Uuid::new_v4();
@@ -89,7 +122,7 @@ impl ApiError {
                 )
             }
         };
-        (self.status_code(), issue)
+        (self.status_code(), vec![issue])
     }
 }
 
@@ -139,8 +172,8 @@ impl From<crate::store::WriteError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, issue) = self.report();
-        let body = outcome::operation_outcome(&[issue]);
+        let (status, issues) = self.report();
+        let body = outcome::operation_outcome(&issues);
         let mut response = fhir_response(status, body.to_string());
         if let ApiError::Outcome { headers, .. } = self {
             response.headers_mut().extend(headers);

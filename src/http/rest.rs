@@ -80,8 +80,8 @@ async fn create(
     let body = resource_of_type(body, &resource_type)?;
     // The server assigns the id of a created resource; an id in the body is ignored.
     let id = uuid::Uuid::new_v4().to_string();
+    let prepared = store::Prepared::new(&resource_type, &id, body, &state.base_url)?;
     let mut tx = resources::begin_write(&state.pool).await?;
-    let prepared = store::Prepared::new(&resource_type, &id, body);
     let written = store::put(&mut tx, &prepared, None).await?;
     tx.commit().await?;
     Ok(written_response(
@@ -119,8 +119,8 @@ async fn update(
         }
     }
     let if_match = if_match(&headers)?;
+    let prepared = store::Prepared::new(&resource_type, &id, body, &state.base_url)?;
     let mut tx = resources::begin_write(&state.pool).await?;
-    let prepared = store::Prepared::new(&resource_type, &id, body);
     let written = store::put(&mut tx, &prepared, if_match).await?;
     tx.commit().await?;
     let status = if written.created {

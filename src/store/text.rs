@@ -14,6 +14,7 @@ use crate::fhir::{
     self, compartment,
     raw_json::{self, Members},
     resource::{self, Template},
+    validate,
 };
 
 /// Whose type and id a resource is stored under.
@@ -28,11 +29,13 @@ pub enum Identity<'a> {
 }
 
 /// `None`: the text needs the full way (it is not a valid resource of the expected identity,
-/// repeats an element, or writes its type with escapes).
+/// repeats an element, writes its type with escapes, or gives a repeating element a single
+/// value). Every element is checked against R4 (`validate`) as it is kept.
 pub fn prepare(
     text: &str,
     identity: Identity,
     targets: &HashMap<String, String>,
+    base: &str,
 ) -> Option<Prepared> {
     let members = Members::parse(text).ok()?;
     let resource_type_json = members.get("resourceType")?.get();
@@ -68,10 +71,16 @@ pub fn prepare(
     let resolve = |raw| resolved(raw, targets);
     let meta = match members.get("meta") {
         None => Map::new(),
-        Some(raw) => match serde_json::from_str(&resolve(raw.get())?).ok()? {
-            Value::Object(meta) => meta,
-            _ => return None,
-        },
+        Some(raw) => {
+            let text = resolve(raw.get())?;
+            validate::element_text(resource_type, "meta", &text)
+                .ok()?
+                .then_some(())?;
+            match serde_json::from_str(&text).ok()? {
+                Value::Object(meta) => meta,
+                _ => return None,
+            }
+        }
     };
     let mut rest: Vec<(&str, Cow<str>)> = Vec::with_capacity(members.0.len());
     for (name, raw) in &members.0 {
@@ -79,8 +88,17 @@ pub fn prepare(
             "resourceType" | "id" | "meta" => {}
             // A reference at the top would be resolved on the full way only.
             "reference" => return None,
-            name => rest.push((name, resolve(raw.get())?)),
+            name => {
+                let text = resolve(raw.get())?;
+                validate::element_text(resource_type, name, &text)
+                    .ok()?
+                    .then_some(())?;
+                rest.push((name, text));
+            }
         }
+    }
+    if !validate::choices_unique(resource_type, rest.iter().map(|(k, _)| *k)) {
+        return None;
     }
     let mut members_read = Map::new();
     for element in compartment::top_level_elements(resource_type) {
@@ -88,7 +106,7 @@ pub fn prepare(
             members_read.insert(element.to_string(), serde_json::from_str(text).ok()?);
         }
     }
-    let patient_ids = compartment::patient_ids(resource_type, &id, &members_read);
+    let patient_ids = compartment::patient_ids(resource_type, &id, &members_read, base);
     let template = Template::from_parts(
         resource_type_json,
         &id,
@@ -117,13 +135,15 @@ fn resolved<'a>(raw: &'a str, targets: &HashMap<String, String>) -> Option<Cow<'
 mod tests {
     use super::*;
 
+    const BASE: &str = "http://127.0.0.1:8080";
+
     fn full_way(text: &str, id: Option<&str>, targets: &HashMap<String, String>) -> Prepared {
         let mut value: Value = serde_json::from_str(text).unwrap();
         resource::rewrite_references(&mut value, targets);
         let resource = resource::into_resource(value).unwrap();
         let id = id.or(resource::id(&resource)).unwrap().to_string();
         let resource_type = resource::resource_type(&resource).to_string();
-        Prepared::new(&resource_type, &id, resource)
+        Prepared::new(&resource_type, &id, resource, BASE).unwrap()
     }
 
     fn assert_same(fast: &Prepared, full: &Prepared, text: &str) {
@@ -135,14 +155,14 @@ mod tests {
     fn the_fast_way_stores_what_the_full_way_stores() {
         let texts = [
             r#"{"resourceType":"Observation","id":"o1","meta":{"profile":["p"],"versionId":"9"},"status":"final","subject":{"reference":"Patient/p1"},"valueString":"a \"quoted\" \\ line"}"#,
-            r#"{"id":"p1","resourceType":"Patient","name":[{"family":"Ünïcode"}],"extension":[]}"#,
+            r#"{"id":"p1","resourceType":"Patient","name":[{"family":"Ünïcode"}]}"#,
             r#"{"resourceType":"Encounter","id":"e1","subject":{"reference":"Patient/p2"},"participant":[{"individual":{"reference":"Practitioner/d"}}]}"#,
             // Laid out by a client: stored as one compact line all the same.
             "{\n  \"resourceType\": \"Observation\",\n  \"id\": \"o2\",\n  \"subject\": {\n    \"reference\": \"Patient/p3\"\n  },\n  \"valueString\": \"two  spaces\"\n}",
         ];
         let none = HashMap::new();
         for text in texts {
-            let fast = prepare(text, Identity::Own, &none).expect("fast way");
+            let fast = prepare(text, Identity::Own, &none, BASE).expect("fast way");
             assert_same(&fast, &full_way(text, None, &none), text);
             assert!(!fast.stored_text(1, "t").contains('\n'));
         }
@@ -155,7 +175,7 @@ mod tests {
             ("urn:uuid:2".to_string(), "Encounter/e1".to_string()),
         ]);
         let text = r#"{"resourceType":"Observation","id":"o1","subject":{"reference":"urn:uuid:1"},"encounter":{"reference":"urn:uuid:2"},"note":[{"text":"urn:uuid:1"}],"focus":[{"reference":"urn:uuid:9"}]}"#;
-        let fast = prepare(text, Identity::Own, &targets).expect("fast way");
+        let fast = prepare(text, Identity::Own, &targets, BASE).expect("fast way");
         assert_same(&fast, &full_way(text, None, &targets), text);
         assert_eq!(fast.patient_ids(), ["p1"]);
         let stored = fast.stored_text(1, "t");
@@ -168,14 +188,14 @@ mod tests {
         let none = HashMap::new();
         let text = r#"{"resourceType":"Patient","id":"p1","gender":"male"}"#;
         let given = |resource_type, id| Identity::Given { resource_type, id };
-        assert!(prepare(text, given("Patient", "p1"), &none).is_some());
-        assert!(prepare(text, given("Patient", "p2"), &none).is_none());
-        assert!(prepare(text, given("Observation", "p1"), &none).is_none());
+        assert!(prepare(text, given("Patient", "p1"), &none, BASE).is_some());
+        assert!(prepare(text, given("Patient", "p2"), &none, BASE).is_none());
+        assert!(prepare(text, given("Observation", "p1"), &none, BASE).is_none());
         let assigned = Identity::Assigned {
             resource_type: "Patient",
             id: "new",
         };
-        let fast = prepare(text, assigned, &none).unwrap();
+        let fast = prepare(text, assigned, &none, BASE).unwrap();
         assert_same(&fast, &full_way(text, Some("new"), &none), text);
         assert_eq!(fast.id, "new");
     }
@@ -193,7 +213,10 @@ mod tests {
             r#"{"id":"p1"}"#,
             r#"["resourceType"]"#,
         ] {
-            assert!(prepare(text, Identity::Own, &none).is_none(), "{text}");
+            assert!(
+                prepare(text, Identity::Own, &none, BASE).is_none(),
+                "{text}"
+            );
         }
     }
 }

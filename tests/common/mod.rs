@@ -439,6 +439,7 @@ pub async fn load_generated(
         batch_size: 1000,
         writers: 2,
         online: false,
+        base_url: Some(app.base.clone()),
     };
     load::load_files(&app.pool, files.clone(), &args)
         .await
