@@ -252,7 +252,16 @@ async fn the_filter_sees_the_stored_resource_and_elements_the_de_identified_one(
         let keys: BTreeSet<&str> = o.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
-            BTreeSet::from(["resourceType", "id", "meta", "subject", "valueQuantity"])
+            // status and code are required of an Observation: kept whether listed or not.
+            BTreeSet::from([
+                "resourceType",
+                "id",
+                "meta",
+                "status",
+                "code",
+                "subject",
+                "valueQuantity"
+            ])
         );
         assert!(labels(o).contains("CRYTOHASH"));
         assert_eq!(o["meta"]["tag"][0]["code"], "SUBSETTED");

@@ -266,7 +266,12 @@ async fn small_population(app: &TestApp) {
 }
 
 fn group(id: &str, members: &[Value]) -> Value {
-    json!({"resourceType": "Group", "id": id, "type": "person", "actual": true, "member": members})
+    let mut group = json!({"resourceType": "Group", "id": id, "type": "person", "actual": true});
+    // FHIR JSON has no empty arrays: a Group without members has no `member`.
+    if !members.is_empty() {
+        group["member"] = json!(members);
+    }
+    group
 }
 
 fn member(reference: &str) -> Value {
@@ -635,9 +640,10 @@ async fn elements_subset_resources_and_tag_them() {
     assert!(p1.get("active").is_none());
     assert!(subsetted(p1));
     assert_eq!(p1["meta"]["versionId"], "2");
+    // Elements R4 requires stay whether listed or not (Observation.status and .code).
     let obs = &got["Observation/o12"];
     assert_eq!(obs["status"], "final");
-    assert!(obs.get("subject").is_none() && obs.get("code").is_none());
+    assert!(obs.get("subject").is_none() && obs.get("code").is_some());
     let keys: BTreeSet<&str> = obs
         .as_object()
         .unwrap()
@@ -646,7 +652,7 @@ async fn elements_subset_resources_and_tag_them() {
         .collect();
     assert_eq!(
         keys,
-        BTreeSet::from(["resourceType", "id", "meta", "status"])
+        BTreeSet::from(["resourceType", "id", "meta", "status", "code"])
     );
     // `gender` applies to every type; Organizations simply have none.
     let org = &got["Organization/org"];
@@ -876,4 +882,172 @@ async fn deleted_entries(app: &TestApp, manifest: &Value) -> BTreeSet<String> {
         }
     }
     deleted
+}
+
+#[tokio::test]
+async fn references_to_another_server_are_not_local_patients() {
+    let app = TestApp::spawn().await;
+    small_population(&app).await;
+    // Another server's Patient p1 and p2, and this server's p3 written absolute.
+    put(
+        &app,
+        group(
+            "foreign",
+            &[
+                member("http://other.example/fhir/Patient/p1"),
+                member(&format!("{}/Patient/p3", app.base)),
+            ],
+        ),
+    )
+    .await;
+    put(
+        &app,
+        json!({"resourceType": "Observation", "id": "elsewhere", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": "http://other.example/fhir/Patient/p2"}}),
+    )
+    .await;
+    put(
+        &app,
+        json!({"resourceType": "Observation", "id": "here", "status": "final",
+        "code": {"text": "x"}, "subject": {"reference": format!("{}/Patient/p4", app.base)}}),
+    )
+    .await;
+
+    let url = kick_off(&app, "/Group/foreign/$export?_type=Patient,Observation").await;
+    let got = resources_by_key(&download_all(&app, &wait_manifest(&app, &url).await).await);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        ["Observation/o-p3", "Patient/p3"],
+        "the foreign p1 counted as this server's p1"
+    );
+    let url = kick_off(&app, "/Patient/$export?_type=Observation").await;
+    let got = resources_by_key(&download_all(&app, &wait_manifest(&app, &url).await).await);
+    assert!(
+        !got.contains_key("Observation/elsewhere"),
+        "in no local patient's compartment"
+    );
+    assert!(
+        got.contains_key("Observation/here"),
+        "this server's own base is local"
+    );
+    // A `patient` parameter naming another server's patient is refused.
+    let body = json!({"resourceType": "Parameters", "parameter": [{"name": "patient",
+        "valueReference": {"reference": "http://other.example/fhir/Patient/p1"}}]});
+    let message = assert_outcome(
+        post_kick_off(&app, "/Patient/$export", &body, "respond-async").await,
+        400,
+    )
+    .await;
+    assert!(message.contains("this server"), "{message}");
+}
+
+/// Validators of each resource type against the official R4 JSON schema (`fhir.schema.json`,
+/// which `scripts/test` fetches; its path in `FHIR_R4_SCHEMA`).
+struct R4Schema {
+    document: Value,
+    by_type: std::collections::HashMap<String, jsonschema::Validator>,
+}
+
+impl R4Schema {
+    fn load() -> R4Schema {
+        let path = std::env::var("FHIR_R4_SCHEMA").unwrap_or_else(|_| {
+            format!(
+                "{}/target/tools/fhir-r4/fhir.schema.json",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        });
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (scripts/test fetches the R4 JSON schema)"));
+        R4Schema {
+            document: serde_json::from_str(&text).unwrap(),
+            by_type: Default::default(),
+        }
+    }
+
+    /// The problems of one exported line (empty: valid R4).
+    fn problems(&mut self, line: &str) -> Vec<String> {
+        let resource: Value = serde_json::from_str(line).unwrap();
+        let resource_type = resource["resourceType"].as_str().unwrap().to_string();
+        let document = &self.document;
+        let validator = self
+            .by_type
+            .entry(resource_type.clone())
+            .or_insert_with(|| {
+                // The document's own definitions, entered at this type's (not the oneOf of all).
+                let mut schema = document.clone();
+                let root = schema.as_object_mut().unwrap();
+                root.remove("oneOf");
+                root.remove("discriminator");
+                root.insert(
+                    "$ref".into(),
+                    json!(format!("#/definitions/{resource_type}")),
+                );
+                jsonschema::options()
+                    .with_draft(jsonschema::Draft::Draft6)
+                    .build(&schema)
+                    .unwrap()
+            });
+        validator
+            .iter_errors(&resource)
+            .map(|e| format!("{resource_type} {}: {e}", e.instance_path()))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn exported_lines_of_every_mode_are_valid_r4() {
+    let app = TestApp::spawn().await;
+    let loaded = load_generated(&app, 3).await;
+    let before_changes = {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
+    // Older versions and deletions, for history, deleted and soft-deleted files.
+    for observation in loaded["Observation"].iter().take(5) {
+        let id = observation["id"].as_str().unwrap();
+        let mut changed = observation.clone();
+        changed["status"] = json!("amended");
+        assert!(
+            app.put_json(&format!("/Observation/{id}"), &changed)
+                .await
+                .status()
+                .is_success()
+        );
+    }
+    for observation in loaded["Observation"].iter().skip(5).take(3) {
+        let id = observation["id"].as_str().unwrap();
+        assert!(
+            app.delete(&format!("/Observation/{id}"))
+                .await
+                .status()
+                .is_success()
+        );
+    }
+    let group = loaded["Group"][0]["id"].as_str().unwrap().to_string();
+    let since = before_changes.replace('+', "%2B");
+    let modes = [
+        "/$export".to_string(),
+        "/$export?_elements=subject,Patient.name".to_string(),
+        "/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory".to_string(),
+        "/Patient/$export".to_string(),
+        format!("/Group/{group}/$export?_elements=subject"),
+        format!("/$export?_since={since}&includeAssociatedData=_history,_deleted"),
+    ];
+    let mut schema = R4Schema::load();
+    for mode in modes {
+        let manifest = wait_manifest(&app, &kick_off(&app, &mode).await).await;
+        let mut files = download_all(&app, &manifest).await;
+        let deleted = json!({"output": manifest.get("deleted").cloned().unwrap_or(json!([]))});
+        files.extend(download_all(&app, &deleted).await);
+        let lines: Vec<&str> = files.iter().flat_map(|f| f.text.lines()).collect();
+        assert!(!lines.is_empty(), "{mode} exported nothing");
+        let problems: Vec<String> = lines.iter().flat_map(|l| schema.problems(l)).collect();
+        assert!(
+            problems.is_empty(),
+            "{mode}: {} of {} lines are not valid R4, e.g. {:?}",
+            problems.len(),
+            lines.len(),
+            &problems[..problems.len().min(5)]
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! `_elements`: export only some top-level elements of a resource (plus `resourceType`, `id`
-//! and `meta`), tagged SUBSETTED as FHIR requires of a partial resource.
+//! `_elements`: export only some top-level elements of a resource (plus `resourceType`, `id`,
+//! `meta` and every element R4 requires of its type, as the IG has the server return mandatory
+//! elements whether listed or not), tagged SUBSETTED as FHIR requires of a partial resource.
 
 use std::collections::BTreeSet;
 
@@ -45,21 +46,28 @@ pub fn for_type(entries: &[String], resource_type: &str) -> Option<BTreeSet<Stri
     (!keep.is_empty()).then_some(keep)
 }
 
-/// The subset of a stored resource: mandatory and kept elements, in their order, with the
+/// The subset of a stored `resource_type` resource: mandatory, required (minimum cardinality 1,
+/// whichever type of a required choice it has) and kept elements, in their order, with the
 /// SUBSETTED tag added to `meta.tag`.
-pub fn subset(body: &str, keep: &BTreeSet<String>) -> Result<String, serde_json::Error> {
+pub fn subset(
+    body: &str,
+    resource_type: &str,
+    keep: &BTreeSet<String>,
+) -> Result<String, serde_json::Error> {
     let resource: Map<String, Value> = serde_json::from_str(body)?;
+    let elements = super::model::elements_of(resource_type).unwrap_or_default();
+    let required = |key: &str| super::model::find(elements, key).is_some_and(|e| e.required);
     let mut out: Map<String, Value> = resource
         .into_iter()
-        .filter(|(key, _)| MANDATORY.contains(&key.as_str()) || keep.contains(key))
+        .filter(|(key, _)| MANDATORY.contains(&key.as_str()) || keep.contains(key) || required(key))
         .collect();
     if let Value::Object(meta) = out.entry("meta").or_insert_with(|| json!({}))
         && let Value::Array(tags) = meta.entry("tag").or_insert_with(|| json!([]))
     {
+        // System and code only, as the IG's examples write it: clients match it exactly.
         tags.push(json!({
             "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
             "code": "SUBSETTED",
-            "display": "subsetted",
         }));
     }
     serde_json::to_string(&out)
@@ -98,17 +106,44 @@ mod tests {
     fn subset_keeps_mandatory_and_listed_and_tags() {
         let body = r#"{"resourceType":"Patient","id":"p","meta":{"versionId":"1","tag":[{"code":"x"}]},"name":[{"family":"F"}],"gender":"male"}"#;
         let keep = BTreeSet::from(["gender".to_string()]);
-        let out: Value = serde_json::from_str(&subset(body, &keep).unwrap()).unwrap();
+        let out: Value = serde_json::from_str(&subset(body, "Patient", &keep).unwrap()).unwrap();
         assert_eq!(out["gender"], "male");
         assert!(out.get("name").is_none());
         assert_eq!(out["meta"]["versionId"], "1");
         assert_eq!(out["meta"]["tag"][0]["code"], "x");
         assert_eq!(out["meta"]["tag"][1]["code"], "SUBSETTED");
         let no_meta: Value = serde_json::from_str(
-            &subset(r#"{"resourceType":"Basic","id":"b","code":{}}"#, &keep).unwrap(),
+            &subset(
+                r#"{"resourceType":"Basic","id":"b","text":{}}"#,
+                "Basic",
+                &keep,
+            )
+            .unwrap(),
         )
         .unwrap();
-        assert!(no_meta.get("code").is_none());
-        assert_eq!(no_meta["meta"]["tag"][0]["code"], "SUBSETTED");
+        assert!(no_meta.get("text").is_none());
+        assert_eq!(
+            no_meta["meta"]["tag"][0],
+            json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"})
+        );
+    }
+
+    #[test]
+    fn required_elements_stay_whether_listed_or_not() {
+        let body = r#"{"resourceType":"Observation","id":"o","status":"final","category":[{"text":"c"}],"code":{"text":"t"},"valueString":"v","subject":{"reference":"Patient/p"}}"#;
+        let keep = BTreeSet::from(["subject".to_string()]);
+        let out: Value =
+            serde_json::from_str(&subset(body, "Observation", &keep).unwrap()).unwrap();
+        let kept: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(
+            kept,
+            ["resourceType", "id", "status", "code", "subject", "meta"]
+        );
+        let request = r#"{"resourceType":"MedicationRequest","id":"m","status":"active","intent":"order","medicationReference":{"reference":"Medication/x"},"subject":{"reference":"Patient/p"},"note":[{"text":"n"}]}"#;
+        let out: Value =
+            serde_json::from_str(&subset(request, "MedicationRequest", &BTreeSet::new()).unwrap())
+                .unwrap();
+        assert!(out.get("medicationReference").is_some() && out.get("subject").is_some());
+        assert!(out.get("note").is_none());
     }
 }

@@ -139,6 +139,7 @@ pub async fn run(
         if !wrote {
             break;
         }
+        lease.moved();
         if !throttle.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(throttle) => {}
@@ -146,7 +147,9 @@ pub async fn run(
             }
         }
     }
-    held.finish(&[], context.retention()).await?;
+    if held.finish(&[], context.retention()).await? {
+        context.log_end(job.id, "completed").await;
+    }
     Ok(Ended::Done)
 }
 
@@ -335,7 +338,8 @@ fn finish_line<'r>(
         line = Cow::Owned(deid.apply(&line, &scope)?);
     }
     if let Some(keep) = &output.elements {
-        line = Cow::Owned(elements::subset(&line, keep)?);
+        let resource_type = output.selection.resource_type;
+        line = Cow::Owned(elements::subset(&line, resource_type, keep)?);
     }
     Ok(line)
 }
