@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub header_read_timeout_secs: u64,
     /// A request (other than a file download) must be answered within this.
     pub request_timeout_secs: u64,
+    /// A client that takes none of an answer's bytes for this long is disconnected.
+    pub write_timeout_secs: u64,
     /// Open connections at most; more wait to be accepted.
     pub max_connections: usize,
     /// A second address serving only `GET /metrics`, without auth (for Prometheus); `None`:
@@ -73,6 +75,8 @@ pub struct ExportConfig {
     pub part_max_bytes: u64,
     pub stale_after_secs: u64,
     pub max_attempts: i32,
+    /// Pause before a failed task's next attempt; doubles with each failure (at most 5 min).
+    pub retry_backoff_secs: u64,
     pub max_active_jobs: i64,
     /// Queued + running jobs of one client (all callers are one client without auth).
     pub max_active_jobs_per_client: i64,
@@ -259,6 +263,7 @@ impl Default for ServerConfig {
             max_kickoff_bytes: 16 * 1024 * 1024,
             header_read_timeout_secs: 10,
             request_timeout_secs: 60,
+            write_timeout_secs: 60,
             max_connections: 1024,
             metrics_listen: None,
         }
@@ -281,6 +286,7 @@ impl Default for ExportConfig {
             part_max_bytes: 256 * 1024 * 1024,
             stale_after_secs: 600,
             max_attempts: 5,
+            retry_backoff_secs: 5,
             max_active_jobs: 16,
             max_active_jobs_per_client: 4,
             max_patients: 100_000,
@@ -372,6 +378,10 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
         c.server.request_timeout_secs = v.parse()?;
         Ok(())
     }),
+    ("FHIR_EXPORT_WRITE_TIMEOUT_SECS", |c, v| {
+        c.server.write_timeout_secs = v.parse()?;
+        Ok(())
+    }),
     ("FHIR_EXPORT_MAX_CONNECTIONS", |c, v| {
         c.server.max_connections = v.parse()?;
         Ok(())
@@ -398,6 +408,10 @@ pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
     }),
     ("FHIR_EXPORT_MAX_ATTEMPTS", |c, v| {
         c.export.max_attempts = v.parse()?;
+        Ok(())
+    }),
+    ("FHIR_EXPORT_RETRY_BACKOFF_SECS", |c, v| {
+        c.export.retry_backoff_secs = v.parse()?;
         Ok(())
     }),
     ("FHIR_EXPORT_MAX_ACTIVE_JOBS", |c, v| {
@@ -581,7 +595,10 @@ impl Config {
             bail!("export.output_urls = blob or sas needs storage.kind = azure");
         }
         let server = &self.server;
-        if server.header_read_timeout_secs == 0 || server.request_timeout_secs == 0 {
+        if server.header_read_timeout_secs == 0
+            || server.request_timeout_secs == 0
+            || server.write_timeout_secs == 0
+        {
             bail!("server timeouts must be at least 1 second");
         }
         if server.max_connections == 0 {
@@ -599,6 +616,13 @@ impl Config {
         if !self.storage.default_container.is_empty() {
             crate::storage::validate_container_name(&self.storage.default_container)
                 .map_err(|why| anyhow::anyhow!("storage.default_container: {why}"))?;
+            if self.storage.default_container == crate::storage::ANONYMIZATION_CONTAINER {
+                bail!(
+                    "storage.default_container cannot be '{}': de-identification configurations \
+                     are read from there",
+                    crate::storage::ANONYMIZATION_CONTAINER
+                );
+            }
         }
         Ok(())
     }

@@ -96,6 +96,7 @@ impl Server {
             vacuum: Arc::new(db::deferred_vacuum::DeferredVacuum::start(
                 pools.primary.clone(),
             )),
+            database: Arc::default(),
         };
         Ok(Server {
             listener,
@@ -120,6 +121,9 @@ impl Server {
         } = self;
         metrics::handle();
         tokio::spawn(metrics::upkeep(shutdown.clone()));
+        let watched = db::connect_options(&state.config.database.url)?;
+        let (database, stop) = (state.database.clone(), shutdown.clone());
+        tokio::spawn(async move { database.watch(watched, stop).await });
         if let Some(listener) = metrics_listener {
             let router = http::metrics::scrape_router(state.gauges.clone());
             let (config, shutdown) = (state.config.server.clone(), shutdown.clone());

@@ -98,3 +98,112 @@ async fn a_storage_paused_past_the_stale_period_spends_no_attempt() {
         "a storage pause spent an attempt"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_down_every_request_is_answered_503_at_once() {
+    let cluster = PgCluster::start(&[]);
+    let db = TestDb::new_on(&cluster.url("postgres")).await;
+    let app = TestApp::spawn_on(db, |c| c.export.workers = 1).await;
+    let patient = serde_json::json!({"resourceType": "Patient", "id": "p1"});
+    assert_eq!(app.put_json("/Patient/p1", &patient).await.status(), 201);
+    tokio::task::block_in_place(|| cluster.stop());
+
+    // Within two seconds the server knows; from then on each answer comes at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.get("/health").await.status() != 503 {
+        assert!(std::time::Instant::now() < deadline, "health never noticed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        for (method, path) in [
+            ("GET", "/health"),
+            ("GET", "/Patient/p1"),
+            ("GET", "/$export"),
+            ("PUT", "/Patient/p1"),
+        ] {
+            let started = std::time::Instant::now();
+            let request = app
+                .client
+                .request(method.parse().unwrap(), app.url(path))
+                .header("accept", "application/fhir+json")
+                .header("prefer", "respond-async")
+                .header("content-type", "application/fhir+json")
+                .body(patient.to_string());
+            let response = request.send().await.unwrap();
+            let took = started.elapsed();
+            assert_eq!(response.status(), 503, "{method} {path}");
+            assert!(
+                took < Duration::from_secs(2),
+                "{method} {path} took {took:?}"
+            );
+            if path != "/health" {
+                assert!(response.headers().contains_key("retry-after"));
+                assert_outcome(response, 503).await;
+            }
+        }
+    }
+    // Metadata needs no database.
+    assert_eq!(app.get("/metadata").await.status(), 200);
+
+    tokio::task::block_in_place(|| cluster.start_again(&[]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app.get("/Patient/p1").await.status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_fault_that_never_goes_away_is_reported_and_spends_the_attempt_in_the_end() {
+    let azurite = Azurite::start().await;
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 1;
+        c.export.part_size = 20;
+        c.export.throttle_ms = 100;
+        c.export.max_attempts = 1;
+        c.export.stale_after_secs = 2;
+        c.storage.kind = fhir_export::config::StorageKind::Azure;
+        c.storage.azure.connection_string = azurite.connection_string();
+    })
+    .await;
+    load_generated(&app, 1).await;
+    let status_url = kick_off(&app, "/$export?_type=Observation").await;
+    wait_for_parts(&app.pool, 2).await;
+    azurite.process.signal("-STOP");
+    // The worker's task stops moving on: health says so (beside the storage) after a stale period.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = json(app.get("/health").await).await;
+        if body["workers"].as_str().unwrap().contains("not moved on") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never said the work stopped: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A write with no answer fails (transiently) after 30 s; ten stale periods of such faults
+    // spend the attempt: the job fails instead of waiting for ever, though its heartbeats kept
+    // the lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let failed = loop {
+        let response = app.client.get(&status_url).send().await.unwrap();
+        if response.status() == 500 {
+            break response;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a lasting fault was retried for ever"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_outcome(failed, 500).await;
+    let error: String = sqlx::query_scalar("SELECT error FROM export_jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("stale periods"), "{error}");
+    azurite.process.signal("-CONT");
+}

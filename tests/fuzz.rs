@@ -70,6 +70,11 @@ fn fragment() -> impl Strategy<Value = String> {
         Just("\u{0301}".to_string()),
         Just("💥".to_string()),
         Just("\u{0}".to_string()),
+        Just("\n".to_string()),
+        Just("%00".to_string()),
+        Just("%FF%FE".to_string()),
+        Just("%C0%80".to_string()),
+        Just("x".repeat(3000)),
         Just("Patient/a,Patient/b".to_string()),
         Just("http://loinc.org|8867-4".to_string()),
         "[ -~]{0,12}",
@@ -94,6 +99,9 @@ fn parameter_name() -> impl Strategy<Value = String> {
         Just("includeAssociatedData".to_string()),
         Just("patient".to_string()),
         Just("organizeOutputBy".to_string()),
+        Just("_anonymizationConfig".to_string()),
+        Just("_anonymizationConfigEtag".to_string()),
+        Just("_ty\u{0}pe".to_string()),
         "[a-zA-Z_]{0,10}",
     ]
 }
@@ -324,8 +332,8 @@ fn kick_offs_over_http_are_answered_with_4xx_or_202() {
     ];
     against_server(
         CASES,
-        (path, pairs, any::<bool>()),
-        |app, (path, pairs, post)| {
+        (path, pairs, any::<bool>(), any::<bool>()),
+        |app, (path, pairs, post, lenient)| {
             Box::pin(async move {
                 let query = form_urlencoded::Serializer::new(String::new())
                     .extend_pairs(&pairs)
@@ -346,9 +354,14 @@ fn kick_offs_over_http_are_answered_with_4xx_or_202() {
                 } else {
                     app.client.get(format!("{}{path}?{query}", app.base))
                 };
+                let prefer = if lenient {
+                    "respond-async, handling=lenient"
+                } else {
+                    "respond-async"
+                };
                 let response = request
                     .header("accept", "application/fhir+json")
-                    .header("prefer", "respond-async")
+                    .header("prefer", prefer)
                     .send()
                     .await
                     .unwrap();
@@ -356,6 +369,193 @@ fn kick_offs_over_http_are_answered_with_4xx_or_202() {
             })
         },
     );
+}
+
+/// Every parameter, header and path segment with a NUL, bytes that are not UTF-8 and an
+/// over-long value, strict and lenient, GET and POST: never a 5xx.
+#[tokio::test]
+async fn every_parameter_header_and_path_takes_nul_broken_utf8_and_overlong_values() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.max_active_jobs = i64::MAX;
+        c.export.max_active_jobs_per_client = i64::MAX;
+    })
+    .await;
+    let group = json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true});
+    assert_eq!(app.put_json("/Group/g", &group).await.status(), 201);
+    // Over-long: as long as a URL may be (the http crate takes 64 KiB), and longer in a body.
+    let long = "a".repeat(70_000);
+    let long_in_url = "a".repeat(60_000);
+    // As they appear in a URL (already percent-encoded) and as JSON strings.
+    let encoded = [
+        "%00",
+        "a%00b",
+        "%FF%FE",
+        "%C0%80",
+        "a%0Ab",
+        "..",
+        "x".repeat(300).as_str(),
+        long_in_url.as_str(),
+    ]
+    .map(str::to_string);
+    let raw = ["\u{0}", "a\u{0}b", "a\nb", "..", "\u{7f}"].map(str::to_string);
+    let names = [
+        "_type",
+        "_since",
+        "_till",
+        "_until",
+        "_outputFormat",
+        "_elements",
+        "_typeFilter",
+        "_container",
+        "includeAssociatedData",
+        "patient",
+        "organizeOutputBy",
+        "allowPartialManifests",
+        "_anonymizationConfig",
+        "_anonymizationConfigEtag",
+        "unknown",
+    ];
+    let paths = ["/$export", "/Patient/$export", "/Group/g/$export"];
+    for path in paths {
+        for lenient in [false, true] {
+            let prefer = if lenient {
+                "respond-async, handling=lenient"
+            } else {
+                "respond-async"
+            };
+            for name in names {
+                for value in &encoded {
+                    let url = format!("{}{path}?{name}={value}", app.base);
+                    let started = Instant::now();
+                    let response = app
+                        .client
+                        .get(&url)
+                        .header("accept", "application/fhir+json")
+                        .header("prefer", prefer)
+                        .send()
+                        .await
+                        .unwrap();
+                    answered_well(response, started).await.unwrap_or_else(|e| {
+                        panic!("GET {path}?{name}={}: {e}", &value[..value.len().min(40)])
+                    });
+                }
+                // The value under a hostile name, too.
+                let url = format!("{}{path}?{name}%00=1", app.base);
+                let response = app
+                    .client
+                    .get(&url)
+                    .header("accept", "application/fhir+json")
+                    .header("prefer", prefer)
+                    .send()
+                    .await
+                    .unwrap();
+                answered_well(response, Instant::now()).await.unwrap();
+                for value in raw.iter().chain([&long]) {
+                    let body = json!({"resourceType": "Parameters", "parameter": [
+                        {"name": name, "valueString": value},
+                        {"name": format!("{name}{value}"), "valueString": "1"}]});
+                    let started = Instant::now();
+                    let response = post_kick_off(&app, path, &body, prefer).await;
+                    answered_well(response, started)
+                        .await
+                        .unwrap_or_else(|e| panic!("POST {path} {name}={value:?}: {e}"));
+                }
+            }
+        }
+    }
+    // Configuration names that are no configuration: a folder, a name too long for a file.
+    std::fs::create_dir_all(app.storage.path().join("anonymization/folder")).unwrap();
+    for name in [
+        "folder".to_string(),
+        "a".repeat(256),
+        "x/".repeat(100) + "y",
+        "a%00b".to_string(),
+    ] {
+        let url = format!("{}/$export?_anonymizationConfig={name}", app.base);
+        let response = app
+            .client
+            .get(&url)
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        assert_outcome(response, 400).await;
+    }
+    // Path segments: ids, job ids, file names.
+    for value in &encoded {
+        let value = &value[..value.len().min(30_000)]; // a path may hold it twice
+        for path in [
+            format!("/Group/{value}/$export"),
+            format!("/Patient/{value}"),
+            format!("/Patient/{value}/_history/{value}"),
+            format!("/export/{value}"),
+            format!("/export/{}/{value}", uuid::Uuid::new_v4()),
+            format!("/{value}"),
+        ] {
+            let started = Instant::now();
+            let response = app
+                .client
+                .get(format!("{}{path}", app.base))
+                .header("accept", "application/fhir+json")
+                .header("prefer", "respond-async")
+                .send()
+                .await
+                .unwrap();
+            answered_well(response, started)
+                .await
+                .unwrap_or_else(|e| panic!("GET {}: {e}", &path[..path.len().min(60)]));
+            let response = app
+                .client
+                .delete(format!("{}{path}", app.base))
+                .send()
+                .await
+                .unwrap();
+            answered_well(response, Instant::now()).await.unwrap();
+        }
+    }
+    // Headers: bytes that are not UTF-8 and over-long values (HTTP allows no NUL in a header).
+    let header_values: Vec<Vec<u8>> = vec![
+        vec![0xff, 0xfe, b'a'],
+        vec![b'a'; 30_000],
+        b"W/\"\xff\"".to_vec(),
+    ];
+    for name in [
+        "accept",
+        "prefer",
+        "content-type",
+        "authorization",
+        "if-match",
+        "accept-encoding",
+        "content-encoding",
+        "x-forwarded-for",
+    ] {
+        for value in &header_values {
+            let value = reqwest::header::HeaderValue::from_bytes(value).unwrap();
+            for (method, path) in [
+                ("GET", "/$export"),
+                ("PUT", "/Patient/p1"),
+                ("POST", "/"),
+                ("GET", "/Patient/p1"),
+                ("POST", "/auth/token"),
+            ] {
+                let started = Instant::now();
+                let response = app
+                    .client
+                    .request(method.parse().unwrap(), app.url(path))
+                    .header(name, value.clone())
+                    .body(json!({"resourceType": "Patient", "id": "p1"}).to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let text = response.text().await.unwrap();
+                assert!(status < 500, "{method} {path} with {name}: {status} {text}");
+                assert!(started.elapsed() < BOUND);
+            }
+        }
+    }
 }
 
 #[test]
@@ -450,6 +650,7 @@ async fn ndjson_load_lines_are_loaded_or_named() {
         batch_size: 500,
         writers: 2,
         online: false,
+        base_url: None,
     };
     // Stopping at the first bad line names it.
     let error = fhir_export::load::load_files(&app.pool, vec![file.clone()], &load(false))

@@ -29,6 +29,7 @@ async fn load_patients(app: &TestApp, n: usize) {
         batch_size: 5000,
         writers: 2,
         online: false,
+        base_url: None,
     };
     fhir_export::load::load_files(&app.pool, vec![file], &args)
         .await
@@ -110,7 +111,7 @@ async fn half_sent_requests_and_idle_connections_are_closed() {
     for _ in 0..300 {
         let mut stream = TcpStream::connect(address(&app)).await.unwrap();
         stream
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             .await
             .unwrap();
         half_sent.push(stream);
@@ -123,7 +124,7 @@ async fn half_sent_requests_and_idle_connections_are_closed() {
     }
     // A finished request's keep-alive connection, left idle, is closed too.
     let mut idle = TcpStream::connect(address(&app)).await.unwrap();
-    idle.write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /metadata HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let mut first = [0u8; 12];
@@ -151,7 +152,7 @@ async fn beyond_the_connection_cap_clients_wait_their_turn() {
     }
     let mut waiting = TcpStream::connect(address(&app)).await.unwrap();
     waiting
-        .write_all(b"GET /metadata HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /metadata HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut answer = Vec::new();
@@ -430,4 +431,224 @@ async fn serve_refuses_an_open_api_off_loopback() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sends `request` on a new connection and reads what comes back until the server closes it
+/// or `limit` passes.
+async fn exchange(app: &TestApp, request: &[u8], limit: Duration) -> (Vec<u8>, bool) {
+    let mut stream = TcpStream::connect(address(app)).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (answer, true),
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => return (answer, false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_http2_preface_is_closed_at_once_and_cannot_hold_the_connections() {
+    let app = TestApp::spawn_with(|c| {
+        c.server.max_connections = 4;
+        c.server.header_read_timeout_secs = 30;
+    })
+    .await;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // Prior knowledge: the preface alone, then nothing. Each is closed at once (HTTP/1.1 only).
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut stream = TcpStream::connect(address(&app)).await.unwrap();
+        stream.write_all(PREFACE).await.unwrap();
+        held.push(stream);
+    }
+    for stream in &mut held {
+        let started = Instant::now();
+        assert!(
+            closed_within(stream, Duration::from_secs(3)).await.is_ok(),
+            "an HTTP/2 preface held its connection"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    // With a SETTINGS frame after it, too; and the server answers everyone else meanwhile.
+    let settings = [PREFACE, &[0, 0, 0, 4, 0, 0, 0, 0, 0][..]].concat();
+    let (answer, closed) = exchange(&app, &settings, Duration::from_secs(3)).await;
+    assert!(closed, "closed");
+    assert!(!answer.windows(8).any(|w| w == b"HTTP/2.0"), "{answer:?}");
+    assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_stalled_download_is_disconnected_and_frees_its_connection() {
+    let app = TestApp::spawn_with(|c| {
+        c.server.write_timeout_secs = 2;
+        c.server.header_read_timeout_secs = 2;
+        c.server.max_connections = 1;
+        c.export.part_size = 1_000_000;
+    })
+    .await;
+    load_generated(&app, 25).await;
+    let manifest = wait_manifest(&app, &kick_off(&app, "/$export?_type=Observation").await).await;
+    let url = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    let path = url.trim_start_matches(&app.base).to_string();
+    // A reader with a tiny window that stops after the headers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(address(&app).parse().unwrap())
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // The only connection is held: another client waits, then is served once the stalled
+    // one is cut off (after write_timeout_secs without progress).
+    let started = Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(30), app.get("/health"))
+        .await
+        .expect("a stalled download held the only connection");
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "served while the download held the connection"
+    );
+    // The stalled reader finds its connection closed before the whole file came.
+    let mut got = 12usize;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match stalled.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    let expected: u64 = app
+        .client
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len() as u64;
+    assert!(
+        (got as u64) < expected,
+        "the whole file came ({got} of {expected} bytes)"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_content_length_is_refused_before_the_body() {
+    let app = TestApp::spawn().await;
+    for (path, method) in [
+        ("/Patient/p1", "PUT"),
+        ("/$export", "POST"),
+        ("/", "POST"),
+        ("/auth/token", "POST"),
+    ] {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/fhir+json\r\n\
+             Accept: application/fhir+json\r\nPrefer: respond-async\r\n\
+             Content-Length: 1073741824\r\nExpect: 100-continue\r\n\r\n"
+        );
+        let started = Instant::now();
+        let (answer, _) = exchange(&app, request.as_bytes(), Duration::from_secs(2)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413"), "{method} {path}: {text}");
+        assert!(
+            !text.contains("100 Continue"),
+            "{method} {path} invited the upload: {text}"
+        );
+        assert!(text.contains("OperationOutcome"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
+
+#[tokio::test]
+async fn without_auth_only_this_servers_own_names_are_served() {
+    let app = TestApp::spawn().await;
+    let port = app.base.rsplit(':').next().unwrap().to_string();
+    let with_host = |host: String| {
+        let request = app.client.get(app.url("/Patient/p1")).header("host", host);
+        async move { request.send().await.unwrap() }
+    };
+    // A page of rebound.example resolved to 127.0.0.1 sends its own name.
+    for host in [
+        "rebound.example".to_string(),
+        format!("attacker.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+    ] {
+        let message = assert_outcome(with_host(host.clone()).await, 421).await;
+        assert!(message.contains("Host"), "{host}: {message}");
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "[::1]".to_string(),
+        format!("app.localhost:{port}"),
+    ] {
+        assert_eq!(with_host(host.clone()).await.status(), 404, "{host}");
+    }
+}
+
+#[tokio::test]
+async fn the_configured_public_host_is_served_and_auth_lifts_the_check() {
+    let port = common::services::free_port();
+    let app = TestApp::spawn_with(|c| {
+        c.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        c.server.public_url = "https://fhir.example.org/base".into();
+    })
+    .await;
+    let metadata = format!("http://127.0.0.1:{port}/metadata");
+    let request = |host: &'static str| app.client.get(&metadata).header("host", host).send();
+    assert_eq!(request("fhir.example.org").await.unwrap().status(), 200);
+    assert_eq!(request("other.example.org").await.unwrap().status(), 421);
+    let key = Key::rsa("k1");
+    let app = TestApp::spawn_with(|c| {
+        c.auth.mode = AuthMode::Smart;
+        c.auth.clients = vec![ClientConfig {
+            id: "c1".into(),
+            scopes: vec!["system/*.read".into()],
+            jwks: jwks(&[&key]),
+            jwks_url: String::new(),
+        }];
+    })
+    .await;
+    let response = app
+        .client
+        .get(app.url("/metadata"))
+        .header("host", "any.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn export_output_never_goes_to_the_configuration_container() {
+    let app = TestApp::spawn().await;
+    let response = kick_off_request(
+        &app,
+        "/$export?_container=anonymization",
+        "respond-async",
+        None,
+    )
+    .await;
+    let message = assert_outcome(response, 403).await;
+    assert!(message.contains("de-identification"), "{message}");
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_container", "valueString": "anonymization"}]});
+    assert_outcome(
+        post_kick_off(&app, "/$export", &body, "respond-async").await,
+        403,
+    )
+    .await;
+    let mut config = fhir_export::config::Config::default();
+    config.storage.default_container = "anonymization".into();
+    assert!(config.validate().is_err());
 }

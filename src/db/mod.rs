@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod assertions;
+pub mod availability;
 pub mod bulk;
 pub mod copy_out;
 pub mod deferred_vacuum;
@@ -65,6 +66,11 @@ impl Pools {
             standby,
         })
     }
+}
+
+/// Options for connections of this server's own to the database at `url`.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(url)?.application_name(APPLICATION_NAME))
 }
 
 /// Page reads: no JIT. A filtered page's cost estimate crosses `jit_above_cost`, and compiling
@@ -179,6 +185,16 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("running database migrations")
+}
+
+/// `text` as Postgres can store it: a NUL (which no `text` value may hold) written as `\0`.
+/// For the server's own messages, which may quote what a resource or a client sent.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\\0").into()
+    } else {
+        text.into()
+    }
 }
 
 /// Does the database answer?

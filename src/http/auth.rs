@@ -23,7 +23,7 @@ use crate::auth::{
 };
 
 /// A token request is a small form.
-const TOKEN_BODY_LIMIT: usize = 64 * 1024;
+pub(super) const TOKEN_BODY_LIMIT: usize = 64 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -131,6 +131,17 @@ async fn kick_off(
     }
     if let Some(container) = &params.container {
         storage::validate_container_name(container).map_err(ApiError::bad_request)?;
+        // Output there could be read back as a de-identification configuration.
+        if container == ANONYMIZATION_CONTAINER {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "_container '{ANONYMIZATION_CONTAINER}' holds de-identification configurations; \
+                     export output never goes there"
+                ),
+            ));
+        }
         let allowed = &state.config.storage.allowed_containers;
         if !storage::container_allowed(allowed, container) {
             return Err(ApiError::new(
@@ -457,10 +468,11 @@ async fn group_members(state: &AppState, id: &str) -> ApiResult<(Vec<String>, Ve
         }
         // A nested Group that does not exist has no members.
         walked.extend(bodies.iter().map(|(group, _)| group.clone()));
+        let base = state.base_url.clone();
         let found = tokio::task::spawn_blocking(move || {
             let mut found = group::Members::default();
             for (group_id, body) in bodies {
-                let members = group::active_members(&body, now).map_err(|e| {
+                let members = group::active_members(&body, now, &base).map_err(|e| {
                     ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         "invalid",

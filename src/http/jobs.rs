@@ -13,10 +13,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    ApiError, ApiResult, AppState, export::RETRY_AFTER_SECS, extract::Path, fhir_response,
+    ApiError, ApiResult, AppState, auth::require, export::RETRY_AFTER_SECS, extract::Path,
+    fhir_response,
 };
 use crate::{
-    auth::Principal,
+    auth::{Principal, scopes::Access},
     config::{AuthMode, OutputUrls},
     db::{
         jobs::{self, Job, JobState},
@@ -45,12 +46,25 @@ fn job_not_found(id: &str) -> ApiError {
     ))
 }
 
-/// The job, if the caller owns it: another client's job is as good as unknown (404).
+/// The job, if the caller owns it (another client's job is as good as unknown: 404) and the
+/// caller's token still covers what it exports (403 otherwise: the IG has status and files
+/// need a token that allows the exported resources).
 async fn visible_job(state: &AppState, principal: &Principal, id: &str) -> ApiResult<Job> {
     let uuid = Uuid::parse_str(id).map_err(|_| job_not_found(id))?;
-    jobs::visible(&state.pool, uuid, principal.client_id.as_deref())
+    let job = jobs::visible(&state.pool, uuid, principal.client_id.as_deref())
         .await?
-        .ok_or_else(|| job_not_found(id))
+        .ok_or_else(|| job_not_found(id))?;
+    if job.spec.types.is_empty() && !principal.scopes.exports_every_type() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this export is of every resource type; the granted scopes do not cover them all",
+        ));
+    }
+    for resource_type in &job.spec.types {
+        require(principal, Access::Export, resource_type)?;
+    }
+    Ok(job)
 }
 
 async fn status(
@@ -246,6 +260,11 @@ pub(super) async fn cancel_job(
     )
     .await?;
     tracing::info!(job = %id, by = ?by, "export cancelled");
+    match jobs::summary(&state.pool, id).await {
+        Ok(Some(summary)) => crate::telemetry::job_ended(&summary, "cancelled"),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(job = %id, error = %e, "reading a cancelled job's summary failed"),
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod bundle;
 pub mod error;
 mod export;
 mod extract;
+mod guard;
 pub mod health;
 mod jobs;
 mod metadata;
@@ -46,12 +47,15 @@ pub struct AppState {
     pub gauges: crate::metrics::Gauges,
     /// The store's vacuum after large transactions.
     pub vacuum: Arc<crate::db::deferred_vacuum::DeferredVacuum>,
+    /// Whether the database answers (watched every second).
+    pub database: Arc<crate::db::availability::Availability>,
 }
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
     let timeout = Duration::from_secs(state.config.server.request_timeout_secs);
     let timed = middleware::from_fn_with_state(timeout, request_timeout);
+    let needs_database = middleware::from_fn_with_state(state.clone(), database_available);
     // Everything but discovery, health and the token endpoint needs a caller.
     let protected = Router::new()
         .merge(bundle::router())
@@ -65,11 +69,13 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
-        ));
+        ))
+        .route_layer(needs_database.clone());
     Router::new()
+        .merge(auth::router())
+        .route_layer(needs_database)
         .merge(health::router())
         .merge(metadata::router())
-        .merge(auth::router())
         .route_layer(timed)
         .merge(protected)
         // Outside auth: refused requests are counted too.
@@ -77,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::check))
         .layer(CompressionLayer::new())
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
@@ -111,6 +118,32 @@ async fn request_timeout(State(limit): State<Duration>, request: Request, next: 
             ),
         )
         .into_response(),
+    }
+}
+
+/// While the database is known to be down, a request that needs it is answered 503 at once; one
+/// in flight when it goes down is answered 503 then (a write rolls back), not after the pool's
+/// acquire timeout.
+async fn database_available(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let unavailable = || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "the database does not answer; try again",
+        )
+        .with_header(header::RETRY_AFTER, "5")
+        .into_response()
+    };
+    if !state.database.is_up() {
+        return unavailable();
+    }
+    tokio::select! {
+        response = next.run(request) => response,
+        _ = state.database.went_down() => unavailable(),
     }
 }
 

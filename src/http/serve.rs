@@ -1,19 +1,31 @@
 //! The accept loop: hyper with the limits `axum::serve` does not offer. A client must send each
 //! request's headers within `header_read_timeout_secs` of connecting or of its previous answer,
 //! so a connection that sends nothing, half a request, or idles between keep-alive requests is
-//! closed after that long; at most `max_connections` are open (further clients wait in the
-//! listen backlog). HTTP/1.1 only: detecting HTTP/2 would read the first bytes with no timeout
-//! at all. On shutdown, in-flight requests get a grace period.
+//! closed after that long; a client that takes none of an answer's bytes for
+//! `write_timeout_secs` (a stalled download) is disconnected; at most `max_connections` are open
+//! (further clients wait in the listen backlog). HTTP/1.1 only, through hyper's HTTP/1 server
+//! itself: an HTTP/2 preface is a malformed HTTP/1 request and closes the connection at once.
+//! On shutdown, in-flight requests get a grace period.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
 use axum::{Router, extract::ConnectInfo};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::Sleep,
+};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -29,9 +41,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let header_timeout = Duration::from_secs(config.header_read_timeout_secs);
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    let write_timeout = Duration::from_secs(config.write_timeout_secs);
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     let builder = Arc::new(builder);
@@ -72,9 +84,8 @@ pub async fn serve(
             ) {
                 return;
             }
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
+            let io = TokioIo::new(StallGuard::new(stream, write_timeout));
+            let connection = builder.serve_connection(io, service);
             let _ = watcher.watch(connection).await;
             drop(permit);
         });
@@ -83,5 +94,95 @@ pub async fn serve(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(GRACE) => tracing::warn!("requests still running after the grace period"),
+    }
+}
+
+/// A connection whose writes fail once the peer has taken no bytes for `limit`: the kernel's
+/// send buffer is full and stays full (a reader that stopped, a network that went away).
+struct StallGuard {
+    stream: TcpStream,
+    limit: Duration,
+    /// Armed while a write waits for room.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallGuard {
+    fn new(stream: TcpStream, limit: Duration) -> StallGuard {
+        StallGuard {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write said `Pending`: arms the timer, or fails once it has run out.
+    fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no bytes for server.write_timeout_secs",
+        )))
+    }
+}
+
+impl AsyncRead for StallGuard {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StallGuard {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }

@@ -183,6 +183,17 @@ impl PgCluster {
         );
     }
 
+    /// `pg_ctl stop -m immediate`: the server is gone until `start_again`.
+    pub fn stop(&self) {
+        let data = self.data().display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts a stopped cluster again with `settings`.
+    pub fn start_again(&self, settings: &[&str]) {
+        self.start_server(settings);
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
