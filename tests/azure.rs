@@ -255,6 +255,12 @@ async fn blob_urls_are_raw_and_need_storage_access() {
     );
 }
 
+/// Whose files the storage tests write.
+const TAG: fhir_export::storage::AttemptTag = fhir_export::storage::AttemptTag {
+    task: 1,
+    attempt: 1,
+};
+
 #[tokio::test]
 async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
     let mut config = Config::default();
@@ -266,18 +272,18 @@ async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
     let big: String = "x".repeat(100 * 1024) + "\n"; // two blocks
 
     // First attempt: committed.
-    let mut first = storage.create(&container, name).await.unwrap();
+    let mut first = storage.create(&container, name, TAG).await.unwrap();
     first.write(big.as_bytes()).await.unwrap();
     assert!(first.commit(Box::pin(async { Ok(true) })).await.unwrap());
     // A crashed attempt: blocks staged, never committed.
-    let mut crashed = storage.create(&container, name).await.unwrap();
+    let mut crashed = storage.create(&container, name, TAG).await.unwrap();
     crashed
         .write(b"garbage that must never show\n")
         .await
         .unwrap();
     drop(crashed);
     // A fenced-out attempt: staged, fence fails, nothing changes.
-    let mut fenced = storage.create(&container, name).await.unwrap();
+    let mut fenced = storage.create(&container, name, TAG).await.unwrap();
     fenced
         .write(b"from a worker that lost its lease\n")
         .await
@@ -285,7 +291,7 @@ async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
     assert!(!fenced.commit(Box::pin(async { Ok(false) })).await.unwrap());
     assert_eq!(read_all(&storage, &container, name).await, big);
     // The retry: same name, replaces the blob entirely.
-    let mut retry = storage.create(&container, name).await.unwrap();
+    let mut retry = storage.create(&container, name, TAG).await.unwrap();
     retry
         .write(b"{\"resourceType\":\"Observation\"}\n")
         .await

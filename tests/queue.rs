@@ -12,6 +12,11 @@ use fhir_export::db::tasks::{self, Fenced, HeldTask, PlannedTask, TaskKind};
 
 const LEASE: Duration = Duration::from_secs(60);
 const RETENTION: Duration = Duration::from_secs(3600);
+/// Failed attempts are claimable again at once.
+const RETRY: tasks::Retry = tasks::Retry {
+    backoff: Duration::ZERO,
+    retention: RETENTION,
+};
 
 /// The API alone: the test is the only worker.
 async fn api_only(max_attempts: i32) -> TestApp {
@@ -36,10 +41,10 @@ async fn expire_and_rescue(app: &TestApp, held: &HeldTask, max_attempts: i32) {
         .execute(&app.pool)
         .await
         .unwrap();
-    let rescued = tasks::rescue_expired(&app.pool, max_attempts, RETENTION)
+    let rescued = tasks::rescue_expired(&app.pool, max_attempts, RETRY)
         .await
         .unwrap();
-    assert_eq!(rescued.tasks, 1);
+    assert_eq!(rescued.tasks.len(), 1);
 }
 
 /// Every row of the queue, as text.
@@ -89,7 +94,7 @@ async fn a_stale_attempt_changes_nothing() {
     let follow_ups = [planned(TaskKind::Export, 0, 10)];
     assert!(is_lease_lost(stale.finish(&follow_ups, RETENTION).await));
     assert!(is_lease_lost(stale.release().await));
-    assert!(is_lease_lost(stale.fail("boom", 5, RETENTION).await));
+    assert!(is_lease_lost(stale.fail("boom", 5, RETRY).await));
     assert!(is_lease_lost(stale.resume().await));
     assert_eq!(
         before,
@@ -149,7 +154,7 @@ async fn running_out_of_attempts_fails_the_job_with_an_operation_outcome() {
     let status_url = kick_off(&app, "/$export?_type=Patient").await;
     let failed = claim(&app)
         .await
-        .fail("the first cause", 2, RETENTION)
+        .fail("the first cause", 2, RETRY)
         .await
         .unwrap();
     assert!(failed.is_none(), "one failure of two");
@@ -157,7 +162,7 @@ async fn running_out_of_attempts_fails_the_job_with_an_operation_outcome() {
     assert_eq!(polled.status(), 202, "one failure of two: still running");
     let failed = claim(&app)
         .await
-        .fail("the second cause", 2, RETENTION)
+        .fail("the second cause", 2, RETRY)
         .await
         .unwrap()
         .expect("the job failed");
@@ -237,4 +242,52 @@ async fn the_database_refuses_kinds_and_states_the_code_does_not_know() {
         let code = error.as_database_error().and_then(|e| e.code());
         assert_eq!(code.as_deref(), Some("22P02"), "{sql}: {error}");
     }
+}
+
+#[tokio::test]
+async fn a_failed_attempt_waits_its_backoff_before_the_next_claim() {
+    let app = api_only(5).await;
+    kick_off(&app, "/$export?_type=Patient").await;
+    let retry = tasks::Retry {
+        backoff: Duration::from_secs(60),
+        retention: RETENTION,
+    };
+    assert!(
+        claim(&app)
+            .await
+            .fail("a full disk", 5, retry)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let waits: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM run_after - now())::float8 FROM export_tasks",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!((50.0..=60.0).contains(&waits), "first backoff {waits} s");
+    let early = tasks::claim(&app.pool, "test-worker", LEASE).await.unwrap();
+    assert!(early.is_none(), "claimed during its backoff");
+
+    // Its time has come: claimable, and the second failure waits twice as long.
+    sqlx::query("UPDATE export_tasks SET run_after = now() - interval '1 second'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        claim(&app)
+            .await
+            .fail("a full disk", 5, retry)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let waits: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM run_after - now())::float8 FROM export_tasks",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!((110.0..=120.0).contains(&waits), "second backoff {waits} s");
 }

@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use sqlx::PgPool;
@@ -312,6 +315,73 @@ async fn a_killed_worker_resumes_filtered_and_history_tasks_exactly() {
             "{kind} numbering"
         );
     }
+    assert_eq!(
+        max_failures(&app.pool).await,
+        1,
+        "the killed task was rescued once"
+    );
+}
+
+/// The temporary files (parts being written) under `root`.
+fn temporaries(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().ends_with(".tmp") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_worker_killed_inside_a_part_leaves_no_temporary_file_behind() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.stale_after_secs = 2;
+        c.export.part_size = 1500;
+    })
+    .await;
+    let loaded = load_generated(&app, 4).await;
+    let status_url = kick_off(&app, "/$export?_type=Observation").await;
+    let mut doomed = spawn_process(&app, SLOW_WORKER);
+    // Freeze the worker while a part is half-written (its temporary file exists), then kill it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let orphan = loop {
+        assert!(
+            Instant::now() < deadline,
+            "never caught a part being written"
+        );
+        if temporaries(app.storage.path()).is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        doomed.signal("-STOP");
+        match temporaries(app.storage.path()).pop() {
+            Some(orphan) => break orphan,
+            None => doomed.signal("-CONT"), // renamed in the meantime: try again
+        }
+    };
+    doomed.kill();
+    assert!(
+        orphan.exists(),
+        "the killed attempt left {}",
+        orphan.display()
+    );
+
+    let _rescuer = app.spawn_sibling(|_| {}).await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let files = download_all(&app, &manifest).await;
+    assert_exact(&files, &loaded, &["Observation"]);
+    assert_eq!(
+        temporaries(app.storage.path()),
+        Vec::<std::path::PathBuf>::new()
+    );
     assert_eq!(
         max_failures(&app.pool).await,
         1,

@@ -437,31 +437,62 @@ pub async fn cancel(
     Ok(files)
 }
 
-/// Completes the job when every task is done (called under the job's lock).
+/// Completes the job when every task is done (called under the job's lock); returns whether
+/// it did. A job still `queued` here had its claim skip marking it running (see
+/// `tasks::claim`).
 pub(super) async fn complete_if_all_done(
     conn: &mut PgConnection,
     id: Uuid,
     retention: Duration,
-) -> sqlx::Result<()> {
-    sqlx::query(
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
         "UPDATE export_jobs SET status = 'completed', finished_at = now(),
                 expires_at = now() + make_interval(secs => $2)
-         WHERE id = $1 AND status = 'running'
+         WHERE id = $1 AND status IN ('queued', 'running')
            AND NOT EXISTS (SELECT 1 FROM export_tasks WHERE job_id = $1 AND status <> 'done')",
     )
     .bind(id)
     .bind(secs(retention))
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
-/// A job that failed: its correlation id and the cause, for the one log line that reports it.
+/// A job that failed: its correlation id and the cause, for the one log line that reports it,
+/// and where its files are (they are deleted).
 #[derive(Debug, Clone, FromRow)]
 pub struct FailedJob {
     pub id: Uuid,
     pub error_id: Uuid,
     pub error: String,
+    #[sqlx(flatten)]
+    pub files: JobFiles,
+}
+
+/// What a job that ended wrote, and how long it ran: its one log line.
+#[derive(Debug, Clone, FromRow)]
+pub struct Summary {
+    pub id: Uuid,
+    pub status: JobState,
+    pub files: i64,
+    pub resources: i64,
+    pub bytes: i64,
+    pub seconds: f64,
+}
+
+/// The files, resources and bytes a job committed, and its run time so far.
+pub async fn summary(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Summary>> {
+    sqlx::query_as(
+        "SELECT j.id, j.status, count(p.resources) AS files,
+                coalesce(sum(p.resources), 0)::bigint AS resources,
+                coalesce(sum(p.bytes), 0)::bigint AS bytes,
+                extract(epoch FROM coalesce(j.finished_at, now()) - j.created_at)::float8 AS seconds
+         FROM export_jobs j LEFT JOIN export_parts p ON p.job_id = j.id
+         WHERE j.id = $1 GROUP BY j.id",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// Fails jobs whose task ran out of attempts, naming that task's last error under a new
@@ -481,7 +512,8 @@ pub(super) async fn fail(
                       FROM export_tasks t WHERE t.job_id = j.id AND t.status = 'failed'
                       ORDER BY t.id LIMIT 1)
          WHERE j.id = ANY($1) AND j.status IN ('queued', 'running')
-         RETURNING j.id, j.error_id, coalesce(j.error, 'unknown error') AS error",
+         RETURNING j.id, j.error_id, coalesce(j.error, 'unknown error') AS error,
+                   j.container, j.own_container, j.folder",
     )
     .bind(ids)
     .bind(secs(retention))

@@ -159,23 +159,28 @@ pub(super) async fn notify(
     Ok(())
 }
 
-/// Claims the oldest queued task of a live job with a lease of `lease`, and marks its job
-/// running: one statement, so a claim is never half done.
+/// Claims the oldest claimable queued task of a live job with a lease of `lease`, and marks
+/// its job running: one statement, so a claim is never half done. It waits for no lock: a
+/// task or a job row locked by another transaction (a cancel, a finishing task) is skipped,
+/// so a claim can never deadlock with them. A skipped job stays `queued` for a moment; the
+/// next claim of its tasks, or its end, moves it on.
 pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result<Option<HeldTask>> {
     let task: Option<Task> = sqlx::query_as(&format!(
         "WITH next AS (
             SELECT t.id FROM export_tasks t JOIN export_jobs j ON j.id = t.job_id
             WHERE t.status = 'queued' AND j.status IN ('queued', 'running')
+              AND (t.run_after IS NULL OR t.run_after <= now())
             ORDER BY t.id LIMIT 1 FOR UPDATE OF t SKIP LOCKED),
          claimed AS (
             UPDATE export_tasks t
-            SET status = 'running', attempt = t.attempt + 1, worker = $1,
+            SET status = 'running', attempt = t.attempt + 1, worker = $1, run_after = NULL,
                 leased_until = now() + make_interval(secs => $2), updated_at = now()
             FROM next WHERE t.id = next.id
             RETURNING t.*),
          job AS (
             UPDATE export_jobs j SET status = 'running'
-            FROM claimed WHERE j.id = claimed.job_id AND j.status = 'queued')
+            WHERE j.id = (SELECT q.id FROM export_jobs q JOIN claimed c ON q.id = c.job_id
+                          WHERE q.status = 'queued' FOR UPDATE OF q SKIP LOCKED))
          SELECT {TASK_COLUMNS} FROM claimed"
     ))
     .bind(worker)
@@ -188,6 +193,11 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> sqlx::Result
         task,
     }))
 }
+
+/// `export_tasks.run_after` of a task's next attempt after its `failures` (the new count):
+/// `backoff` doubled for each failure before this one, at most five minutes.
+const RETRY_AFTER: &str =
+    "now() + make_interval(secs => least($BACKOFF * power(2, least(failures, 16)), 300))";
 
 fn fenced(rows: u64) -> Result<(), Fenced> {
     if rows == 0 {
@@ -376,12 +386,12 @@ impl HeldTask {
     }
 
     /// Marks the task done, adds the tasks it hands on (a plan's export tasks), and completes
-    /// the job when nothing is left.
+    /// the job when nothing is left. Returns whether it did.
     pub async fn finish(
         &self,
         follow_ups: &[PlannedTask],
         retention: Duration,
-    ) -> Result<(), Fenced> {
+    ) -> Result<bool, Fenced> {
         let mut tx = self.pool.begin().await?;
         jobs::lock(&mut tx, self.task.job_id).await?;
         let done = sqlx::query(concat!(
@@ -398,9 +408,9 @@ impl HeldTask {
             insert_planned(&mut tx, self.task.job_id, follow_ups).await?;
             notify(&mut tx, CHANNEL, "").await?;
         }
-        jobs::complete_if_all_done(&mut tx, self.task.job_id, retention).await?;
+        let completed = jobs::complete_if_all_done(&mut tx, self.task.job_id, retention).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(completed)
     }
 
     /// Gives the task back to the queue without counting a failure (graceful shutdown).
@@ -420,34 +430,38 @@ impl HeldTask {
         Ok(())
     }
 
-    /// Records a failed attempt: the task goes back to the queue, or, at `max_attempts`
-    /// failures, the task and its job fail (returned).
+    /// Records a failed attempt: the task goes back to the queue to be claimed after its
+    /// backoff, or, at `max_attempts` failures, the task and its job fail (returned). The job
+    /// row is locked first, as every statement that changes a job and its tasks does.
     pub async fn fail(
         &self,
         error: &str,
         max_attempts: i32,
-        retention: Duration,
+        retry: Retry,
     ) -> Result<Option<FailedJob>, Fenced> {
         let mut tx = self.pool.begin().await?;
-        let failed: Option<bool> = sqlx::query_scalar(concat!(
+        jobs::lock(&mut tx, self.task.job_id).await?;
+        let failed: Option<bool> = sqlx::query_scalar(&format!(
             "UPDATE export_tasks
              SET failures = failures + 1, last_error = $3, leased_until = NULL, updated_at = now(),
-                 status = CASE WHEN failures + 1 >= $4 THEN 'failed' ELSE 'queued' END::task_state
-             WHERE ",
-            held!(),
-            " RETURNING status = 'failed'"
+                 status = CASE WHEN failures + 1 >= $4 THEN 'failed' ELSE 'queued' END::task_state,
+                 run_after = {}
+             WHERE {} RETURNING status = 'failed'",
+            RETRY_AFTER.replace("$BACKOFF", "$5"),
+            held!()
         ))
         .bind(self.task.id)
         .bind(self.task.attempt)
-        .bind(error)
+        .bind(super::storable(error))
         .bind(max_attempts)
+        .bind(secs(retry.backoff))
         .fetch_optional(&mut *tx)
         .await?;
         let Some(failed) = failed else {
             return Err(Fenced::LeaseLost);
         };
         let job = if failed {
-            jobs::fail(&mut tx, &[self.task.job_id], retention)
+            jobs::fail(&mut tx, &[self.task.job_id], retry.retention)
                 .await?
                 .pop()
         } else {
@@ -514,46 +528,92 @@ async fn insert_planned(
     Ok(())
 }
 
+/// How a failed attempt is retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// The pause before the second attempt; it doubles with each further failure.
+    pub backoff: Duration,
+    /// How long a job that fails for good keeps its row.
+    pub retention: Duration,
+}
+
+/// A task whose lease ran out: the files its attempt left half-written are its to clean.
+#[derive(Debug, Clone, FromRow)]
+pub struct RescuedTask {
+    pub id: i64,
+    /// The attempt that stopped renewing its lease.
+    pub attempt: i32,
+    pub job_id: Uuid,
+    pub container: String,
+    pub folder: String,
+}
+
 /// What a rescue did.
 #[derive(Debug, Default)]
 pub struct Rescued {
-    pub tasks: u64,
+    pub tasks: Vec<RescuedTask>,
     /// Jobs whose rescued task was out of attempts.
     pub failed: Vec<FailedJob>,
 }
 
-/// Re-queues tasks whose lease ran out (their worker died, froze or was cut off); a task out of
-/// attempts fails its job.
+/// Re-queues tasks whose lease ran out (their worker died, froze or was cut off), to be claimed
+/// after their backoff; a task out of attempts fails its job. The jobs are locked first (in id
+/// order), then their tasks, as everywhere else.
 pub async fn rescue_expired(
     pool: &PgPool,
     max_attempts: i32,
-    retention: Duration,
+    retry: Retry,
 ) -> sqlx::Result<Rescued> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
-        "UPDATE export_tasks
-         SET failures = failures + 1, leased_until = NULL, updated_at = now(),
-             last_error = 'the worker stopped renewing its lease (crashed, frozen or cut off)',
-             status = CASE WHEN failures + 1 >= $1 THEN 'failed' ELSE 'queued' END::task_state
-         WHERE id IN (SELECT id FROM export_tasks WHERE status = 'running' AND leased_until < now()
-                      FOR UPDATE SKIP LOCKED)
-         RETURNING job_id, status = 'failed'",
+    let jobs: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM export_jobs WHERE id IN (
+             SELECT job_id FROM export_tasks WHERE status = 'running' AND leased_until < now())
+         ORDER BY id FOR UPDATE SKIP LOCKED",
     )
-    .bind(max_attempts)
     .fetch_all(&mut *tx)
     .await?;
-    let failed: Vec<Uuid> = rows.iter().filter(|(_, f)| *f).map(|(j, _)| *j).collect();
+    if jobs.is_empty() {
+        return Ok(Rescued::default());
+    }
+    let rows: Vec<(i64, i32, Uuid, String, String, bool)> = sqlx::query_as(&format!(
+        "UPDATE export_tasks t
+         SET failures = failures + 1, leased_until = NULL, updated_at = now(),
+             last_error = 'the worker stopped renewing its lease (crashed, frozen or cut off)',
+             status = CASE WHEN failures + 1 >= $1 THEN 'failed' ELSE 'queued' END::task_state,
+             run_after = {}
+         FROM export_jobs j
+         WHERE j.id = t.job_id AND t.job_id = ANY($3) AND t.status = 'running'
+           AND t.leased_until < now()
+         RETURNING t.id, t.attempt, t.job_id, j.container, j.folder, t.status = 'failed'",
+        RETRY_AFTER
+            .replace("$BACKOFF", "$2")
+            .replace("failures", "t.failures")
+    ))
+    .bind(max_attempts)
+    .bind(secs(retry.backoff))
+    .bind(&jobs)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut failed: Vec<Uuid> = rows.iter().filter(|r| r.5).map(|r| r.2).collect();
+    failed.dedup();
     let failed = if failed.is_empty() {
         Vec::new()
     } else {
-        jobs::fail(&mut tx, &failed, retention).await?
+        jobs::fail(&mut tx, &failed, retry.retention).await?
     };
     if !rows.is_empty() {
         notify(&mut tx, CHANNEL, "").await?;
     }
     tx.commit().await?;
-    Ok(Rescued {
-        tasks: rows.len() as u64,
-        failed,
-    })
+    let tasks = rows
+        .into_iter()
+        .map(|(id, attempt, job_id, container, folder, _)| RescuedTask {
+            id,
+            attempt,
+            job_id,
+            container,
+            folder,
+        })
+        .collect();
+    Ok(Rescued { tasks, failed })
 }

@@ -20,7 +20,7 @@ use azure_storage_blob::{
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 
-use super::{ByteStream, Fence, PartWriter, Storage, sas};
+use super::{AttemptTag, ByteStream, Fence, PartWriter, Storage, sas};
 use crate::config::{AzureConfig, AzureCredentialKind};
 
 /// How requests are authorized.
@@ -258,6 +258,24 @@ fn k_only(part: &str) -> &str {
     part.split('=').next().unwrap_or("")
 }
 
+/// A request that has had no answer for this long has failed, transiently: a storage that
+/// hangs (paused, cut off) must not hold a writing worker for ever.
+const REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `request`'s answer, or a transient error if it had none within `REQUEST_LIMIT`.
+async fn answered<T>(
+    request: impl Future<Output = azure_core::Result<T>>,
+    doing: &str,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(REQUEST_LIMIT, request).await {
+        Ok(answer) => answer.map_err(|e| explain(e, doing)),
+        Err(_) => Err(anyhow::Error::new(super::Transient(format!(
+            "{doing}: no answer within {} s",
+            REQUEST_LIMIT.as_secs()
+        )))),
+    }
+}
+
 /// An SDK error with what it means for the operator; never includes credentials. A fault that
 /// goes away by itself (5xx, throttling, a timeout, no answer) is marked `Transient`.
 fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
@@ -291,7 +309,12 @@ impl Storage for AzureStorage {
         "azure"
     }
 
-    async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>> {
+    async fn create(
+        &self,
+        container: &str,
+        name: &str,
+        _owner: AttemptTag,
+    ) -> anyhow::Result<Box<dyn PartWriter>> {
         self.ensure_container(container).await?;
         let blob = self
             .container(container)?
@@ -473,10 +496,10 @@ impl AzureWriter {
         let id = format!("{}-{:06}", self.prefix, self.blocks.len()).into_bytes();
         let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.block_size));
         let length = data.len() as u64;
-        self.blob
-            .stage_block(&id, length, RequestContent::from(data), None)
-            .await
-            .map_err(|e| explain(e, "staging a block"))?;
+        let staging = self
+            .blob
+            .stage_block(&id, length, RequestContent::from(data), None);
+        answered(staging, "staging a block").await?;
         self.blocks.push(id);
         Ok(())
     }
@@ -502,10 +525,8 @@ impl PartWriter for AzureWriter {
             latest: Some(self.blocks),
             uncommitted: None,
         };
-        self.blob
-            .commit_block_list(list.try_into()?, None)
-            .await
-            .map_err(|e| explain(e, "committing a part"))?;
+        let committing = self.blob.commit_block_list(list.try_into()?, None);
+        answered(committing, "committing a part").await?;
         Ok(true)
     }
 }

@@ -10,7 +10,10 @@ use futures::StreamExt;
 use tokio::fs;
 use tokio_util::io::ReaderStream;
 
-use super::{ByteStream, Fence, PartWriter, Storage, direct_file::DirectFile};
+use super::{AttemptTag, ByteStream, Fence, PartWriter, Storage, direct_file::DirectFile};
+
+/// Files being written end in this; they never show in a manifest.
+const TEMP_SUFFIX: &str = ".tmp";
 
 pub struct FilesystemStorage {
     root: PathBuf,
@@ -39,15 +42,21 @@ impl Storage for FilesystemStorage {
         "filesystem"
     }
 
-    async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>> {
+    async fn create(
+        &self,
+        container: &str,
+        name: &str,
+        owner: AttemptTag,
+    ) -> anyhow::Result<Box<dyn PartWriter>> {
         let path = self.path(container, name)?;
         let dir = path.parent().expect("a file path has a parent");
         fs::create_dir_all(dir)
             .await
             .with_context(|| format!("creating {}", dir.display()))?;
         let file_name = path.file_name().expect("has a name").to_string_lossy();
+        // Named by its attempt (a rescue finds it) and unique (two writers never share one).
         let temp = dir.join(format!(
-            ".{file_name}.{}.tmp",
+            ".{file_name}.{owner}.{}{TEMP_SUFFIX}",
             uuid::Uuid::new_v4().simple()
         ));
         let file = DirectFile::create(temp.clone())
@@ -63,6 +72,8 @@ impl Storage for FilesystemStorage {
     async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>> {
         let path = self.path(container, name)?;
         match fs::File::open(&path).await {
+            // A folder of that name is no file.
+            Ok(file) if !file.metadata().await?.is_file() => Ok(None),
             Ok(file) => Ok(Some(ReaderStream::with_capacity(file, 64 * 1024).boxed())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
@@ -79,6 +90,33 @@ impl Storage for FilesystemStorage {
             "invalid container"
         );
         remove_dir(&self.root.join(container)).await
+    }
+
+    async fn discard_unfinished(
+        &self,
+        container: &str,
+        folder: &str,
+        owner: AttemptTag,
+    ) -> anyhow::Result<()> {
+        let dir = self.path(container, folder)?;
+        let mut entries = match fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        let mark = format!(".{owner}.");
+        while let Some(entry) = entries.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.contains(&mark) {
+                match fs::remove_file(entry.path()).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("removing {name}"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn check(&self) -> anyhow::Result<()> {

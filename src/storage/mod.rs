@@ -27,6 +27,20 @@ pub const ANONYMIZATION_CONTAINER: &str = "anonymization";
 #[error("{0}")]
 pub struct Transient(pub String);
 
+/// The task attempt that writes a file: a file it left unfinished (a crash before its commit)
+/// can be found and removed by whoever rescues that attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptTag {
+    pub task: i64,
+    pub attempt: i32,
+}
+
+impl std::fmt::Display for AttemptTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "t{}a{}", self.task, self.attempt)
+    }
+}
+
 /// Checked just before a written file becomes visible; `false` drops the file instead.
 pub type Fence<'a> = BoxFuture<'a, anyhow::Result<bool>>;
 
@@ -38,9 +52,26 @@ pub trait Storage: Send + Sync + 'static {
     /// `filesystem` or `azure` (a label of the metrics).
     fn kind(&self) -> &'static str;
 
-    /// Starts a file `name` (may contain `/`) in `container`, creating the container if needed.
-    /// Nothing is visible until `commit`.
-    async fn create(&self, container: &str, name: &str) -> anyhow::Result<Box<dyn PartWriter>>;
+    /// Starts a file `name` (may contain `/`) in `container` for `owner`, creating the container
+    /// if needed. Nothing is visible until `commit`.
+    async fn create(
+        &self,
+        container: &str,
+        name: &str,
+        owner: AttemptTag,
+    ) -> anyhow::Result<Box<dyn PartWriter>>;
+
+    /// Removes what `owner` left unfinished under `folder` (files it created and never
+    /// committed). Backends whose unfinished files are never visible (Azure's uncommitted
+    /// blocks, which the service discards itself) have nothing to do.
+    async fn discard_unfinished(
+        &self,
+        _container: &str,
+        _folder: &str,
+        _owner: AttemptTag,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// Streams a committed file; `None` if there is no such file.
     async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>>;

@@ -14,6 +14,9 @@ use crate::db::tasks::{Fenced, HeldTask};
 pub struct Lease {
     lost: CancellationToken,
     heartbeat: tokio::task::JoinHandle<()>,
+    context: Arc<Context>,
+    /// The worker holding it.
+    slot: usize,
 }
 
 impl Lease {
@@ -21,7 +24,18 @@ impl Lease {
     pub fn start(context: &Arc<Context>, held: &HeldTask, slot: usize) -> Lease {
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(context.clone(), held.clone(), slot, lost.clone()));
-        Lease { lost, heartbeat }
+        context.liveness.moved(slot);
+        Lease {
+            lost,
+            heartbeat,
+            context: context.clone(),
+            slot,
+        }
+    }
+
+    /// The task moved on (a file written, a wait that X-Progress reports): not stuck.
+    pub fn moved(&self) {
+        self.context.liveness.moved(self.slot);
     }
 
     pub fn is_lost(&self) -> bool {
@@ -36,6 +50,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        self.context.liveness.idle(self.slot);
     }
 }
 

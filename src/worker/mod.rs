@@ -105,6 +105,24 @@ impl Context {
         Duration::from_secs(self.config.export.retention_secs)
     }
 
+    fn retry(&self) -> tasks::Retry {
+        tasks::Retry {
+            backoff: Duration::from_secs(self.config.export.retry_backoff_secs),
+            retention: self.retention(),
+        }
+    }
+
+    /// Logs the end of a job (the summary is read after it ended). A cancelled job's last
+    /// sweep is not an end: its cancel was.
+    async fn log_end(&self, job: uuid::Uuid, outcome: &str) {
+        match jobs::summary(&self.pools.primary, job).await {
+            Ok(Some(s)) if outcome == "expired" && s.status == jobs::JobState::Cancelled => {}
+            Ok(Some(summary)) => crate::telemetry::job_ended(&summary, outcome),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(%job, error = %e, "reading a finished job's summary failed"),
+        }
+    }
+
     fn mark_alive(&self, worker: usize) {
         self.liveness.mark(worker);
     }
@@ -187,8 +205,12 @@ async fn run_task(
     .await
 }
 
+/// Transient faults are retried inside an attempt for at most this many stale periods in a
+/// row; a fault that lasts longer spends the attempt, so no task retries without bound.
+const TRANSIENT_RETRY_STALE_PERIODS: u32 = 10;
+
 /// Runs the task; a transient fault resumes it from its checkpoint after a pause, as long as
-/// the lease holds.
+/// the lease holds and the faults have not lasted `TRANSIENT_RETRY_STALE_PERIODS`.
 async fn run_with_retries(
     context: &Arc<Context>,
     held: &mut HeldTask,
@@ -196,6 +218,9 @@ async fn run_with_retries(
     shutdown: &CancellationToken,
 ) -> Ended {
     let mut backoff = Backoff::new(Duration::from_secs(10));
+    let give_up_after = context.lease_duration() * TRANSIENT_RETRY_STALE_PERIODS;
+    // When faults began at the current checkpoint: a part written since starts the count anew.
+    let mut faulty_since: Option<((i32, i64), tokio::time::Instant)> = None;
     loop {
         let error = match caught(run_kind(context, held, lease, shutdown)).await {
             Ok(Ok(ended)) => return ended,
@@ -211,6 +236,21 @@ async fn run_with_retries(
         let Some(cause) = transient_cause(&error) else {
             return Ended::Failed(format!("{error:#}"));
         };
+        let checkpoint = (held.task.parts_done, held.task.checkpoint_seq);
+        let since = match faulty_since {
+            Some((at, since)) if at == checkpoint => since,
+            _ => {
+                faulty_since
+                    .insert((checkpoint, tokio::time::Instant::now()))
+                    .1
+            }
+        };
+        if since.elapsed() > give_up_after {
+            return Ended::Failed(format!(
+                "transient faults lasted longer than {TRANSIENT_RETRY_STALE_PERIODS} stale \
+                 periods; the last: {error:#}"
+            ));
+        }
         metrics::transient_retry(cause);
         tracing::warn!(error = %format!("{error:#}"), "transient fault; resuming from the checkpoint");
         loop {
@@ -250,7 +290,8 @@ async fn run_kind(
 }
 
 /// Spends the attempt (failing the job once `max` are spent); retried through a database blip
-/// while the lease holds (after that the rescuer counts it).
+/// while the lease holds (after that the rescuer counts it). Any other database error gives
+/// the task up to the rescuer at once: its lease runs out and the rescue spends the attempt.
 async fn record_failure(
     context: &Context,
     held: &HeldTask,
@@ -260,20 +301,38 @@ async fn record_failure(
 ) {
     let mut backoff = Backoff::new(Duration::from_secs(5));
     while !lease.is_lost() {
-        match held.fail(message, max, context.retention()).await {
-            Ok(Some(job)) => return report_failed(&job),
+        match held.fail(message, max, context.retry()).await {
+            Ok(Some(job)) => return report_failed(context, &job).await,
             Ok(None) | Err(Fenced::LeaseLost) => return,
-            Err(Fenced::Database(e)) => {
+            Err(Fenced::Database(e)) if db::is_transient(&e) => {
                 tracing::warn!(error = %e, "recording a task failure failed; retrying");
                 tokio::time::sleep(backoff.pause()).await;
+            }
+            Err(Fenced::Database(e)) => {
+                tracing::error!(error = %e, "recording a task failure failed; the rescuer will count it");
+                return;
             }
         }
     }
 }
 
-/// The one log line of a failed job: its cause, under the correlation id its status shows.
-fn report_failed(job: &jobs::FailedJob) {
+/// A job that failed for good: the one log line of its cause, under the correlation id its
+/// status shows, then its files are deleted (a full disk does not stay full until the job
+/// expires) and its end is logged. Files that a deletion misses go at its expiry.
+async fn report_failed(context: &Context, job: &jobs::FailedJob) {
     tracing::error!(job = %job.id, correlation_id = %job.error_id, cause = %job.error, "export failed");
+    let files = &job.files;
+    if let Err(e) = storage::delete_export(
+        &*context.storage,
+        &files.container,
+        &files.folder,
+        files.own_container,
+    )
+    .await
+    {
+        tracing::warn!(job = %job.id, error = %format!("{e:#}"), "deleting a failed export's files failed");
+    }
+    context.log_end(job.id, "failed").await;
 }
 
 fn lease_lost(error: &anyhow::Error) -> bool {

@@ -10,7 +10,7 @@ use crate::{
         tasks::{Fenced, HeldTask},
     },
     metrics,
-    storage::PartWriter,
+    storage::{AttemptTag, PartWriter},
 };
 
 /// Lines are gathered into writes of about this many bytes.
@@ -43,7 +43,14 @@ pub async fn open(
 ) -> anyhow::Result<OpenPart> {
     let part_no = held.reserve_part(kind, seq).await?;
     let name = format!("{}/{kind}-{part_no}.ndjson", job.spec.folder);
-    let writer = context.storage.create(&job.spec.container, &name).await?;
+    let owner = AttemptTag {
+        task: held.task.id,
+        attempt: held.task.attempt,
+    };
+    let writer = context
+        .storage
+        .create(&job.spec.container, &name, owner)
+        .await?;
     Ok(OpenPart {
         writer,
         kind: kind.to_string(),

@@ -79,7 +79,9 @@ pub async fn run(
             start = end;
         }
     }
-    held.finish(&planned, context.retention()).await?;
+    if held.finish(&planned, context.retention()).await? {
+        context.log_end(job.id, "completed").await;
+    }
     tracing::info!(tasks = planned.len(), "planned");
     Ok(Ended::Done)
 }
@@ -106,6 +108,8 @@ async fn wait_for_writers(
         if remaining == 0 {
             return Ok(());
         }
+        // Waiting for a writer is reported (X-Progress, the warning below), not stuck.
+        lease.moved();
         if !warned && started.elapsed() > WRITERS_WARN_AFTER {
             tracing::warn!(
                 writers = remaining,
