@@ -465,9 +465,12 @@ async fn token_refuses_other_algorithms_and_missing_fields() {
     let why = refused_client(&app, &assertion).await;
     assert!(why.contains("RS384 or ES384"), "{why}");
     let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    // RFC 6749 section 3.3: no scope, or an empty one, is an invalid scope.
     let mut no_scope = grant(&assertion, "system/*.read");
     no_scope.pop();
-    refused(&app, &no_scope, 400, "invalid_request").await;
+    refused(&app, &no_scope, 400, "invalid_scope").await;
+    let assertion = key.sign(&assertion_claims(&app, "c1"), None);
+    refused(&app, &grant(&assertion, " "), 400, "invalid_scope").await;
     let mut claims = assertion_claims(&app, "c1");
     claims.as_object_mut().unwrap().remove("jti");
     let assertion = key.sign(&claims, None);
@@ -763,4 +766,187 @@ async fn an_issuer_down_at_the_first_token_is_tried_again_after_a_pause() {
         assert!(std::time::Instant::now() < deadline, "never recovered");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn token_refuses_assertions_from_the_future() {
+    let (app, key) = one_client_app().await;
+    let mut claims = assertion_claims(&app, "c1");
+    claims["nbf"] = json!(now() + 3600);
+    let why = refused_client(&app, &key.sign(&claims, None)).await;
+    assert!(why.contains("nbf"), "{why}");
+    let mut claims = assertion_claims(&app, "c1");
+    claims["iat"] = json!(now() + 86_400);
+    let why = refused_client(&app, &key.sign(&claims, None)).await;
+    assert!(why.contains("iat"), "{why}");
+    // Within the small clock skew allowed, both are fine.
+    let mut claims = assertion_claims(&app, "c1");
+    claims["nbf"] = json!(now() + 2);
+    claims["iat"] = json!(now() + 2);
+    let assertion = key.sign(&claims, None);
+    let response = token_request(&app, &grant(&assertion, "system/*.read")).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn token_refuses_a_jku_that_is_not_the_registered_key_set() {
+    let (app, key) = one_client_app().await;
+    let attacker = Key::rsa("k1");
+    let keys_url = format!("{}/keys", issuer(&[&attacker]).await);
+    let header = json!({"alg": "RS384", "kid": "k1", "typ": "JWT", "jku": keys_url});
+    let why = refused_client(
+        &app,
+        &attacker.sign(&assertion_claims(&app, "c1"), Some(header)),
+    )
+    .await;
+    assert!(why.contains("jku"), "{why}");
+    // Not even the right key with a foreign jku.
+    let header =
+        json!({"alg": "RS384", "kid": "k1", "typ": "JWT", "jku": "https://elsewhere.example/jwks"});
+    let why = refused_client(&app, &key.sign(&assertion_claims(&app, "c1"), Some(header))).await;
+    assert!(why.contains("jku"), "{why}");
+}
+
+#[tokio::test]
+async fn a_registered_jku_is_accepted() {
+    let key = Key::ec("remote-1");
+    let keys_url = format!("{}/keys", issuer(&[&key]).await);
+    let app = smart_app(vec![ClientConfig {
+        id: "remote".into(),
+        scopes: vec!["system/*.rs".into()],
+        jwks: String::new(),
+        jwks_url: keys_url.clone(),
+    }])
+    .await;
+    let header = json!({"alg": "ES384", "kid": "remote-1", "typ": "JWT", "jku": keys_url});
+    let assertion = key.sign(&assertion_claims(&app, "remote"), Some(header));
+    let response = token_request(&app, &grant(&assertion, "system/*.rs")).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn token_refuses_a_jti_that_is_no_id() {
+    let (app, key) = one_client_app().await;
+    for jti in ["a\u{0}b".to_string(), "x".repeat(2_800)] {
+        let mut claims = assertion_claims(&app, "c1");
+        claims["jti"] = json!(jti);
+        let why = refused_client(&app, &key.sign(&claims, None)).await;
+        assert!(why.contains("jti"), "{why}");
+    }
+}
+
+#[tokio::test]
+async fn status_and_files_need_a_token_that_covers_the_exported_types() {
+    let key = Key::rsa("k1");
+    let app = smart_app(vec![client(
+        "c1",
+        &["system/Patient.*", "system/Observation.read"],
+        &[&key],
+    )])
+    .await;
+    let (both, _) =
+        access_token(&app, &key, "c1", "system/Patient.* system/Observation.read").await;
+    let (narrow, _) = access_token(&app, &key, "c1", "system/Observation.read").await;
+    let put = app
+        .client
+        .put(app.url("/Patient/p1"))
+        .bearer_auth(&both)
+        .header("content-type", "application/fhir+json")
+        .body(json!({"resourceType": "Patient", "id": "p1"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    let response =
+        kick_off_request(&app, "/$export?_type=Patient", "respond-async", Some(&both)).await;
+    assert_eq!(response.status(), 202);
+    let status_url = content_location(&response);
+    let manifest = wait_manifest_as(&app, &status_url, Some(&both)).await;
+    let file = manifest["output"][0]["url"].as_str().unwrap().to_string();
+
+    // The same client, a token that does not allow Patient: neither status nor file.
+    for url in [&status_url, &file] {
+        let response = app
+            .client
+            .get(url)
+            .bearer_auth(&narrow)
+            .send()
+            .await
+            .unwrap();
+        let message = assert_outcome(response, 403).await;
+        assert!(message.contains("Patient"), "{message}");
+        let response = app.client.get(url).bearer_auth(&both).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+    }
+}
+
+/// Serves a key set that never ends: 1 MB chunks of a JSON array, for as long as it is read.
+async fn endless_key_set() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/keys", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"keys\":[";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = "{\"kty\":\"oct\"},".repeat(1 << 16);
+                // 1.5 GB at most: the test must end even if the server read it all.
+                for _ in 0..1_500 {
+                    if stream.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_key_set_that_never_ends_is_cut_off_without_memory() {
+    let key = Key::ec("k1");
+    let app = smart_app(vec![ClientConfig {
+        id: "greedy".into(),
+        scopes: vec!["system/*.rs".into()],
+        jwks: String::new(),
+        jwks_url: endless_key_set().await,
+    }])
+    .await;
+    let before = resident_bytes();
+    let started = std::time::Instant::now();
+    let assertion = key.sign(&assertion_claims(&app, "greedy"), None);
+    let why = refused(
+        &app,
+        &grant(&assertion, "system/*.rs"),
+        401,
+        "invalid_client",
+    )
+    .await;
+    assert!(why.contains("key set"), "{why}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "reading the key set took {} MB",
+        grown >> 20
+    );
 }

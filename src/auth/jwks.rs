@@ -177,8 +177,34 @@ impl RemoteKeys {
             Locator::Issuer(issuer) => discover_jwks_uri(&self.http, issuer).await?,
         };
         let response = self.http.get(&url).send().await?.error_for_status()?;
-        Ok(response.json().await?)
+        bounded_json(response, &url).await
     }
+}
+
+/// The most a key set or an OpenID configuration may weigh: a few keys are a few KB.
+const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+
+/// A JSON answer read up to `MAX_DOCUMENT_BYTES` (the client's timeout bounds the time): a
+/// larger one is refused as it arrives, never held whole.
+async fn bounded_json<T: serde::de::DeserializeOwned>(
+    mut response: reqwest::Response,
+    url: &str,
+) -> anyhow::Result<T> {
+    let too_large = || anyhow::anyhow!("{url} answered more than {MAX_DOCUMENT_BYTES} bytes");
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(serde_json::from_slice(&body)?)
 }
 
 async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> anyhow::Result<String> {
@@ -186,13 +212,8 @@ async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> anyhow::Resu
         "{}/.well-known/openid-configuration",
         issuer.trim_end_matches('/')
     );
-    let document: Value = http
-        .get(&url)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let response = http.get(&url).send().await?.error_for_status()?;
+    let document: Value = bounded_json(response, &url).await?;
     document
         .get("jwks_uri")
         .and_then(Value::as_str)

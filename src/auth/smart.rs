@@ -22,10 +22,14 @@ pub const ASSERTION_ALGORITHMS: &[&str] = &["RS384", "ES384"];
 const MAX_ASSERTION_SECS: u64 = 300;
 /// Clock skew allowed between client and server.
 const LEEWAY_SECS: u64 = 5;
+/// The longest `jti` remembered: a unique id, not a document.
+const MAX_JTI_BYTES: usize = 255;
 
 struct Client {
     allowed: Scopes,
     keys: KeySource,
+    /// The registered key-set URL, the only `jku` an assertion may name.
+    jwks_url: Option<String>,
 }
 
 pub struct SmartServer {
@@ -79,6 +83,7 @@ pub struct TokenResponse {
 struct AssertionClaims {
     iss: Option<String>,
     exp: u64,
+    iat: Option<u64>,
     jti: Option<String>,
 }
 
@@ -109,7 +114,15 @@ impl SmartServer {
             };
             let allowed =
                 Scopes::from_scopes(c.scopes.iter().filter_map(|s| Scope::parse(s)).collect());
-            clients.insert(c.id.clone(), Client { allowed, keys });
+            let jwks_url = (!c.jwks_url.is_empty()).then(|| c.jwks_url.clone());
+            clients.insert(
+                c.id.clone(),
+                Client {
+                    allowed,
+                    keys,
+                    jwks_url,
+                },
+            );
         }
         let secret = if config.token_secret.is_empty() {
             tracing::warn!(
@@ -160,8 +173,10 @@ impl SmartServer {
         }
         let assertion = field("client_assertion")
             .ok_or_else(|| TokenError::InvalidClient("client_assertion is required".into()))?;
-        let requested =
-            field("scope").ok_or_else(|| TokenError::InvalidRequest("scope is required".into()))?;
+        // RFC 6749 section 3.3: a missing or empty scope is an invalid scope.
+        let requested = field("scope")
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| TokenError::InvalidScope("scope is required".into()))?;
         let (client_id, client, expires) = self.authenticate(assertion).await?;
 
         // Each assertion works once: its jti is remembered as long as the assertion could be
@@ -221,6 +236,7 @@ impl SmartServer {
         let kid = header
             .kid
             .ok_or_else(|| invalid("client_assertion has no kid header"))?;
+        let jku = header.jku;
         // The issuer picks the key set; the signature is checked right after.
         let unverified = jsonwebtoken::dangerous::insecure_decode::<AssertionClaims>(assertion)
             .map_err(|_| invalid("client_assertion has unreadable claims"))?;
@@ -232,6 +248,14 @@ impl SmartServer {
             .clients
             .get(&client_id)
             .ok_or_else(|| invalid("unknown client"))?;
+        // Keys come from the registration only: a `jku` may name nothing else.
+        if let Some(jku) = jku
+            && client.jwks_url.as_deref() != Some(jku.as_str())
+        {
+            return Err(invalid(
+                "client_assertion jku is not the key-set URL registered for this client",
+            ));
+        }
         let jwk = client
             .keys
             .find(&kid)
@@ -245,6 +269,7 @@ impl SmartServer {
             DecodingKey::from_jwk(&jwk).map_err(|_| invalid("the client's key is unusable"))?;
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_audience(&[&self.token_url]);
         validation.set_issuer(&[&client_id]);
         validation.sub = Some(client_id.clone());
@@ -256,6 +281,9 @@ impl SmartServer {
                         invalid("client_assertion signature does not verify")
                     }
                     ErrorKind::ExpiredSignature => invalid("client_assertion has expired"),
+                    ErrorKind::ImmatureSignature => {
+                        invalid("client_assertion nbf is in the future")
+                    }
                     ErrorKind::InvalidAudience => TokenError::InvalidClient(format!(
                         "client_assertion aud must be {}",
                         self.token_url
@@ -272,11 +300,23 @@ impl SmartServer {
                 "client_assertion exp is more than five minutes ahead",
             ));
         }
+        if data
+            .claims
+            .iat
+            .is_some_and(|iat| iat > now_secs() + LEEWAY_SECS)
+        {
+            return Err(invalid("client_assertion iat is in the future"));
+        }
         let jti = data
             .claims
             .jti
             .filter(|j| !j.is_empty())
             .ok_or_else(|| invalid("client_assertion has no jti"))?;
+        if jti.len() > MAX_JTI_BYTES || jti.chars().any(char::is_control) {
+            return Err(invalid(
+                "client_assertion jti must be at most 255 bytes without control characters",
+            ));
+        }
         let expiry = Expiry {
             jti,
             exp: data.claims.exp,
