@@ -559,6 +559,12 @@ async fn external_tokens_are_checked_against_the_issuers_keys() {
     let mut claims = external_claims(&issuer_url, &["Export.Read"]);
     claims["nbf"] = json!(now() + 600);
     refusals.push(("not yet valid", key.sign(&claims, None)));
+    // The client claim names the owner of jobs: no NUL, nothing a document long.
+    for client in ["entra\u{0}app".to_string(), "x".repeat(3000)] {
+        let mut claims = external_claims(&issuer_url, &["Export.Read"]);
+        claims["azp"] = json!(client);
+        refusals.push(("a client claim that is no name", key.sign(&claims, None)));
+    }
     refusals.push((
         "another key",
         stranger.sign(&external_claims(&issuer_url, &["Export.Read"]), None),

@@ -324,6 +324,11 @@ async fn every_configuration_mistake_is_a_400_naming_it() {
             json!({"fhirVersion": "Stu3", "fhirPathRules": []}).to_string(),
             "Stu3",
         ),
+        (
+            "nul.json",
+            "{\"fhirPathRules\": [], \"fhirVersion\": \"R4\u{0}\"}".into(),
+            "NUL",
+        ),
         // Hostile: nesting that would take the parser's stack, a chain that would take the
         // evaluator's.
         (

@@ -79,6 +79,14 @@ impl ExternalIssuer {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("the token has no {} claim", self.client_claim))?
             .to_string();
+        // It owns jobs (stored): a client name, not arbitrary text.
+        if client_id.is_empty() || client_id.len() > 255 || client_id.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "the token's {} claim is not a client name (1-255 bytes, no control characters)",
+                self.client_claim
+            ));
+        }
         Ok(Principal {
             client_id: Some(client_id),
             scopes: self.scopes(&claims),

@@ -331,9 +331,14 @@ async fn anonymization_config(
             "_anonymizationConfig '{name}' is larger than {MAX_ANONYMIZATION_CONFIG_BYTES} bytes"
         )));
     }
-    let text = String::from_utf8(file.bytes).map_err(|_| {
-        ApiError::bad_request(format!("_anonymizationConfig '{name}' is not UTF-8 text"))
-    })?;
+    let text = String::from_utf8(file.bytes)
+        .ok()
+        .filter(|text| !text.contains('\0'))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "_anonymizationConfig '{name}' is not UTF-8 text without NUL characters"
+            ))
+        })?;
     Deidentifier::validate(&text)
         .map_err(|why| ApiError::bad_request(format!("_anonymizationConfig '{name}': {why}")))?;
     Ok(text)
