@@ -329,15 +329,7 @@ async fn a_storage_that_fails_every_attempt_fails_the_job() {
     // A file where the container's folder should be: every part fails to be created.
     std::fs::write(app.storage.path().join("blocked"), b"not a folder").unwrap();
     let status_url = kick_off(&app, "/$export?_type=Patient&_container=blocked").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let response = loop {
-        let response = app.client.get(&status_url).send().await.unwrap();
-        if response.status() != 202 {
-            break response;
-        }
-        assert!(std::time::Instant::now() < deadline, "the job never failed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let response = wait_finished(&app, &status_url).await;
     let message = assert_outcome(response, 500).await;
     assert!(message.contains("export failed"), "{message}");
     let failures: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
@@ -501,15 +493,7 @@ async fn a_failed_export_removes_its_files_after_attempts_that_back_off() {
     let started = std::time::Instant::now();
     // The Patients fit; the Observations fill the disk, every attempt.
     let status_url = kick_off(&app, "/$export?_type=Patient,Observation").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let response = loop {
-        let response = app.client.get(&status_url).send().await.unwrap();
-        if response.status() != 202 {
-            break response;
-        }
-        assert!(std::time::Instant::now() < deadline, "the job never failed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let response = wait_finished(&app, &status_url).await;
     assert_outcome(response, 500).await;
     // Three attempts, 1 s then 2 s apart.
     assert!(

@@ -244,6 +244,20 @@ async fn the_database_refuses_kinds_and_states_the_code_does_not_know() {
     }
 }
 
+/// Claims the task, fails it under `retry` and returns how long until it may be claimed again.
+async fn fail_and_measure_backoff(app: &TestApp, retry: tasks::Retry) -> f64 {
+    let failed = claim(app)
+        .await
+        .fail("a full disk", 5, retry)
+        .await
+        .unwrap();
+    assert!(failed.is_none(), "one failure of five");
+    sqlx::query_scalar("SELECT extract(epoch FROM run_after - now())::float8 FROM export_tasks")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_failed_attempt_waits_its_backoff_before_the_next_claim() {
     let app = api_only(5).await;
@@ -252,20 +266,7 @@ async fn a_failed_attempt_waits_its_backoff_before_the_next_claim() {
         backoff: Duration::from_secs(60),
         retention: RETENTION,
     };
-    assert!(
-        claim(&app)
-            .await
-            .fail("a full disk", 5, retry)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let waits: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_after - now())::float8 FROM export_tasks",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let waits = fail_and_measure_backoff(&app, retry).await;
     assert!((50.0..=60.0).contains(&waits), "first backoff {waits} s");
     let early = tasks::claim(&app.pool, "test-worker", LEASE).await.unwrap();
     assert!(early.is_none(), "claimed during its backoff");
@@ -275,19 +276,6 @@ async fn a_failed_attempt_waits_its_backoff_before_the_next_claim() {
         .execute(&app.pool)
         .await
         .unwrap();
-    assert!(
-        claim(&app)
-            .await
-            .fail("a full disk", 5, retry)
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let waits: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM run_after - now())::float8 FROM export_tasks",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let waits = fail_and_measure_backoff(&app, retry).await;
     assert!((110.0..=120.0).contains(&waits), "second backoff {waits} s");
 }

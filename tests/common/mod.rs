@@ -355,6 +355,23 @@ pub async fn wait_manifest_as(app: &TestApp, status_url: &str, token: Option<&st
     }
 }
 
+/// Polls a status URL until the job is no longer running (a manifest, or the failed job's
+/// OperationOutcome) and returns that answer.
+pub async fn wait_finished(app: &TestApp, status_url: &str) -> Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let response = app.client.get(status_url).send().await.unwrap();
+        if response.status() != 202 {
+            return response;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Kicks off an export, waits for it and downloads its output files.
 pub async fn export_files(app: &TestApp, path_and_query: &str) -> Vec<OutputFile> {
     let status_url = kick_off(app, path_and_query).await;
