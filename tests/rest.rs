@@ -360,7 +360,7 @@ async fn only_valid_r4_is_stored_and_each_problem_is_named() {
         ),
         (
             json!({"resourceType": "Patient", "id": "x", "name": "Smith"}),
-            "Patient.name[0]",
+            "Patient.name",
         ),
         (
             json!({"resourceType": "Patient", "id": "x", "birthDate": "x"}),
