@@ -2,7 +2,21 @@
 //! some type is, and how types derive from one another. De-identification walks resources
 //! with it.
 
+use std::sync::LazyLock;
+
+use rustc_hash::FxHashMap;
+
 use super::r4_types::{BASES, ELEMENTS, PRIMITIVES};
+
+/// `ELEMENTS` by type key, a primitive's children being those of Element: checks and
+/// de-identification look types up for every object they read, and a binary search over long
+/// keys with shared prefixes was most of a load's time.
+static BY_TYPE: LazyLock<FxHashMap<&'static str, &'static [ElementType]>> = LazyLock::new(|| {
+    let mut by_type: FxHashMap<_, _> = ELEMENTS.iter().map(|(t, e)| (*t, *e)).collect();
+    let element = by_type["Element"];
+    by_type.extend(PRIMITIVES.iter().map(|p| (*p, element)));
+    by_type
+});
 
 /// One JSON key of a type: `valueQuantity` is the element `value` of type `Quantity`.
 #[derive(Debug)]
@@ -35,14 +49,7 @@ pub fn find(elements: &'static [ElementType], key: &str) -> Option<&'static Elem
 
 /// The elements of `type_key`, to look several keys up in.
 pub fn elements_of(type_key: &str) -> Option<&'static [ElementType]> {
-    // A primitive's children (`id`, `extension`) are those of Element.
-    let type_key = if is_primitive(type_key) {
-        "Element"
-    } else {
-        type_key
-    };
-    let i = ELEMENTS.binary_search_by(|(t, _)| t.cmp(&type_key)).ok()?;
-    Some(ELEMENTS[i].1)
+    BY_TYPE.get(type_key).copied()
 }
 
 pub fn is_primitive(ty: &str) -> bool {

@@ -71,9 +71,10 @@ pub fn element_text(resource_type: &str, key: &str, text: &str) -> Result<bool, 
 /// Do the top-level `keys` of a `resource_type` resource give each choice element (`value[x]`)
 /// one type at most?
 pub fn choices_unique<'k>(resource_type: &str, keys: impl Iterator<Item = &'k str>) -> bool {
+    let elements = model::elements_of(resource_type).unwrap_or_default();
     let mut choices: Vec<&'static str> = Vec::new();
     for key in keys {
-        if let Some(element) = model::element(resource_type, key)
+        if let Some(element) = model::find(elements, key)
             && element.key != element.name
         {
             if choices.contains(&element.name) {

@@ -21,8 +21,22 @@ const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 impl Checker {
     /// Checks the text of member `key` of an object of `type_key` at `path`.
     pub(super) fn member_text(&mut self, type_key: &str, path: &Path, key: &str, text: &str) {
+        let elements = model::elements_of(type_key).unwrap_or_default();
+        self.member_text_of(elements, type_key, path, key, text);
+    }
+
+    /// `member_text` with the type's elements looked up already.
+    fn member_text_of(
+        &mut self,
+        elements: &'static [ElementType],
+        type_key: &str,
+        path: &Path,
+        key: &str,
+        text: &str,
+    ) -> Option<&'static ElementType> {
         let mut reader = serde_json::Deserializer::from_str(text);
-        let read = match self.element_of(type_key, path, key) {
+        let found = self.element_of(elements, type_key, path, key);
+        let read = match found {
             Some((element, companion)) => {
                 let child = Path::Key(path, key);
                 ValueSeed::whole(self, element, companion, &child).deserialize(&mut reader)
@@ -32,6 +46,7 @@ impl Checker {
         if let Err(e) = read.and_then(|()| reader.end()) {
             self.problem(&Path::Key(path, key), format!("not JSON: {e}"));
         }
+        found.and_then(|(element, companion)| (!companion).then_some(element))
     }
 
     /// Checks the text of a whole resource of `resource_type`.
@@ -43,9 +58,11 @@ impl Checker {
         }
     }
 
-    /// The element under `key` (and whether it is a `_` companion), or a problem.
+    /// The element under `key` among `elements` (those of `type_key`) and whether it is a `_`
+    /// companion, or a problem.
     fn element_of(
         &mut self,
+        elements: &'static [ElementType],
         type_key: &str,
         path: &Path,
         key: &str,
@@ -54,7 +71,7 @@ impl Checker {
             Some(name) => (name, true),
             None => (key, false),
         };
-        let Some(element) = model::element(type_key, name) else {
+        let Some(element) = model::find(elements, name) else {
             self.problem(
                 &Path::Key(path, key),
                 format!("'{key}' is not an element of {type_key}"),
@@ -79,13 +96,17 @@ impl Checker {
                 "an object must have content (FHIR JSON has no empty objects)",
             );
         }
+        let elements = model::elements_of(resource_type).unwrap_or_default();
         let mut choices = Choices::default();
         for (key, raw) in members {
             if key.0 == "resourceType" {
                 continue;
             }
-            self.member_text(resource_type, path, &key.0, raw.get());
-            choices.note(self, resource_type, path, &key.0);
+            if let Some(element) =
+                self.member_text_of(elements, resource_type, path, &key.0, raw.get())
+            {
+                choices.note(self, element, path, &key.0);
+            }
         }
     }
 }
@@ -95,10 +116,15 @@ impl Checker {
 struct Choices(Vec<&'static str>);
 
 impl Choices {
-    fn note(&mut self, checker: &mut Checker, type_key: &str, path: &Path, key: &str) {
-        if let Some(element) = model::element(type_key, key)
-            && element.key != element.name
-        {
+    /// `element` (under `key`) was given.
+    fn note(
+        &mut self,
+        checker: &mut Checker,
+        element: &'static ElementType,
+        path: &Path,
+        key: &str,
+    ) {
+        if element.key != element.name {
             if self.0.contains(&element.name) {
                 let message = format!("only one type of {}[x] may be given", element.name);
                 checker.problem(&Path::Key(path, key), message);
@@ -400,15 +426,16 @@ impl Checker {
         path: &Path,
         first: Cow<'de, str>,
     ) -> Result<(), A::Error> {
+        let elements = model::elements_of(type_key).unwrap_or_default();
         let mut choices = Choices::default();
         let mut key = Some(first);
         while let Some(name) = key {
-            match self.element_of(type_key, path, &name) {
+            match self.element_of(elements, type_key, path, &name) {
                 Some((element, companion)) => {
                     let child = Path::Key(path, &name);
                     map.next_value_seed(ValueSeed::whole(self, element, companion, &child))?;
                     if !companion {
-                        choices.note(self, type_key, path, &name);
+                        choices.note(self, element, path, &name);
                     }
                 }
                 None => {
