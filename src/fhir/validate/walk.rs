@@ -251,7 +251,7 @@ impl<'c, 'p> ValueSeed<'c, 'p> {
 
     /// The value as one item: a single value of a repeating element is taken as a one-item
     /// array (noted, so that the caller stores it as one).
-    fn as_item(mut self) -> Self {
+    fn into_item(mut self) -> Self {
         if matches!(self.shape, Shape::Whole) {
             self.checker.wrapped |= self.element.many;
             self.shape = Shape::Item { null_ok: false };
@@ -261,7 +261,7 @@ impl<'c, 'p> ValueSeed<'c, 'p> {
 
     /// A scalar (or `null`) in the place of an item.
     fn scalar(self, value: Scalar) {
-        let seed = self.as_item();
+        let seed = self.into_item();
         let (checker, element, path) = (seed.checker, seed.element, seed.path);
         match (value, seed.shape) {
             (Scalar::Null, Shape::Item { null_ok: true }) => {}
@@ -369,7 +369,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Some(first) = map.next_key_seed(KeySeed)? else {
-            let seed = self.as_item();
+            let seed = self.into_item();
             seed.checker.problem(
                 seed.path,
                 "an object must have content (FHIR JSON has no empty objects)",
@@ -381,7 +381,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
             self.scalar(Scalar::Number(number));
             return Ok(());
         }
-        let seed = self.as_item();
+        let seed = self.into_item();
         let (checker, element, path) = (seed.checker, seed.element, seed.path);
         if seed.companion {
             return checker.members(&mut map, "Element", path, first);
