@@ -197,11 +197,6 @@ pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Does the database answer?
-pub async fn ping(pool: &PgPool) -> bool {
-    sqlx::query("SELECT 1").execute(pool).await.is_ok()
-}
-
 /// The URL without its secrets (a password in the user part or in the query), for messages.
 pub fn redact(url: &str) -> String {
     let (head, query) = match url.split_once('?') {

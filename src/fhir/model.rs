@@ -58,7 +58,7 @@ pub fn is_primitive(ty: &str) -> bool {
 
 /// Is `name` a type this model knows (a datatype, a resource, or an abstract base)?
 pub fn is_type(name: &str) -> bool {
-    is_primitive(name) || ELEMENTS.binary_search_by(|(t, _)| t.cmp(&name)).is_ok()
+    BY_TYPE.contains_key(name)
 }
 
 /// Is `ty` the type `ancestor` or derived from it (`Age` is a `Quantity`, `Patient` a
