@@ -38,4 +38,36 @@ mod tests {
     fn r4_sorted() -> bool {
         super::r4::RESOURCE_TYPES.windows(2).all(|w| w[0] < w[1])
     }
+
+    /// The committed tables are exactly what their generators make of the definitions (which
+    /// `scripts/test` fetches into `target/tools/fhir-r4`).
+    #[test]
+    fn generated_tables_are_what_the_generators_make() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        for (generator, version, table) in [
+            ("gen_r4.py", "4.5.2", "r4.rs"),
+            ("gen_r4_types.py", "5.2.13", "r4_types.rs"),
+        ] {
+            let definitions = format!("{root}/target/tools/fhir-r4/definitions-{version}");
+            assert!(
+                std::path::Path::new(&definitions).is_dir(),
+                "{definitions} is missing (scripts/test fetches it)"
+            );
+            let made = std::process::Command::new("python3")
+                .arg(format!("{root}/tools/{generator}"))
+                .arg(&definitions)
+                .output()
+                .expect("python3 runs the generators");
+            assert!(
+                made.status.success(),
+                "{generator}: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            let committed = std::fs::read(format!("{root}/src/fhir/{table}")).unwrap();
+            assert!(
+                made.stdout == committed,
+                "src/fhir/{table} differs from what {generator} makes"
+            );
+        }
+    }
 }
