@@ -46,7 +46,7 @@ impl<'de> Deserialize<'de> for Members<'de> {
 }
 
 /// A member name: borrowed from the text unless it holds escapes.
-struct Name<'a>(Cow<'a, str>);
+pub struct Name<'a>(pub Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Name<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

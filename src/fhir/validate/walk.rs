@@ -12,7 +12,10 @@ use super::{
     Checker, Path,
     formats::{self, Scalar},
 };
-use crate::fhir::model::{self, ElementType};
+use crate::fhir::{
+    model::{self, ElementType},
+    raw_json::{Members, Name},
+};
 
 /// How serde_json (with `arbitrary_precision`) hands a number to a visitor: a map of one
 /// member under this key, whose value is the number's text.
@@ -52,8 +55,8 @@ impl Checker {
     /// Checks the text of a whole resource of `resource_type`.
     pub(super) fn resource_text(&mut self, resource_type: &str, text: &str) {
         let root = Path::Root(resource_type);
-        match serde_json::from_str::<RawObject>(text) {
-            Ok(RawObject(members)) => self.members_raw(resource_type, &root, &members),
+        match Members::parse(text) {
+            Ok(members) => self.members_raw(resource_type, &root, &members.0),
             Err(e) => self.problem(&root, format!("a resource must be a JSON object: {e}")),
         }
     }
@@ -89,7 +92,7 @@ impl Checker {
     }
 
     /// A resource's members, read as raw text: checked one by one as of its type.
-    fn members_raw(&mut self, resource_type: &str, path: &Path, members: &[(Key, &RawValue)]) {
+    fn members_raw(&mut self, resource_type: &str, path: &Path, members: &[(Cow<str>, &RawValue)]) {
         if members.len() <= 1 {
             return self.problem(
                 path,
@@ -99,13 +102,13 @@ impl Checker {
         let elements = model::elements_of(resource_type).unwrap_or_default();
         let mut choices = Choices::default();
         for (key, raw) in members {
-            if key.0 == "resourceType" {
+            if key == "resourceType" {
                 continue;
             }
             if let Some(element) =
-                self.member_text_of(elements, resource_type, path, &key.0, raw.get())
+                self.member_text_of(elements, resource_type, path, key, raw.get())
             {
-                choices.note(self, element, path, &key.0);
+                choices.note(self, element, path, key);
             }
         }
     }
@@ -131,65 +134,6 @@ impl Choices {
             }
             self.0.push(element.name);
         }
-    }
-}
-
-/// A JSON object read as its members in order, values left as text.
-struct RawObject<'a>(Vec<(Key, &'a RawValue)>);
-
-impl<'de: 'a, 'a> de::Deserialize<'de> for RawObject<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> Visitor<'de> for Members {
-            type Value = RawObject<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
-                while let Some(key) = map.next_key::<Key>()? {
-                    members.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(RawObject(members))
-            }
-        }
-        deserializer.deserialize_map(Members)
-    }
-}
-
-/// A member name (owned: escapes in names are rare and names are short).
-pub(super) struct Key(pub(super) String);
-
-impl<'de> de::Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(Key)
-    }
-}
-
-/// A member name, borrowed from the text where it has no escapes.
-struct KeySeed;
-
-impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a member name")
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(v))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(v.to_string()))
     }
 }
 
@@ -368,7 +312,7 @@ impl<'de> Visitor<'de> for ValueSeed<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some(first) = map.next_key_seed(KeySeed)? else {
+        let Some(first) = map.next_key::<Name>()?.map(|name| name.0) else {
             let seed = self.into_item();
             seed.checker.problem(
                 seed.path,
@@ -442,7 +386,7 @@ impl Checker {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
-            key = map.next_key_seed(KeySeed)?;
+            key = map.next_key::<Name>()?.map(|name| name.0);
         }
         Ok(())
     }
@@ -455,15 +399,15 @@ impl Checker {
         path: &Path,
         first: Cow<'de, str>,
     ) -> Result<(), A::Error> {
-        let mut members: Vec<(Key, &'de RawValue)> = Vec::new();
+        let mut members: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
         let mut key = Some(first);
         while let Some(name) = key {
-            members.push((Key(name.into_owned()), map.next_value()?));
-            key = map.next_key_seed(KeySeed)?;
+            members.push((name, map.next_value()?));
+            key = map.next_key::<Name>()?.map(|name| name.0);
         }
         let resource_type = members
             .iter()
-            .find(|(k, _)| k.0 == "resourceType")
+            .find(|(k, _)| k == "resourceType")
             .and_then(|(_, raw)| serde_json::from_str::<String>(raw.get()).ok());
         match resource_type {
             Some(t) if crate::fhir::is_resource_type(&t) => self.members_raw(&t, path, &members),
