@@ -614,13 +614,13 @@ impl Config {
         }
         self.validate_auth()?;
         if !self.storage.default_container.is_empty() {
-            crate::storage::validate_container_name(&self.storage.default_container)
+            crate::containers::validate(&self.storage.default_container)
                 .map_err(|why| anyhow::anyhow!("storage.default_container: {why}"))?;
-            if self.storage.default_container == crate::storage::ANONYMIZATION_CONTAINER {
+            if self.storage.default_container == crate::containers::ANONYMIZATION {
                 bail!(
                     "storage.default_container cannot be '{}': de-identification configurations \
                      are read from there",
-                    crate::storage::ANONYMIZATION_CONTAINER
+                    crate::containers::ANONYMIZATION
                 );
             }
         }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod backoff;
 pub mod config;
+pub mod containers;
 pub mod db;
 pub mod deid;
 pub mod fetch;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::tasks;
+use super::notify;
 
 /// The level of an export (`/$export`, `/Patient/$export`, `/Group/{id}/$export`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -263,7 +263,7 @@ pub async fn create(
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    tasks::notify(&mut tx, tasks::CHANNEL, "").await?;
+    notify::send(&mut tx, notify::TASKS, "").await?;
     tx.commit().await?;
     Ok(Admission::Accepted)
 }
@@ -432,7 +432,7 @@ pub async fn cancel(
     .bind(id)
     .execute(&mut *tx)
     .await?;
-    tasks::notify(&mut tx, tasks::CANCEL_CHANNEL, &id.to_string()).await?;
+    notify::send(&mut tx, notify::CANCELLED, &id.to_string()).await?;
     tx.commit().await?;
     Ok(files)
 }

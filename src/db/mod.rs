@@ -7,6 +7,7 @@ pub mod bulk;
 pub mod copy_out;
 pub mod deferred_vacuum;
 pub mod jobs;
+pub mod notify;
 pub mod resources;
 pub mod tasks;
 

@@ -11,12 +11,10 @@ use std::time::Duration;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::jobs::{self, FailedJob, secs};
-
-/// The NOTIFY channel that wakes idle workers.
-pub const CHANNEL: &str = "fhir_export_tasks";
-/// The NOTIFY channel that tells workers a job was cancelled (payload: the job id).
-pub const CANCEL_CHANNEL: &str = "fhir_export_cancel";
+use super::{
+    jobs::{self, FailedJob, secs},
+    notify,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
 #[sqlx(type_name = "task_kind", rename_all = "lowercase")]
@@ -144,19 +142,6 @@ pub enum Resumed {
     Held,
     /// Its last step committed before the fault was noticed.
     Finished,
-}
-
-pub(super) async fn notify(
-    conn: &mut PgConnection,
-    channel: &str,
-    payload: &str,
-) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(channel)
-        .bind(payload)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// Claims the oldest claimable queued task of a live job with a lease of `lease`, and marks
@@ -406,7 +391,7 @@ impl HeldTask {
         fenced(done.rows_affected())?;
         if !follow_ups.is_empty() {
             insert_planned(&mut tx, self.task.job_id, follow_ups).await?;
-            notify(&mut tx, CHANNEL, "").await?;
+            notify::send(&mut tx, notify::TASKS, "").await?;
         }
         let completed = jobs::complete_if_all_done(&mut tx, self.task.job_id, retention).await?;
         tx.commit().await?;
@@ -426,7 +411,7 @@ impl HeldTask {
         .execute(&mut *conn)
         .await?;
         fenced(done.rows_affected())?;
-        notify(&mut conn, CHANNEL, "").await?;
+        notify::send(&mut conn, notify::TASKS, "").await?;
         Ok(())
     }
 
@@ -467,7 +452,7 @@ impl HeldTask {
         } else {
             None
         };
-        notify(&mut tx, CHANNEL, "").await?;
+        notify::send(&mut tx, notify::TASKS, "").await?;
         tx.commit().await?;
         Ok(job)
     }
@@ -602,7 +587,7 @@ pub async fn rescue_expired(
         jobs::fail(&mut tx, &failed, retry.retention).await?
     };
     if !rows.is_empty() {
-        notify(&mut tx, CHANNEL, "").await?;
+        notify::send(&mut tx, notify::TASKS, "").await?;
     }
     tx.commit().await?;
     let tasks = rows

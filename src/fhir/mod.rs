@@ -16,6 +16,7 @@ pub mod raw_json;
 pub mod resource;
 pub mod search_param;
 pub mod search_value;
+mod table_types;
 pub mod type_filter;
 pub mod validate;
 

@@ -7,6 +7,7 @@ use std::sync::LazyLock;
 use rustc_hash::FxHashMap;
 
 use super::r4_types::{BASES, ELEMENTS, PRIMITIVES};
+pub use super::table_types::ElementType;
 
 /// `ELEMENTS` by type key, a primitive's children being those of Element: checks and
 /// de-identification look types up for every object they read, and a binary search over long
@@ -17,24 +18,6 @@ static BY_TYPE: LazyLock<FxHashMap<&'static str, &'static [ElementType]>> = Lazy
     by_type.extend(PRIMITIVES.iter().map(|p| (*p, element)));
     by_type
 });
-
-/// One JSON key of a type: `valueQuantity` is the element `value` of type `Quantity`.
-#[derive(Debug)]
-pub struct ElementType {
-    pub key: &'static str,
-    pub name: &'static str,
-    /// The instance type: a datatype, `Resource`, or `BackboneElement`/`Element` for a nested
-    /// structure.
-    pub ty: &'static str,
-    /// The type key of its children: the datatype, or a backbone element's path.
-    pub children: &'static str,
-    /// Does it repeat (a JSON array)?
-    pub many: bool,
-    /// Is its type a primitive one?
-    pub primitive: bool,
-    /// Must it be present (minimum cardinality 1)?
-    pub required: bool,
-}
 
 /// The element of `type_key` (a type name or a backbone element's path) under `key`.
 pub fn element(type_key: &str, key: &str) -> Option<&'static ElementType> {

@@ -3,56 +3,7 @@
 use serde_json::Value;
 
 use super::r4::SEARCH_PARAMS;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SearchParamType {
-    Number,
-    Date,
-    String,
-    Token,
-    Reference,
-    Composite,
-    Quantity,
-    Uri,
-    Special,
-}
-
-impl SearchParamType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SearchParamType::Number => "number",
-            SearchParamType::Date => "date",
-            SearchParamType::String => "string",
-            SearchParamType::Token => "token",
-            SearchParamType::Reference => "reference",
-            SearchParamType::Composite => "composite",
-            SearchParamType::Quantity => "quantity",
-            SearchParamType::Uri => "uri",
-            SearchParamType::Special => "special",
-        }
-    }
-}
-
-/// One step of a compiled FHIRPath expression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// A child element. A choice element (`effective[x]`) matches under any of its type names.
-    Field(&'static str),
-    /// `.where(key='value')`.
-    Where(&'static str, &'static str),
-    /// `.where(resolve() is Type)`: references to that type only.
-    ResolvesTo(&'static str),
-}
-
-#[derive(Debug)]
-pub struct SearchParamDef {
-    /// The base type; `Resource` for the parameters every type has.
-    pub resource_type: &'static str,
-    pub code: &'static str,
-    pub kind: SearchParamType,
-    /// Alternative paths (the `|` of the expression); empty when it cannot be evaluated.
-    pub paths: &'static [&'static [Step]],
-}
+pub use super::table_types::{SearchParamDef, SearchParamType, Step};
 
 impl SearchParamDef {
     /// Can a `_typeFilter` use it?

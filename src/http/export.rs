@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     auth::{Principal, scopes::Access},
+    containers::{self, ANONYMIZATION as ANONYMIZATION_CONTAINER},
     db::{
         jobs::{self, Admission, JobSpec, Level},
         resources,
@@ -33,7 +34,6 @@ use crate::{
         r4::RESOURCE_TYPES,
         type_filter,
     },
-    storage::{self, ANONYMIZATION_CONTAINER},
 };
 
 pub fn router() -> Router<AppState> {
@@ -130,7 +130,7 @@ async fn kick_off(
         )));
     }
     if let Some(container) = &params.container {
-        storage::validate_container_name(container).map_err(ApiError::bad_request)?;
+        containers::validate(container).map_err(ApiError::bad_request)?;
         // Output there could be read back as a de-identification configuration.
         if container == ANONYMIZATION_CONTAINER {
             return Err(ApiError::new(
@@ -143,7 +143,7 @@ async fn kick_off(
             ));
         }
         let allowed = &state.config.storage.allowed_containers;
-        if !storage::container_allowed(allowed, container) {
+        if !containers::allowed(allowed, container) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",

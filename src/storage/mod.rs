@@ -17,10 +17,6 @@ pub use filesystem::FilesystemStorage;
 
 use crate::config::{StorageConfig, StorageKind};
 
-/// Where de-identification configurations live (`_anonymizationConfig`): a container of the
-/// export storage, as in Azure's FHIR service.
-pub const ANONYMIZATION_CONTAINER: &str = "anonymization";
-
 /// A storage fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the
 /// worker retries it inside its attempt instead of spending one.
 #[derive(Debug, thiserror::Error)]
@@ -179,27 +175,6 @@ pub fn from_config(config: &StorageConfig) -> anyhow::Result<Arc<dyn Storage>> {
     }
 }
 
-/// Azure container naming rules (used for every backend so exports can move between them):
-/// 3–63 characters of lowercase letters, digits and single hyphens, starting and ending with a
-/// letter or digit.
-pub fn validate_container_name(name: &str) -> Result<(), String> {
-    let valid_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !(3..=63).contains(&name.len())
-        || !valid_chars
-        || name.starts_with('-')
-        || name.ends_with('-')
-        || name.contains("--")
-    {
-        return Err(format!(
-            "'{name}' is not a valid container name: 3-63 characters of lowercase letters, digits \
-             and single hyphens, starting and ending with a letter or digit"
-        ));
-    }
-    Ok(())
-}
-
 /// `text` with the signatures of SAS URLs it quotes (`sig=…`) replaced: storage errors may
 /// quote request URLs, and logs must not carry credentials.
 pub fn redact_secrets(text: &str) -> String {
@@ -218,46 +193,8 @@ pub fn redact_secrets(text: &str) -> String {
     out
 }
 
-/// May an export go to `container`? Yes when it matches one of the `allowed` glob patterns
-/// (`*` any run of characters, `?` one character), or when there are none.
-pub fn container_allowed(allowed: &[String], container: &str) -> bool {
-    allowed.is_empty()
-        || allowed
-            .iter()
-            .any(|p| glob_matches(p.as_bytes(), container.as_bytes()))
-}
-
-/// Glob matching with `*` and `?`, linear in practice (backtracks only to the last `*`).
-fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
-}
-
 #[cfg(test)]
 mod tests {
-    use super::validate_container_name as v;
-
     #[test]
     fn signatures_are_redacted() {
         assert_eq!(
@@ -265,31 +202,5 @@ mod tests {
             "GET https://a.blob/c/b?sv=1&sig=***&se=2 failed (sig=***)"
         );
         assert_eq!(super::redact_secrets("no secrets"), "no secrets");
-    }
-
-    #[test]
-    fn containers_match_the_allowed_patterns() {
-        let allowed = vec!["exports-*".to_string(), "team-?".to_string()];
-        assert!(super::container_allowed(&allowed, "exports-2024"));
-        assert!(super::container_allowed(&allowed, "exports-"));
-        assert!(super::container_allowed(&allowed, "team-a"));
-        assert!(!super::container_allowed(&allowed, "team-ab"));
-        assert!(!super::container_allowed(&allowed, "public"));
-        assert!(super::container_allowed(&[], "public"));
-        assert!(super::glob_matches(b"*a*b*", b"xxaxxbxx"));
-        assert!(!super::glob_matches(b"*a*b", b"xxaxxbxx"));
-    }
-
-    #[test]
-    fn container_names_follow_azure_rules() {
-        assert!(v("exports").is_ok());
-        assert!(v("a-1-b").is_ok());
-        assert!(v("ab").is_err());
-        assert!(v(&"a".repeat(64)).is_err());
-        assert!(v("Exports").is_err());
-        assert!(v("-ab").is_err());
-        assert!(v("ab-").is_err());
-        assert!(v("a--b").is_err());
-        assert!(v("a_b").is_err());
     }
 }

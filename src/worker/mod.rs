@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::{
     config::Config,
     db::{
-        self, Pools, jobs,
+        self, Pools, jobs, notify,
         tasks::{self, Fenced, HeldTask, Resumed, TaskKind},
     },
     deid,
@@ -401,7 +401,7 @@ async fn listen_once(
     // A lost connection comes back as `None`: start over through the backoff above.
     listener.eager_reconnect(false);
     listener
-        .listen_all([tasks::CHANNEL, tasks::CANCEL_CHANNEL])
+        .listen_all([notify::TASKS, notify::CANCELLED])
         .await?;
     backoff.reset();
     // Tasks queued while the connection was down would otherwise wait for a poll.
@@ -409,7 +409,7 @@ async fn listen_once(
     loop {
         tokio::select! {
             n = listener.try_recv() => match n? {
-                Some(n) if n.channel() == tasks::CANCEL_CHANNEL => {
+                Some(n) if n.channel() == notify::CANCELLED => {
                     if let Ok(job) = n.payload().parse() {
                         let _ = context.cancelled.send(job);
                     }
