@@ -4,9 +4,9 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -17,7 +17,7 @@ pub struct Config {
     pub auth: AuthConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
@@ -31,7 +31,7 @@ pub struct DatabaseConfig {
     pub read_max_wait_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -54,20 +54,20 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExportConfig {
     pub workers: usize,
@@ -91,14 +91,14 @@ pub struct ExportConfig {
     pub output_urls: OutputUrls,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Filesystem,
     Azure,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub kind: StorageKind,
@@ -110,7 +110,7 @@ pub struct StorageConfig {
 }
 
 /// Which Entra ID credential authenticates to an account URL.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum AzureCredentialKind {
     ManagedIdentity,
@@ -118,7 +118,7 @@ pub enum AzureCredentialKind {
     AzureCli,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AzureConfig {
     /// Standard connection string (account key, SAS, or `UseDevelopmentStorage=true`).
@@ -134,7 +134,7 @@ pub struct AzureConfig {
 }
 
 /// What the manifest's file URLs point at.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputUrls {
     /// The server, which streams the file (same auth as the API).
@@ -146,7 +146,7 @@ pub enum OutputUrls {
 }
 
 /// Who may call the API.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// Open: local use only.
@@ -157,7 +157,7 @@ pub enum AuthMode {
     External,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub mode: AuthMode,
@@ -172,7 +172,7 @@ pub struct AuthConfig {
 }
 
 /// A registered SMART Backend Services client.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     pub id: String,
@@ -185,7 +185,7 @@ pub struct ClientConfig {
     pub jwks_url: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalAuthConfig {
     /// The token issuer (`iss`); its OpenID configuration names the keys.
@@ -714,6 +714,67 @@ mod tests {
         let from_file: Config = toml::from_str(text).expect("config/default.toml parses");
         let builtin = Config::default();
         assert_eq!(format!("{from_file:?}"), format!("{builtin:?}"));
+    }
+
+    /// Dotted keys of a TOML table: its values, and its empty tables (open maps).
+    fn keys(prefix: &str, table: &toml::Table, out: &mut std::collections::BTreeSet<String>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) if !inner.is_empty() => keys(&path, inner, out),
+                _ => {
+                    out.insert(path);
+                }
+            }
+        }
+    }
+
+    /// Every key the code has is in `config/default.toml` (set, or shown commented out) and in
+    /// the README's configuration table, and neither lists a key the code does not have.
+    #[test]
+    fn the_defaults_file_and_the_readme_list_exactly_the_keys_the_code_has() {
+        let mut every = Config::default();
+        every.server.metrics_listen = Some("127.0.0.1:9464".parse().unwrap()); // unset by default
+        let mut code = std::collections::BTreeSet::new();
+        keys("", &toml::Table::try_from(&every).unwrap(), &mut code);
+
+        let text = include_str!("../config/default.toml");
+        let mut file = std::collections::BTreeSet::new();
+        keys("", &toml::from_str(text).unwrap(), &mut file);
+        let mut section = String::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_string();
+            } else if let Some((key, _)) = line.strip_prefix("# ").and_then(|l| l.split_once(" = "))
+                && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            {
+                file.insert(format!("{section}.{key}"));
+            }
+        }
+        assert_eq!(file, code, "config/default.toml");
+
+        let readme = include_str!("../README.md");
+        let table = &readme[readme.find("## Configuration").unwrap()..];
+        let table = &table[..table.find("\n### ").unwrap()];
+        let listed: std::collections::BTreeSet<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_string))
+            .collect();
+        assert_eq!(listed, code, "the README's configuration table");
+        for (name, _) in ENV_OVERRIDES {
+            assert!(
+                table.contains(&format!("`{name}`")),
+                "{name} is not in the README's table"
+            );
+            assert!(
+                text.contains(&format!("Env: {name}")),
+                "{name} is not in config/default.toml"
+            );
+        }
     }
 
     #[test]
