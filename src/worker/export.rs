@@ -185,13 +185,7 @@ async fn copy_part(
         }
     };
     drop(conn);
-    let (Some(part), Some(last)) = (file, last) else {
-        return Ok(false);
-    };
-    let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
-    part.finish(held, (last.seq, last.version_id)).await?;
-    tracing::debug!(file = %name, resources = lines, bytes, ms = started.elapsed().as_millis() as u64, "part copied");
-    Ok(true)
+    commit(held, file.zip(last), started).await
 }
 
 /// Reads one page's COPY to its end, writing rows into a part until it holds `part_size` rows
@@ -261,8 +255,8 @@ async fn write_part(
         while let Some(row) = rows.try_next().await? {
             scanned += 1;
             let position = Position {
-                seq: row.try_get(0)?,
-                version_id: row.try_get(3)?,
+                seq: row.try_get("seq")?,
+                version_id: row.try_get("version_id")?,
             };
             page_after = position;
             let Some(line) = render(output, &row)? else {
@@ -287,12 +281,23 @@ async fn write_part(
             break; // the range is exhausted
         }
     }
-    let (Some(last), Some(part)) = (last_written, file) else {
+    commit(held, file.zip(last_written), started).await
+}
+
+/// Commits a part that got lines (with its last row), and moves the checkpoint past it.
+/// `false`: there was no part (nothing was left to write).
+async fn commit(
+    held: &mut HeldTask,
+    written: Option<(part::OpenPart, Position)>,
+    started: std::time::Instant,
+) -> anyhow::Result<bool> {
+    let Some((part, last)) = written else {
         return Ok(false);
     };
     let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
     part.finish(held, (last.seq, last.version_id)).await?;
-    tracing::debug!(file = %name, resources = lines, bytes, ms = started.elapsed().as_millis() as u64, "part written");
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::debug!(file = %name, resources = lines, bytes, ms, "part committed");
     Ok(true)
 }
 
@@ -302,13 +307,13 @@ async fn write_part(
 fn render<'r>(output: &Output, row: &'r PgRow) -> anyhow::Result<Option<Cow<'r, str>>> {
     let selection = &output.selection;
     if selection.rows == Rows::Deleted {
-        let id: &str = row.try_get(2)?;
+        let id: &str = row.try_get("id")?;
         return Ok(Some(Cow::Owned(bulk::deletion_bundle(
             selection.resource_type,
             id,
         ))));
     }
-    let stored: &str = row.try_get(1)?;
+    let stored: &str = row.try_get("body")?;
     if let Some(filter) = &output.filter {
         let resource: Value = serde_json::from_str(stored)?;
         if !filter.matches(&resource) {
