@@ -458,6 +458,38 @@ async fn every_parameter_header_and_path_takes_nul_broken_utf8_and_overlong_valu
             }
         }
     }
+    // A NUL that only the second decoding of a `_typeFilter` query makes (`%2500`), strict and
+    // lenient, GET and POST.
+    for prefer in ["respond-async", "respond-async, handling=lenient"] {
+        for filter in [
+            "Observation%3F%2500",
+            "Observation%3Fcode%3D%2500",
+            "Observation%3F%2500%3Dx",
+        ] {
+            let url = format!("{}/$export?_typeFilter={filter}", app.base);
+            let response = app
+                .client
+                .get(&url)
+                .header("accept", "application/fhir+json")
+                .header("prefer", prefer)
+                .send()
+                .await
+                .unwrap();
+            answered_well(response, Instant::now())
+                .await
+                .unwrap_or_else(|e| panic!("{filter} {prefer}: {e}"));
+            let decoded: String = form_urlencoded::parse(format!("v={filter}").as_bytes())
+                .next()
+                .unwrap()
+                .1
+                .into();
+            let body = json!({"resourceType": "Parameters", "parameter": [{"name": "_typeFilter", "valueString": decoded}]});
+            let response = post_kick_off(&app, "/$export", &body, prefer).await;
+            answered_well(response, Instant::now())
+                .await
+                .unwrap_or_else(|e| panic!("POST {filter} {prefer}: {e}"));
+        }
+    }
     // Configuration names that are no configuration: a folder, a name too long for a file.
     std::fs::create_dir_all(app.storage.path().join("anonymization/folder")).unwrap();
     for name in [

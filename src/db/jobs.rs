@@ -245,7 +245,13 @@ pub async fn create(
     .bind(&spec.type_filters)
     .bind(spec.include_history)
     .bind(spec.include_deleted)
-    .bind(&spec.notes)
+    // What a lenient kick-off ignored may quote the client: stored as Postgres can hold it.
+    .bind(
+        spec.notes
+            .iter()
+            .map(|n| super::storable(n))
+            .collect::<Vec<_>>(),
+    )
     .bind(&spec.owner)
     .bind(&spec.container)
     .bind(spec.own_container)

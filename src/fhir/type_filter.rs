@@ -105,6 +105,12 @@ impl Query {
         }
         let mut criteria = Vec::new();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            // Decoded here a second time: `%00` in the query is a NUL only now.
+            if name.chars().chain(value.chars()).any(char::is_control) {
+                return Err(format!(
+                    "_typeFilter '{entry}': a search parameter holds a control character"
+                ));
+            }
             let criterion = Criterion::parse(resource_type, &name, &value, base_url, now)
                 .map_err(|why| format!("_typeFilter '{entry}': {why}"))?;
             criteria.push(criterion);
