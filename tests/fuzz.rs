@@ -431,16 +431,9 @@ async fn every_parameter_header_and_path_takes_nul_broken_utf8_and_overlong_valu
                     .map(|v| format!("{name}={v}"))
                     .chain([format!("{name}%00=1")]);
                 for query in queries {
-                    let url = format!("{}{path}?{query}", app.base);
                     let started = Instant::now();
-                    let response = app
-                        .client
-                        .get(&url)
-                        .header("accept", "application/fhir+json")
-                        .header("prefer", prefer)
-                        .send()
-                        .await
-                        .unwrap();
+                    let response =
+                        kick_off_request(&app, &format!("{path}?{query}"), prefer, None).await;
                     answered_well(response, started).await.unwrap_or_else(|e| {
                         panic!("GET {path}?{}: {e}", &query[..query.len().min(40)])
                     });
@@ -466,15 +459,8 @@ async fn every_parameter_header_and_path_takes_nul_broken_utf8_and_overlong_valu
             "Observation%3Fcode%3D%2500",
             "Observation%3F%2500%3Dx",
         ] {
-            let url = format!("{}/$export?_typeFilter={filter}", app.base);
-            let response = app
-                .client
-                .get(&url)
-                .header("accept", "application/fhir+json")
-                .header("prefer", prefer)
-                .send()
-                .await
-                .unwrap();
+            let query = format!("/$export?_typeFilter={filter}");
+            let response = kick_off_request(&app, &query, prefer, None).await;
             answered_well(response, Instant::now())
                 .await
                 .unwrap_or_else(|e| panic!("{filter} {prefer}: {e}"));
@@ -498,15 +484,8 @@ async fn every_parameter_header_and_path_takes_nul_broken_utf8_and_overlong_valu
         "x/".repeat(100) + "y",
         "a%00b".to_string(),
     ] {
-        let url = format!("{}/$export?_anonymizationConfig={name}", app.base);
-        let response = app
-            .client
-            .get(&url)
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap();
+        let query = format!("/$export?_anonymizationConfig={name}");
+        let response = kick_off_request(&app, &query, "respond-async", None).await;
         assert_outcome(response, 400).await;
     }
     // Path segments: ids, job ids, file names.
