@@ -10,7 +10,7 @@ use common::{
     TestApp, TestDb, download_all, export_files, index_definitions, kick_off, resources_by_key,
     services::PgCluster, wait_manifest,
 };
-use fhir_export::load::{self, LoadArgs, LoadReport};
+use fhir_export::cli::load::{self, LoadArgs, LoadReport};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -58,7 +58,7 @@ async fn a_load_into_the_empty_store_writes_frozen_numbered_rows_and_rebuilds_it
     let app = TestApp::spawn().await;
     let indexes = index_definitions(&app.pool).await;
     let data = tempfile::tempdir().unwrap();
-    fhir_export::generate::generate(&fhir_export::generate::GenerateArgs {
+    fhir_export::cli::generate::generate(&fhir_export::cli::generate::GenerateArgs {
         patients: 5,
         seed: 3,
         out: data.path().to_path_buf(),

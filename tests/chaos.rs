@@ -235,14 +235,14 @@ async fn exports_stay_exact_through_kills_freezes_restarts_and_a_storage_pause()
     let pool = fhir_export::db::connect(&database, 8).await.unwrap();
     fhir_export::db::migrate(&pool).await.unwrap();
     let data = tempfile::tempdir().unwrap();
-    fhir_export::generate::generate(&fhir_export::generate::GenerateArgs {
+    fhir_export::cli::generate::generate(&fhir_export::cli::generate::GenerateArgs {
         patients,
         seed: 11,
         out: data.path().to_path_buf(),
     })
     .unwrap();
-    let files = fhir_export::load::collect_files(&[data.path().to_path_buf()]).unwrap();
-    let args = fhir_export::load::LoadArgs {
+    let files = fhir_export::cli::load::collect_files(&[data.path().to_path_buf()]).unwrap();
+    let args = fhir_export::cli::load::LoadArgs {
         paths: vec![],
         skip_invalid: false,
         batch_size: 2000,
@@ -250,7 +250,7 @@ async fn exports_stay_exact_through_kills_freezes_restarts_and_a_storage_pause()
         online: false,
         base_url: None,
     };
-    let loaded = fhir_export::load::load_files(&pool, files, &args)
+    let loaded = fhir_export::cli::load::load_files(&pool, files, &args)
         .await
         .unwrap();
     eprintln!("chaos: loaded {} resources", loaded.total());

@@ -144,6 +144,9 @@ async fn with_postgres_down_every_request_is_answered_503_at_once() {
     }
     // Metadata needs no database.
     assert_eq!(app.get("/metadata").await.status(), 200);
+    // The image's health check says so too.
+    let (healthy, said) = health_command(&app.base).await;
+    assert!(!healthy && said.contains("503"), "{said}");
 
     tokio::task::block_in_place(|| cluster.start_again(&[]));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -152,6 +155,21 @@ async fn with_postgres_down_every_request_is_answered_503_at_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(app.get("/health").await.status(), 200);
+    let (healthy, said) = health_command(&app.base).await;
+    assert!(healthy, "{said}");
+}
+
+/// `fhir-export health --url BASE`: whether it exited 0, and what it printed.
+async fn health_command(base_url: &str) -> (bool, String) {
+    let output = tokio::process::Command::new(binary())
+        .args(["health", "--url", base_url])
+        .env_remove("FHIR_EXPORT_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), said)
 }
 
 #[tokio::test]

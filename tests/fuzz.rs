@@ -649,7 +649,7 @@ async fn ndjson_load_lines_are_loaded_or_named() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("fuzz.ndjson");
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let load = |skip_invalid| fhir_export::load::LoadArgs {
+    let load = |skip_invalid| fhir_export::cli::load::LoadArgs {
         paths: vec![],
         skip_invalid,
         batch_size: 500,
@@ -658,12 +658,12 @@ async fn ndjson_load_lines_are_loaded_or_named() {
         base_url: None,
     };
     // Stopping at the first bad line names it.
-    let error = fhir_export::load::load_files(&app.pool, vec![file.clone()], &load(false))
+    let error = fhir_export::cli::load::load_files(&app.pool, vec![file.clone()], &load(false))
         .await
         .expect_err("generated lines include invalid ones");
     assert!(format!("{error:#}").contains("fuzz.ndjson:"), "{error:#}");
     // Skipping: every line is loaded or skipped, none lost.
-    let report = fhir_export::load::load_files(&app.pool, vec![file], &load(true))
+    let report = fhir_export::cli::load::load_files(&app.pool, vec![file], &load(true))
         .await
         .unwrap();
     let blank = lines.iter().filter(|l| l.trim().is_empty()).count() as u64;

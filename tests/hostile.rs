@@ -23,7 +23,7 @@ async fn load_patients(app: &TestApp, n: usize) {
         .map(|i| json!({"resourceType": "Patient", "id": format!("p{i}")}).to_string())
         .collect();
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let args = fhir_export::load::LoadArgs {
+    let args = fhir_export::cli::load::LoadArgs {
         paths: vec![],
         skip_invalid: false,
         batch_size: 5000,
@@ -31,7 +31,7 @@ async fn load_patients(app: &TestApp, n: usize) {
         online: false,
         base_url: None,
     };
-    fhir_export::load::load_files(&app.pool, vec![file], &args)
+    fhir_export::cli::load::load_files(&app.pool, vec![file], &args)
         .await
         .unwrap();
 }

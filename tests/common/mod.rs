@@ -441,7 +441,7 @@ pub async fn load_generated(
     app: &TestApp,
     patients: u32,
 ) -> std::collections::BTreeMap<String, Vec<Value>> {
-    use fhir_export::{generate, load};
+    use fhir_export::cli::{generate, load};
     let dir = tempfile::tempdir().unwrap();
     generate::generate(&generate::GenerateArgs {
         patients,
