@@ -1,13 +1,20 @@
-//! Configuration: built-in defaults (the same values as `config/default.toml`), then an optional
-//! TOML file (`--config` or `FHIR_EXPORT_CONFIG`), then environment variables.
+//! Configuration, declared once: the types here (the `[auth]` and `[storage]` sections are their
+//! modules' own), and `config/default.toml`, built in, which holds every key's default and names
+//! its environment variable. A file (`--config` or `FHIR_EXPORT_CONFIG`) overrides the defaults
+//! key by key, and the environment overrides both.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    auth::config::AuthConfig,
+    storage::config::{StorageConfig, StorageKind},
+};
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub database: DatabaseConfig,
     pub server: ServerConfig,
@@ -18,7 +25,7 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub url: String,
     /// Connections this process opens at most; 0 means `export.workers × 2 + 8`.
@@ -32,7 +39,7 @@ pub struct DatabaseConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Base of every absolute URL the server returns; empty means `http://{listen}`.
@@ -62,13 +69,13 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub workers: usize,
     pub part_size: u32,
@@ -91,48 +98,6 @@ pub struct ExportConfig {
     pub output_urls: OutputUrls,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum StorageKind {
-    Filesystem,
-    Azure,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    pub kind: StorageKind,
-    pub dir: String,
-    pub default_container: String,
-    /// Glob patterns (`*`, `?`) a `_container` must match; empty allows any.
-    pub allowed_containers: Vec<String>,
-    pub azure: AzureConfig,
-}
-
-/// Which Entra ID credential authenticates to an account URL.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum AzureCredentialKind {
-    ManagedIdentity,
-    WorkloadIdentity,
-    AzureCli,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AzureConfig {
-    /// Standard connection string (account key, SAS, or `UseDevelopmentStorage=true`).
-    pub connection_string: String,
-    /// Blob endpoint, e.g. `https://myaccount.blob.core.windows.net`, with `credential` or
-    /// `sas_token`.
-    pub account_url: String,
-    pub credential: AzureCredentialKind,
-    pub sas_token: String,
-    pub block_size: usize,
-    /// Lifetime of the SAS URLs a manifest hands out (at most; less if the job expires first).
-    pub sas_lifetime_secs: u64,
-}
-
 /// What the manifest's file URLs point at.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -145,415 +110,56 @@ pub enum OutputUrls {
     Sas,
 }
 
-/// Who may call the API.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum AuthMode {
-    /// Open: local use only.
-    None,
-    /// The server is its own SMART Backend Services authorization server.
-    Smart,
-    /// Bearer tokens of an external OpenID Connect issuer (e.g. Entra ID).
-    External,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    pub mode: AuthMode,
-    /// With mode = none, listen on an address other than loopback all the same.
-    pub allow_anonymous: bool,
-    pub token_lifetime_secs: u64,
-    /// HMAC key of the access tokens the server issues (smart mode). Empty: a random key per
-    /// process, so tokens work only on the replica that issued them.
-    pub token_secret: String,
-    pub clients: Vec<ClientConfig>,
-    pub external: ExternalAuthConfig,
-}
-
-/// A registered SMART Backend Services client.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientConfig {
-    pub id: String,
-    /// The most it may be granted.
-    pub scopes: Vec<String>,
-    /// Its public keys: an inline JWK Set, or a URL serving one.
-    #[serde(default)]
-    pub jwks: String,
-    #[serde(default)]
-    pub jwks_url: String,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExternalAuthConfig {
-    /// The token issuer (`iss`); its OpenID configuration names the keys.
-    pub issuer: String,
-    /// The `aud` tokens must carry.
-    pub audience: String,
-    /// Overrides the `jwks_uri` of the issuer's OpenID configuration.
-    pub jwks_url: String,
-    /// The claim that names the client (job ownership).
-    pub client_claim: String,
-    /// Claims holding roles or scopes (a space-separated string or a list).
-    pub scope_claims: Vec<String>,
-    /// Role or scope → SMART scopes it grants.
-    pub scope_map: BTreeMap<String, Vec<String>>,
-}
+/// The built-in defaults, which also name each key's environment variable (`Env: NAME` in the
+/// comment above the key).
+const DEFAULTS: &str = include_str!("../config/default.toml");
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            database: DatabaseConfig::default(),
-            server: ServerConfig::default(),
-            log: LogConfig {
-                format: LogFormat::Text,
-            },
-            export: ExportConfig::default(),
-            storage: StorageConfig::default(),
-            auth: AuthConfig::default(),
-        }
+        Config::from_sources(None, |_| None).expect("config/default.toml is a valid configuration")
     }
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        DatabaseConfig {
-            url: "postgres://postgres@127.0.0.1:5432/fhir_export".into(),
-            max_connections: 0,
-            read_url: String::new(),
-            read_max_wait_secs: 30,
-        }
-    }
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        AuthConfig {
-            mode: AuthMode::None,
-            allow_anonymous: false,
-            token_lifetime_secs: 300,
-            token_secret: String::new(),
-            clients: Vec::new(),
-            external: ExternalAuthConfig::default(),
-        }
-    }
-}
-
-impl Default for ExternalAuthConfig {
-    fn default() -> Self {
-        ExternalAuthConfig {
-            issuer: String::new(),
-            audience: String::new(),
-            jwks_url: String::new(),
-            client_claim: "sub".into(),
-            scope_claims: vec!["scp".into(), "roles".into()],
-            scope_map: BTreeMap::new(),
-        }
-    }
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: "127.0.0.1:8080".parse().expect("valid literal"),
-            public_url: String::new(),
-            max_body_bytes: 32 * 1024 * 1024,
-            max_kickoff_bytes: 16 * 1024 * 1024,
-            header_read_timeout_secs: 10,
-            request_timeout_secs: 60,
-            write_timeout_secs: 60,
-            max_connections: 1024,
-            metrics_listen: None,
-        }
-    }
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-        }
-    }
-}
-
-impl Default for ExportConfig {
-    fn default() -> Self {
-        ExportConfig {
-            workers: 4,
-            part_size: 5000,
-            part_max_bytes: 256 * 1024 * 1024,
-            stale_after_secs: 600,
-            max_attempts: 5,
-            retry_backoff_secs: 5,
-            max_active_jobs: 16,
-            max_active_jobs_per_client: 4,
-            max_patients: 100_000,
-            max_type_filters: 200,
-            retention_secs: 24 * 3600,
-            range_size: 20_000,
-            poll_interval_ms: 2000,
-            throttle_ms: 0,
-            output_urls: OutputUrls::Server,
-        }
-    }
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            kind: StorageKind::Filesystem,
-            dir: "./data/exports".into(),
-            default_container: String::new(),
-            allowed_containers: Vec::new(),
-            azure: AzureConfig::default(),
-        }
-    }
-}
-
-impl Default for AzureConfig {
-    fn default() -> Self {
-        AzureConfig {
-            connection_string: String::new(),
-            account_url: String::new(),
-            credential: AzureCredentialKind::ManagedIdentity,
-            sas_token: String::new(),
-            block_size: 4 * 1024 * 1024,
-            sas_lifetime_secs: 3600,
-        }
-    }
-}
-
-/// One environment override: its name and how it sets the config.
-type EnvSetter = fn(&mut Config, &str) -> anyhow::Result<()>;
-
-/// Every environment variable the server reads (the README's config table lists the same).
-pub const ENV_OVERRIDES: &[(&str, EnvSetter)] = &[
-    ("DATABASE_URL", |c, v| {
-        c.database.url = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_DATABASE_MAX_CONNECTIONS", |c, v| {
-        c.database.max_connections = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_READ_DATABASE_URL", |c, v| {
-        c.database.read_url = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_READ_MAX_WAIT_SECS", |c, v| {
-        c.database.read_max_wait_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_LISTEN", |c, v| {
-        c.server.listen = v.parse().context("not a socket address")?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_METRICS_LISTEN", |c, v| {
-        c.server.metrics_listen = if v.is_empty() {
-            None
-        } else {
-            Some(v.parse().context("not a socket address")?)
-        };
-        Ok(())
-    }),
-    ("FHIR_EXPORT_PUBLIC_URL", |c, v| {
-        c.server.public_url = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_BODY_BYTES", |c, v| {
-        c.server.max_body_bytes = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_KICKOFF_BYTES", |c, v| {
-        c.server.max_kickoff_bytes = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_HEADER_READ_TIMEOUT_SECS", |c, v| {
-        c.server.header_read_timeout_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_REQUEST_TIMEOUT_SECS", |c, v| {
-        c.server.request_timeout_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_WRITE_TIMEOUT_SECS", |c, v| {
-        c.server.write_timeout_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_CONNECTIONS", |c, v| {
-        c.server.max_connections = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_LOG_FORMAT", |c, v| {
-        c.log.format = parse_enum(v)?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_WORKERS", |c, v| {
-        c.export.workers = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_PART_SIZE", |c, v| {
-        c.export.part_size = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_PART_MAX_BYTES", |c, v| {
-        c.export.part_max_bytes = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_STALE_AFTER_SECS", |c, v| {
-        c.export.stale_after_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_ATTEMPTS", |c, v| {
-        c.export.max_attempts = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_RETRY_BACKOFF_SECS", |c, v| {
-        c.export.retry_backoff_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_ACTIVE_JOBS", |c, v| {
-        c.export.max_active_jobs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_ACTIVE_JOBS_PER_CLIENT", |c, v| {
-        c.export.max_active_jobs_per_client = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_PATIENTS", |c, v| {
-        c.export.max_patients = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_MAX_TYPE_FILTERS", |c, v| {
-        c.export.max_type_filters = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_RETENTION_SECS", |c, v| {
-        c.export.retention_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_RANGE_SIZE", |c, v| {
-        c.export.range_size = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_POLL_INTERVAL_MS", |c, v| {
-        c.export.poll_interval_ms = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_THROTTLE_MS", |c, v| {
-        c.export.throttle_ms = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_STORAGE", |c, v| {
-        c.storage.kind = parse_enum(v)?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_STORAGE_DIR", |c, v| {
-        c.storage.dir = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_DEFAULT_CONTAINER", |c, v| {
-        c.storage.default_container = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_ALLOWED_CONTAINERS", |c, v| {
-        c.storage.allowed_containers = v
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(String::from)
-            .collect();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_OUTPUT_URLS", |c, v| {
-        c.export.output_urls = parse_enum(v)?;
-        Ok(())
-    }),
-    ("AZURE_STORAGE_CONNECTION_STRING", |c, v| {
-        c.storage.azure.connection_string = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AZURE_ACCOUNT_URL", |c, v| {
-        c.storage.azure.account_url = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AZURE_CREDENTIAL", |c, v| {
-        c.storage.azure.credential = parse_enum(v)?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AZURE_SAS_TOKEN", |c, v| {
-        c.storage.azure.sas_token = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AZURE_BLOCK_SIZE", |c, v| {
-        c.storage.azure.block_size = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AZURE_SAS_LIFETIME_SECS", |c, v| {
-        c.storage.azure.sas_lifetime_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_MODE", |c, v| {
-        c.auth.mode = parse_enum(v)?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_ALLOW_ANONYMOUS", |c, v| {
-        c.auth.allow_anonymous = v.parse().context("true or false")?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_TOKEN_LIFETIME_SECS", |c, v| {
-        c.auth.token_lifetime_secs = v.parse()?;
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_TOKEN_SECRET", |c, v| {
-        c.auth.token_secret = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_ISSUER", |c, v| {
-        c.auth.external.issuer = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_AUDIENCE", |c, v| {
-        c.auth.external.audience = v.into();
-        Ok(())
-    }),
-    ("FHIR_EXPORT_AUTH_JWKS_URL", |c, v| {
-        c.auth.external.jwks_url = v.into();
-        Ok(())
-    }),
-];
-
-fn parse_enum<T: for<'de> Deserialize<'de>>(v: &str) -> anyhow::Result<T> {
-    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(v))
-        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 impl Config {
     /// Defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        let mut config = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?
-            }
-            None => Config::default(),
+        let text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?,
+            ),
+            None => None,
         };
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
+        Config::from_sources(text.as_deref(), |name| std::env::var(name).ok()).with_context(|| {
+            match file {
+                Some(path) => format!("configuration (file {})", path.display()),
+                None => "configuration".to_string(),
+            }
+        })
     }
 
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        for (name, set) in ENV_OVERRIDES {
-            if let Some(value) = get(name) {
-                set(self, &value).with_context(|| format!("invalid {name}={value:?}"))?;
+    /// The defaults, overridden by a file's text, then by `env` (a variable's value by name).
+    pub fn from_sources(
+        file: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Config> {
+        let defaults: toml::Table = toml::from_str(DEFAULTS)?;
+        let mut table = defaults.clone();
+        if let Some(text) = file {
+            merge(&mut table, toml::from_str(text)?);
+        }
+        let mut config = Config::deserialize(table.clone())?;
+        for (name, key) in environment_names() {
+            if let Some(value) = env(name) {
+                let optional = lookup(&defaults, &key).is_none();
+                set(&mut table, &key, &value, optional)
+                    .and_then(|()| Ok(Config::deserialize(table.clone())?))
+                    .map(|overridden| config = overridden)
+                    .with_context(|| format!("invalid {name}={value:?}"))?;
             }
         }
-        Ok(())
+        config.validate()?;
+        Ok(config)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -580,18 +186,9 @@ impl Config {
                  page connection per worker, and two for the queue and the API"
             );
         }
-        let azure = &self.storage.azure;
-        if self.storage.kind == StorageKind::Azure {
-            if azure.connection_string.is_empty() && azure.account_url.is_empty() {
-                bail!(
-                    "storage.kind = azure needs AZURE_STORAGE_CONNECTION_STRING or \
-                     FHIR_EXPORT_AZURE_ACCOUNT_URL"
-                );
-            }
-            if !(64 * 1024..=100 * 1024 * 1024).contains(&azure.block_size) {
-                bail!("storage.azure.block_size must be between 64 KiB and 100 MiB");
-            }
-        } else if self.export.output_urls != OutputUrls::Server {
+        self.storage.validate()?;
+        if self.storage.kind != StorageKind::Azure && self.export.output_urls != OutputUrls::Server
+        {
             bail!("export.output_urls = blob or sas needs storage.kind = azure");
         }
         let server = &self.server;
@@ -609,77 +206,7 @@ impl Config {
                 "export.max_active_jobs and export.max_active_jobs_per_client must be at least 1"
             );
         }
-        if !(60..=7 * 24 * 3600).contains(&self.storage.azure.sas_lifetime_secs) {
-            bail!("storage.azure.sas_lifetime_secs must be between 60 and 604800");
-        }
-        self.validate_auth()?;
-        if !self.storage.default_container.is_empty() {
-            crate::containers::validate(&self.storage.default_container)
-                .map_err(|why| anyhow::anyhow!("storage.default_container: {why}"))?;
-            if self.storage.default_container == crate::containers::ANONYMIZATION {
-                bail!(
-                    "storage.default_container cannot be '{}': de-identification configurations \
-                     are read from there",
-                    crate::containers::ANONYMIZATION
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_auth(&self) -> anyhow::Result<()> {
-        let auth = &self.auth;
-        if !(10..=3600).contains(&auth.token_lifetime_secs) {
-            bail!("auth.token_lifetime_secs must be between 10 and 3600");
-        }
-        match auth.mode {
-            AuthMode::None => {}
-            AuthMode::Smart => {
-                if auth.clients.is_empty() {
-                    bail!("auth.mode = smart needs at least one [[auth.clients]] entry");
-                }
-                for client in &auth.clients {
-                    if client.id.is_empty() {
-                        bail!("every auth.clients entry needs an id");
-                    }
-                    if client.jwks.is_empty() == client.jwks_url.is_empty() {
-                        bail!(
-                            "auth client '{}' needs exactly one of jwks, jwks_url",
-                            client.id
-                        );
-                    }
-                    for scope in &client.scopes {
-                        if crate::auth::scopes::Scope::parse(scope).is_none() {
-                            bail!(
-                                "auth client '{}': '{scope}' is not a SMART system scope",
-                                client.id
-                            );
-                        }
-                    }
-                }
-                if !auth.token_secret.is_empty() && auth.token_secret.len() < 32 {
-                    bail!("auth.token_secret must be at least 32 characters");
-                }
-            }
-            AuthMode::External => {
-                let external = &auth.external;
-                if external.issuer.is_empty() || external.audience.is_empty() {
-                    bail!(
-                        "auth.mode = external needs auth.external.issuer and auth.external.audience"
-                    );
-                }
-                for (role, scopes) in &external.scope_map {
-                    for scope in scopes {
-                        if crate::auth::scopes::Scope::parse(scope).is_none() {
-                            bail!(
-                                "auth.external.scope_map.{role}: '{scope}' is not a SMART system scope"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.auth.validate()
     }
 
     /// The base of every absolute URL, without a trailing slash.
@@ -704,17 +231,101 @@ impl Config {
     }
 }
 
+/// Every environment variable the server reads, with the dotted key it sets: the `Env: NAME`
+/// notes of `config/default.toml`, each belonging to the next key (set, or shown commented out).
+pub fn environment_names() -> Vec<(&'static str, String)> {
+    let mut names = Vec::new();
+    let (mut section, mut pending) = ("", Vec::new());
+    for line in DEFAULTS.lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name;
+            continue;
+        }
+        let mut notes = line.split("Env: ").skip(1);
+        pending.extend(notes.by_ref().filter_map(|after| {
+            let end = after
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(after.len());
+            (end > 0).then(|| &after[..end])
+        }));
+        if let Some(key) = key_of(line) {
+            names.extend(
+                pending
+                    .drain(..)
+                    .map(|name| (name, format!("{section}.{key}"))),
+            );
+        }
+    }
+    names
+}
+
+/// The key a line of `config/default.toml` sets or shows commented out.
+fn key_of(line: &str) -> Option<&str> {
+    let line = line.strip_prefix("# ").unwrap_or(line);
+    let (key, _) = line.split_once(" = ")?;
+    key.chars()
+        .all(|c| c.is_ascii_lowercase() || c == '_')
+        .then_some(key)
+}
+
+/// `over`'s keys replace `base`'s, table by table.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// The value of a dotted key.
+fn lookup<'t>(table: &'t toml::Table, dotted: &str) -> Option<&'t toml::Value> {
+    let mut parts = dotted.split('.');
+    let first = table.get(parts.next()?)?;
+    parts.try_fold(first, |value, part| value.as_table()?.get(part))
+}
+
+/// Sets a dotted key from an environment value, read as the type the key has: a number, a
+/// boolean, a comma-separated list, or text. An empty value unsets an optional key.
+fn set(table: &mut toml::Table, dotted: &str, value: &str, optional: bool) -> anyhow::Result<()> {
+    let (path, key) = dotted
+        .rsplit_once('.')
+        .context("a key outside any section")?;
+    let mut section = table;
+    for name in path.split('.') {
+        section = section
+            .get_mut(name)
+            .and_then(toml::Value::as_table_mut)
+            .with_context(|| format!("no section {name}"))?;
+    }
+    let typed = match section.get(key) {
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(value.trim().parse()?),
+        Some(toml::Value::Boolean(_)) => {
+            toml::Value::Boolean(value.trim().parse().context("true or false")?)
+        }
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_string()))
+                .collect(),
+        ),
+        _ if optional && value.is_empty() => {
+            section.remove(key);
+            return Ok(());
+        }
+        _ => toml::Value::String(value.to_string()),
+    };
+    section.insert(key.to_string(), typed);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_file_matches_builtin_defaults() {
-        let text = include_str!("../config/default.toml");
-        let from_file: Config = toml::from_str(text).expect("config/default.toml parses");
-        let builtin = Config::default();
-        assert_eq!(format!("{from_file:?}"), format!("{builtin:?}"));
-    }
 
     /// Dotted keys of a TOML table: its values, and its empty tables (open maps).
     fn keys(prefix: &str, table: &toml::Table, out: &mut std::collections::BTreeSet<String>) {
@@ -765,35 +376,72 @@ mod tests {
             .filter_map(|l| l.strip_prefix("| `")?.split('`').next().map(str::to_string))
             .collect();
         assert_eq!(listed, code, "the README's configuration table");
-        for (name, _) in ENV_OVERRIDES {
+        let names = environment_names();
+        assert!(names.len() >= 46, "{names:?}");
+        for (name, key) in names {
             assert!(
-                table.contains(&format!("`{name}`")),
-                "{name} is not in the README's table"
+                code.contains(&key),
+                "{name} sets {key}, which the code does not have"
             );
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}`")))
+                .unwrap();
             assert!(
-                text.contains(&format!("Env: {name}")),
-                "{name} is not in config/default.toml"
+                row.contains(&format!("`{name}`")),
+                "the README's row of {key} lacks {name}"
             );
         }
     }
 
     #[test]
-    fn env_overrides_apply_and_bad_values_are_named() {
-        let mut c = Config::default();
-        c.apply_env(|n| match n {
-            "FHIR_EXPORT_WORKERS" => Some("0".into()),
-            "FHIR_EXPORT_LOG_FORMAT" => Some("json".into()),
-            "FHIR_EXPORT_LISTEN" => Some("0.0.0.0:9000".into()),
+    fn a_file_overrides_key_by_key_and_the_environment_overrides_the_file() {
+        let file = "[export]\nworkers = 2\n[storage.azure]\nblock_size = 65536\n";
+        let env = |n: &str| match n {
+            "FHIR_EXPORT_LOG_FORMAT" => Some("json".to_string()),
+            "FHIR_EXPORT_LISTEN" => Some("0.0.0.0:9000".to_string()),
+            "FHIR_EXPORT_ALLOWED_CONTAINERS" => Some(" exports-*, ,audit ".to_string()),
+            "FHIR_EXPORT_ALLOW_ANONYMOUS" => Some("true".to_string()),
+            "FHIR_EXPORT_METRICS_LISTEN" => Some("127.0.0.1:9464".to_string()),
+            "FHIR_EXPORT_WORKERS" => Some("3".to_string()),
             _ => None,
-        })
-        .unwrap();
-        assert_eq!(c.export.workers, 0);
+        };
+        let c = Config::from_sources(Some(file), env).unwrap();
+        assert_eq!(c.export.workers, 3);
+        assert_eq!(c.export.part_size, 5000, "a default the file does not name");
+        assert_eq!(c.storage.azure.block_size, 65536);
+        assert_eq!(c.storage.azure.sas_lifetime_secs, 3600);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.public_url(), "http://0.0.0.0:9000");
+        assert_eq!(c.storage.allowed_containers, ["exports-*", "audit"]);
+        assert!(c.auth.allow_anonymous);
+        assert_eq!(
+            c.server.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let unset =
+            Config::from_sources(Some("[server]\nmetrics_listen = \"127.0.0.1:1\"\n"), |n| {
+                (n == "FHIR_EXPORT_METRICS_LISTEN").then(String::new)
+            })
+            .unwrap();
+        assert_eq!(unset.server.metrics_listen, None);
+    }
 
-        let err = Config::default()
-            .apply_env(|n| (n == "FHIR_EXPORT_PART_SIZE").then(|| "many".into()))
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("FHIR_EXPORT_PART_SIZE"));
+    #[test]
+    fn bad_values_and_unknown_keys_are_named() {
+        for (name, value) in [
+            ("FHIR_EXPORT_PART_SIZE", "many"),
+            ("FHIR_EXPORT_LOG_FORMAT", "xml"),
+            ("FHIR_EXPORT_ALLOW_ANONYMOUS", "yes"),
+            ("FHIR_EXPORT_LISTEN", "localhost"),
+        ] {
+            let err =
+                Config::from_sources(None, |n| (n == name).then(|| value.to_string())).unwrap_err();
+            assert!(format!("{err:#}").contains(name), "{err:#}");
+        }
+        let err = Config::from_sources(Some("[export]\nworkerz = 2\n"), |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("workerz"), "{err:#}");
+        let err = Config::from_sources(Some("[export]\npart_size = 0\n"), |_| None).unwrap_err();
+        assert!(format!("{err:#}").contains("part_size"), "{err:#}");
     }
 }

@@ -142,7 +142,7 @@ impl Server {
 /// Without auth, the API lets anyone who reaches it read and write everything: only on a
 /// loopback address, unless the operator says that is intended.
 fn refuse_open_api(config: &Config) -> anyhow::Result<()> {
-    let open = config.auth.mode == config::AuthMode::None && !config.auth.allow_anonymous;
+    let open = config.auth.mode == auth::config::AuthMode::None && !config.auth.allow_anonymous;
     if open && !config.server.listen.ip().is_loopback() {
         anyhow::bail!(
             "refusing to listen on {} with auth.mode = none: anyone who can reach it could read \

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fhir_export::config::AuthMode;
+use fhir_export::auth::config::AuthMode;
 
 /// The DOM after the browser has parsed and laid out the page. (Asynchronous: the server
 /// answers from this test's runtime.)

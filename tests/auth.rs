@@ -4,7 +4,10 @@
 mod common;
 
 use common::{keys::*, *};
-use fhir_export::config::{AuthMode, ClientConfig, Config};
+use fhir_export::{
+    auth::config::{AuthMode, ClientConfig},
+    config::Config,
+};
 use serde_json::{Value, json};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test-secret";

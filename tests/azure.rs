@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use azure_core::{credentials::Secret, hmac::hmac_sha256};
 use common::*;
 use fhir_export::{
-    config::{AuthMode, ClientConfig, Config, OutputUrls, StorageKind},
-    storage::{AzureStorage, Storage},
+    auth::config::{AuthMode, ClientConfig},
+    config::{Config, OutputUrls},
+    storage::{AzureStorage, Storage, config::StorageKind},
 };
 use serde_json::json;
 

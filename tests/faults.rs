@@ -76,7 +76,7 @@ async fn a_storage_paused_past_the_stale_period_spends_no_attempt() {
         c.export.throttle_ms = 100;
         c.export.max_attempts = 1;
         c.export.stale_after_secs = 3;
-        c.storage.kind = fhir_export::config::StorageKind::Azure;
+        c.storage.kind = fhir_export::storage::config::StorageKind::Azure;
         c.storage.azure.connection_string = azurite.connection_string();
     })
     .await;
@@ -181,7 +181,7 @@ async fn a_fault_that_never_goes_away_is_reported_and_spends_the_attempt_in_the_
         c.export.throttle_ms = 100;
         c.export.max_attempts = 1;
         c.export.stale_after_secs = 2;
-        c.storage.kind = fhir_export::config::StorageKind::Azure;
+        c.storage.kind = fhir_export::storage::config::StorageKind::Azure;
         c.storage.azure.connection_string = azurite.connection_string();
     })
     .await;

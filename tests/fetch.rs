@@ -7,7 +7,7 @@ mod common;
 use std::{collections::BTreeSet, path::Path, process::Output, time::Duration};
 
 use common::{keys::Key, *};
-use fhir_export::config::{AuthMode, ClientConfig};
+use fhir_export::auth::config::{AuthMode, ClientConfig};
 use serde_json::Value;
 
 fn fetch_command(args: &[&str]) -> tokio::process::Command {

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{keys::*, *};
-use fhir_export::config::{AuthMode, ClientConfig};
+use fhir_export::auth::config::{AuthMode, ClientConfig};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use fhir_export::config::AuthMode;
+use fhir_export::auth::config::AuthMode;
 
 /// `name{label="v",…}` (labels sorted) → value.
 fn parse(text: &str) -> BTreeMap<String, f64> {

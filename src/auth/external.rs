@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
+use super::config::ExternalAuthConfig;
 use super::{Principal, jwks::KeySource, scopes::Scope, scopes::Scopes};
-use crate::config::ExternalAuthConfig;
 
 /// Asymmetric algorithms only: a symmetric one would let a public key act as a secret.
 const ALGORITHMS: &[Algorithm] = &[

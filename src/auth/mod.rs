@@ -8,7 +8,9 @@ pub mod smart;
 
 use std::time::Duration;
 
-use crate::config::{AuthConfig, AuthMode};
+pub mod config;
+
+use config::{AuthConfig, AuthMode};
 use scopes::Scopes;
 
 /// The caller of a request.

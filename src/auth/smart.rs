@@ -8,12 +8,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, erro
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use super::config::AuthConfig;
 use super::{
     Principal,
     jwks::KeySource,
     scopes::{Scope, Scopes},
 };
-use crate::{config::AuthConfig, db};
+use crate::db;
 
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Signing algorithms SMART Backend Services requires servers to accept.

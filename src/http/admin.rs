@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{ApiError, ApiResult, AppState, extract::Path};
 use crate::{
+    auth::config::AuthMode,
     auth::{Principal, scopes::ADMIN_SCOPE},
-    config::AuthMode,
     db::{
         admin::{self, JobRow, TaskRow, TypeProgress},
         jobs::{self, JobState},

@@ -14,7 +14,7 @@ use axum::{
 };
 
 use super::{ApiError, AppState, auth::TOKEN_BODY_LIMIT};
-use crate::config::AuthMode;
+use crate::auth::config::AuthMode;
 
 pub async fn check(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match admit(&state, &request) {

@@ -17,8 +17,9 @@ use super::{
     fhir_response,
 };
 use crate::{
+    auth::config::AuthMode,
     auth::{Principal, scopes::Access},
-    config::{AuthMode, OutputUrls},
+    config::OutputUrls,
     db::{
         jobs::{self, Job, JobState},
         tasks,

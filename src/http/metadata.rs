@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::{AppState, fhir_response};
 use crate::{
     auth::Auth,
-    config::AuthMode,
+    auth::config::AuthMode,
     fhir::{r4::RESOURCE_TYPES, search_param},
 };
 

@@ -20,8 +20,8 @@ use azure_storage_blob::{
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 
+use super::config::{AzureConfig, AzureCredentialKind};
 use super::{AttemptTag, ByteStream, Fence, PartWriter, Storage, sas};
-use crate::config::{AzureConfig, AzureCredentialKind};
 
 /// How requests are authorized.
 enum Auth {

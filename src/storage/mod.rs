@@ -15,7 +15,9 @@ use futures::{future::BoxFuture, stream::BoxStream};
 pub use azure::AzureStorage;
 pub use filesystem::FilesystemStorage;
 
-use crate::config::{StorageConfig, StorageKind};
+pub mod config;
+
+use config::{StorageConfig, StorageKind};
 
 /// A storage fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the
 /// worker retries it inside its attempt instead of spending one.
