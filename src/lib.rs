@@ -8,6 +8,7 @@ pub mod config;
 pub mod containers;
 pub mod db;
 pub mod deid;
+pub mod export;
 pub mod fhir;
 pub mod http;
 pub mod liveness;

@@ -11,6 +11,7 @@ use crate::{
     auth,
     config::{self, Config},
     db::{self, Pools},
+    export,
     http::{self, AppState},
     liveness::Liveness,
     metrics, storage, worker,
@@ -74,11 +75,19 @@ impl Server {
             config.stale_after(),
             std::time::Duration::from_millis(config.export.poll_interval_ms),
         );
+        let (config, base_url): (Arc<Config>, Arc<str>) = (Arc::new(config), base_url.into());
+        let exports = export::Exporter {
+            pool: pools.primary.clone(),
+            storage: storage.clone(),
+            config: config.clone(),
+            base_url: base_url.clone(),
+            auth_mode: auth.mode(),
+        };
         let state = AppState {
             pool: pools.primary.clone(),
-            config: Arc::new(config),
+            config,
             storage,
-            base_url: base_url.into(),
+            base_url,
             auth: Arc::new(auth),
             liveness: Arc::new(liveness),
             storage_health: Arc::default(),
@@ -87,6 +96,7 @@ impl Server {
                 pools.primary.clone(),
             )),
             database: Arc::default(),
+            exports,
         };
         Ok(Server {
             listener,

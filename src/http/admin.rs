@@ -158,7 +158,7 @@ async fn cancel(
     }
     let uuid =
         Uuid::parse_str(&id).map_err(|_| ApiError::not_found(format!("no export job {id}")))?;
-    super::jobs::cancel_job(&state, uuid, jobs::Canceller::Admin).await?;
+    state.exports.cancel(uuid, jobs::Canceller::Admin).await?;
     Ok(Redirect::to("/admin/jobs").into_response())
 }
 

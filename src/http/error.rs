@@ -170,6 +170,29 @@ impl From<crate::store::WriteError> for ApiError {
     }
 }
 
+impl From<crate::export::Error> for ApiError {
+    fn from(e: crate::export::Error) -> ApiError {
+        use crate::export::Error;
+        let message = e.to_string();
+        match e {
+            Error::Invalid(_) => ApiError::bad_request(message),
+            Error::TooCostly(_) => ApiError::new(StatusCode::BAD_REQUEST, "too-costly", message),
+            Error::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            Error::NotFound(_) => ApiError::not_found(message),
+            Error::Unprocessable(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+            }
+            // Asked to come back when a slot may be free.
+            Error::Busy { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
+                    .with_header(header::RETRY_AFTER, "30")
+            }
+            Error::Database(e) => e.into(),
+            Error::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, issues) = self.report();

@@ -49,6 +49,8 @@ pub struct AppState {
     pub vacuum: Arc<crate::db::deferred_vacuum::DeferredVacuum>,
     /// Whether the database answers (watched every second).
     pub database: Arc<crate::db::availability::Availability>,
+    /// Kick-off, status, cancel and files of exports.
+    pub exports: crate::export::Exporter,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -1,0 +1,114 @@
+//! The manifest of a completed export: one model, written out per version of the Bulk Data
+//! Access IG (`v2`; the base fields are the same in STU3).
+
+use chrono::{DateTime, Utc};
+
+/// The manifest extension of a de-identified export.
+pub const DE_IDENTIFIED_EXTENSION: &str = "urn:fhir-export:de-identified";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub transaction_time: DateTime<Utc>,
+    /// The kick-off URL.
+    pub request: String,
+    pub requires_access_token: bool,
+    pub output: Vec<Item>,
+    /// Transaction Bundles of deletions; `None` for an export without `_since`, whose manifest
+    /// has no `deleted` list.
+    pub deleted: Option<Vec<Item>>,
+    /// What the export could not include (OperationOutcome files).
+    pub error: Vec<Item>,
+    /// The de-identification configuration the files were made with.
+    pub de_identified_with: Option<String>,
+    /// When the job and its files expire.
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// One file of the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub resource_type: String,
+    pub url: String,
+    pub count: i64,
+}
+
+/// The IG v2.0.0 manifest (JSON).
+pub mod v2 {
+    use serde_json::{Value, json};
+
+    use super::{DE_IDENTIFIED_EXTENSION, Item, Manifest};
+    use crate::fhir::instant;
+
+    pub fn json(manifest: &Manifest) -> Value {
+        let items = |items: &[Item]| -> Value {
+            items
+                .iter()
+                .map(|i| json!({"type": i.resource_type, "url": i.url, "count": i.count}))
+                .collect()
+        };
+        let mut body = json!({
+            "transactionTime": instant::format(manifest.transaction_time),
+            "request": manifest.request,
+            "requiresAccessToken": manifest.requires_access_token,
+            "output": items(&manifest.output),
+            "error": items(&manifest.error),
+        });
+        if let Some(deleted) = &manifest.deleted {
+            body["deleted"] = items(deleted);
+        }
+        // The IG keeps `extension` for servers (a JSON object): this one says the files were
+        // de-identified, and with which configuration.
+        if let Some(name) = &manifest.de_identified_with {
+            body["extension"] = json!({"url": DE_IDENTIFIED_EXTENSION, "valueString": name});
+        }
+        body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    fn item(resource_type: &str, count: i64) -> Item {
+        Item {
+            resource_type: resource_type.into(),
+            url: format!("https://x/{resource_type}-1.ndjson"),
+            count,
+        }
+    }
+
+    #[test]
+    fn the_v2_manifest_has_deleted_only_with_since_and_says_de_identification() {
+        let mut manifest = Manifest {
+            transaction_time: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            request: "https://x/$export".into(),
+            requires_access_token: true,
+            output: vec![item("Patient", 2)],
+            deleted: None,
+            error: vec![],
+            de_identified_with: None,
+            expires: None,
+        };
+        assert_eq!(
+            v2::json(&manifest),
+            json!({
+                "transactionTime": "2026-01-02T03:04:05.000000Z",
+                "request": "https://x/$export",
+                "requiresAccessToken": true,
+                "output": [{"type": "Patient", "url": "https://x/Patient-1.ndjson", "count": 2}],
+                "error": [],
+            })
+        );
+        manifest.deleted = Some(vec![item("Bundle", 1)]);
+        manifest.de_identified_with = Some("safe-harbor.json".into());
+        let body = v2::json(&manifest);
+        assert_eq!(body["deleted"][0]["type"], "Bundle");
+        assert_eq!(
+            body["extension"],
+            json!({"url": DE_IDENTIFIED_EXTENSION, "valueString": "safe-harbor.json"})
+        );
+    }
+}
