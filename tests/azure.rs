@@ -275,7 +275,7 @@ async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
     // First attempt: committed.
     let mut first = storage.create(&container, name, TAG).await.unwrap();
     first.write(big.as_bytes()).await.unwrap();
-    assert!(first.commit(Box::pin(async { Ok(true) })).await.unwrap());
+    assert!(first.commit(Box::pin(async { true })).await.unwrap());
     // A crashed attempt: blocks staged, never committed.
     let mut crashed = storage.create(&container, name, TAG).await.unwrap();
     crashed
@@ -289,7 +289,7 @@ async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
         .write(b"from a worker that lost its lease\n")
         .await
         .unwrap();
-    assert!(!fenced.commit(Box::pin(async { Ok(false) })).await.unwrap());
+    assert!(!fenced.commit(Box::pin(async { false })).await.unwrap());
     assert_eq!(read_all(&storage, &container, name).await, big);
     // The retry: same name, replaces the blob entirely.
     let mut retry = storage.create(&container, name, TAG).await.unwrap();
@@ -297,7 +297,7 @@ async fn a_part_rewritten_after_a_crash_replaces_the_blob() {
         .write(b"{\"resourceType\":\"Observation\"}\n")
         .await
         .unwrap();
-    assert!(retry.commit(Box::pin(async { Ok(true) })).await.unwrap());
+    assert!(retry.commit(Box::pin(async { true })).await.unwrap());
     assert_eq!(
         read_all(&storage, &container, name).await,
         "{\"resourceType\":\"Observation\"}\n"

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 
 use super::config::{AzureConfig, AzureCredentialKind};
-use super::{AttemptTag, ByteStream, Fence, PartWriter, Storage, sas};
+use super::{AttemptTag, ByteStream, Error, Fence, PartWriter, Storage, sas};
 
 /// How requests are authorized.
 enum Auth {
@@ -100,7 +100,7 @@ impl AzureStorage {
         Ok(BlobContainerClient::new(url, credential, None)?)
     }
 
-    async fn ensure_container(&self, container: &str) -> anyhow::Result<()> {
+    async fn ensure_container(&self, container: &str) -> Result<(), Error> {
         if self
             .known_containers
             .lock()
@@ -266,19 +266,19 @@ const REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 async fn answered<T>(
     request: impl Future<Output = azure_core::Result<T>>,
     doing: &str,
-) -> anyhow::Result<T> {
+) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_LIMIT, request).await {
         Ok(answer) => answer.map_err(|e| explain(e, doing)),
-        Err(_) => Err(anyhow::Error::new(super::Transient(format!(
+        Err(_) => Err(Error::Transient(format!(
             "{doing}: no answer within {} s",
             REQUEST_LIMIT.as_secs()
-        )))),
+        ))),
     }
 }
 
 /// An SDK error with what it means for the operator; never includes credentials. A fault that
-/// goes away by itself (5xx, throttling, a timeout, no answer) is marked `Transient`.
-fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
+/// goes away by itself (5xx, throttling, a timeout, no answer) is `Transient`.
+fn explain(e: azure_core::Error, doing: &str) -> Error {
     let status = e.http_status();
     let transient = match status {
         None => true,
@@ -297,9 +297,9 @@ fn explain(e: azure_core::Error, doing: &str) -> anyhow::Error {
     };
     let message = super::redact_secrets(&format!("{doing}: {e}{hint}"));
     if transient {
-        anyhow::Error::new(super::Transient(message))
+        Error::Transient(message)
     } else {
-        anyhow!(message)
+        Error::Failed(anyhow!(message))
     }
 }
 
@@ -314,7 +314,7 @@ impl Storage for AzureStorage {
         container: &str,
         name: &str,
         _owner: AttemptTag,
-    ) -> anyhow::Result<Box<dyn PartWriter>> {
+    ) -> Result<Box<dyn PartWriter>, Error> {
         self.ensure_container(container).await?;
         let blob = self
             .container(container)?
@@ -344,7 +344,7 @@ impl Storage for AzureStorage {
                     .boxed(),
             )),
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(None),
-            Err(e) => Err(explain(e, &format!("reading {container}/{name}"))),
+            Err(e) => Err(explain(e, &format!("reading {container}/{name}")).into()),
         }
     }
 
@@ -362,7 +362,7 @@ impl Storage for AzureStorage {
         {
             Ok(response) => response,
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(None),
-            Err(e) => return Err(explain(e, &format!("reading {container}/{name}"))),
+            Err(e) => return Err(explain(e, &format!("reading {container}/{name}")).into()),
         };
         let etag = response
             .headers
@@ -391,14 +391,14 @@ impl Storage for AzureStorage {
                 Ok(Some(blob)) => names.extend(blob.name),
                 Ok(None) => break,
                 Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(()),
-                Err(e) => return Err(explain(e, &format!("listing {container}/{folder}"))),
+                Err(e) => return Err(explain(e, &format!("listing {container}/{folder}")).into()),
             }
         }
         for name in names {
             match client.blob_client(&name).delete(None).await {
                 Ok(_) => {}
                 Err(e) if e.http_status() == Some(StatusCode::NotFound) => {}
-                Err(e) => return Err(explain(e, &format!("deleting {container}/{name}"))),
+                Err(e) => return Err(explain(e, &format!("deleting {container}/{name}")).into()),
             }
         }
         Ok(())
@@ -412,7 +412,7 @@ impl Storage for AzureStorage {
         match self.container(container)?.delete(None).await {
             Ok(_) => Ok(()),
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => Ok(()),
-            Err(e) => Err(explain(e, &format!("deleting container {container}"))),
+            Err(e) => Err(explain(e, &format!("deleting container {container}")).into()),
         }
     }
 
@@ -437,10 +437,7 @@ impl Storage for AzureStorage {
             {
                 Ok(())
             }
-            Err(e) => Err(explain(
-                e,
-                &format!("Azure Blob Storage at {}", self.endpoint),
-            )),
+            Err(e) => Err(explain(e, &format!("Azure Blob Storage at {}", self.endpoint)).into()),
         }
     }
 
@@ -488,7 +485,7 @@ struct AzureWriter {
 }
 
 impl AzureWriter {
-    async fn stage(&mut self) -> anyhow::Result<()> {
+    async fn stage(&mut self) -> Result<(), Error> {
         if self.buffer.is_empty() {
             return Ok(());
         }
@@ -507,7 +504,7 @@ impl AzureWriter {
 
 #[async_trait]
 impl PartWriter for AzureWriter {
-    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.buffer.extend_from_slice(bytes);
         if self.buffer.len() >= self.block_size {
             self.stage().await?;
@@ -515,9 +512,9 @@ impl PartWriter for AzureWriter {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool> {
+    async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> Result<bool, Error> {
         self.stage().await?;
-        if !fence.await? {
+        if !fence.await {
             return Ok(false); // staged blocks are never committed; Azure drops them
         }
         let list = BlockLookupList {
@@ -525,7 +522,10 @@ impl PartWriter for AzureWriter {
             latest: Some(self.blocks),
             uncommitted: None,
         };
-        let committing = self.blob.commit_block_list(list.try_into()?, None);
+        let list = list
+            .try_into()
+            .map_err(|e| explain(e, "listing a part's blocks"))?;
+        let committing = self.blob.commit_block_list(list, None);
         answered(committing, "committing a part").await?;
         Ok(true)
     }

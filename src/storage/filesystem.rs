@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::fs;
 use tokio_util::io::ReaderStream;
 
-use super::{AttemptTag, ByteStream, Fence, PartWriter, Storage, direct_file::DirectFile};
+use super::{AttemptTag, ByteStream, Error, Fence, PartWriter, Storage, direct_file::DirectFile};
 
 /// Files being written end in this; they never show in a manifest.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -47,7 +47,7 @@ impl Storage for FilesystemStorage {
         container: &str,
         name: &str,
         owner: AttemptTag,
-    ) -> anyhow::Result<Box<dyn PartWriter>> {
+    ) -> Result<Box<dyn PartWriter>, Error> {
         let path = self.path(container, name)?;
         let dir = path.parent().expect("a file path has a parent");
         fs::create_dir_all(dir)
@@ -97,12 +97,16 @@ impl Storage for FilesystemStorage {
         container: &str,
         folder: &str,
         owner: AttemptTag,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Error> {
         let dir = self.path(container, folder)?;
         let mut entries = match fs::read_dir(&dir).await {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("listing {}", dir.display()))
+                    .into());
+            }
         };
         let mark = format!(".{owner}.");
         while let Some(entry) = entries.next_entry().await? {
@@ -110,7 +114,9 @@ impl Storage for FilesystemStorage {
             if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.contains(&mark) {
                 match fs::remove_file(entry.path()).await {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(e).with_context(|| format!("removing {name}"));
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("removing {name}"))
+                            .into());
                     }
                     _ => {}
                 }
@@ -173,19 +179,20 @@ struct FilesystemWriter {
 
 #[async_trait]
 impl PartWriter for FilesystemWriter {
-    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
         let file = self.file.as_mut().expect("written before commit");
         file.write(bytes)
             .await
-            .with_context(|| format!("writing {}", self.temp.display()))
+            .with_context(|| format!("writing {}", self.temp.display()))?;
+        Ok(())
     }
 
-    async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool> {
+    async fn commit(mut self: Box<Self>, fence: Fence<'_>) -> Result<bool, Error> {
         let file = self.file.take().expect("committed once");
         file.finish()
             .await
             .with_context(|| format!("writing and syncing {}", self.temp.display()))?;
-        if !fence.await? {
+        if !fence.await {
             return Ok(false); // Drop removes the temporary file.
         }
         fs::rename(&self.temp, &self.path)

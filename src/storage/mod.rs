@@ -19,11 +19,22 @@ pub mod config;
 
 use config::{StorageConfig, StorageKind};
 
-/// A storage fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the
-/// worker retries it inside its attempt instead of spending one.
+/// Why writing a file failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Transient(pub String);
+pub enum Error {
+    /// A fault that goes away by itself (a 5xx, throttling, a timeout, no answer): the worker
+    /// retries it inside its attempt instead of spending one.
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::Failed(e.into())
+    }
+}
 
 /// The task attempt that writes a file: a file it left unfinished (a crash before its commit)
 /// can be found and removed by whoever rescues that attempt.
@@ -39,8 +50,9 @@ impl std::fmt::Display for AttemptTag {
     }
 }
 
-/// Checked just before a written file becomes visible; `false` drops the file instead.
-pub type Fence<'a> = BoxFuture<'a, anyhow::Result<bool>>;
+/// Checked just before a written file becomes visible; `false` drops the file instead. (Why it
+/// said no is the caller's to keep: the storage only obeys.)
+pub type Fence<'a> = BoxFuture<'a, bool>;
 
 /// The bytes of a stored file.
 pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
@@ -57,7 +69,7 @@ pub trait Storage: Send + Sync + 'static {
         container: &str,
         name: &str,
         owner: AttemptTag,
-    ) -> anyhow::Result<Box<dyn PartWriter>>;
+    ) -> Result<Box<dyn PartWriter>, Error>;
 
     /// Removes what `owner` left unfinished under `folder` (files it created and never
     /// committed). Backends whose unfinished files are never visible (Azure's uncommitted
@@ -67,7 +79,7 @@ pub trait Storage: Send + Sync + 'static {
         _container: &str,
         _folder: &str,
         _owner: AttemptTag,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Error> {
         Ok(())
     }
 
@@ -148,11 +160,11 @@ async fn collect_up_to(mut stream: ByteStream, limit: usize) -> anyhow::Result<V
 /// A file being written. Memory stays bounded: bytes go out as they come.
 #[async_trait]
 pub trait PartWriter: Send {
-    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()>;
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Error>;
 
     /// Makes the file visible in one step, replacing a file of the same name, if `fence` still
     /// holds. Returns whether it did.
-    async fn commit(self: Box<Self>, fence: Fence<'_>) -> anyhow::Result<bool>;
+    async fn commit(self: Box<Self>, fence: Fence<'_>) -> Result<bool, Error>;
 }
 
 /// Deletes an export's files: its container when it had one of its own, else its folder.

@@ -16,7 +16,7 @@ use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Ended, lease::Lease, part, read_source::PageSource};
+use super::{Context, Ended, TaskError, lease::Lease, part, read_source::PageSource};
 use crate::{
     db::{
         copy_out::{self, CopyRows},
@@ -45,7 +45,7 @@ pub async fn run(
     held: &mut HeldTask,
     lease: &Lease,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Ended> {
+) -> Result<Ended, TaskError> {
     let spec = &job.spec;
     let task = held.task.clone();
     let resource_type = task.resource_type.as_deref().unwrap_or_default();
@@ -70,7 +70,7 @@ pub async fn run(
         ),
         TaskKind::SoftDeleted => (Rows::LastState, format!("{resource_type}-softdeleted")),
         TaskKind::Export => (Rows::Live, resource_type.to_string()),
-        TaskKind::Plan => anyhow::bail!("a plan task is not an export task"),
+        TaskKind::Plan => return Err(TaskError::failed("a plan task is not an export task")),
     };
     // Deletions are listed whole: a tombstone has nothing to filter on.
     let filter = match rows {
@@ -81,7 +81,7 @@ pub async fn run(
             &context.base_url,
             spec.created_at,
         )
-        .map_err(anyhow::Error::msg)?,
+        .map_err(TaskError::failed)?,
     };
     let pushdown = filter
         .as_ref()
@@ -103,7 +103,9 @@ pub async fn run(
         file_kind,
         filter,
         deid: match (&spec.anonymization_config, &spec.anonymization_seed) {
-            (Some(config), Some(seed)) => Some(Deidentifier::new(config, seed)?),
+            (Some(config), Some(seed)) => Some(Deidentifier::new(config, seed).map_err(|e| {
+                TaskError::failed(format!("the job's de-identification configuration: {e}"))
+            })?),
             _ => None,
         },
         elements: elements::for_type(&spec.elements, resource_type),
@@ -172,7 +174,7 @@ async fn copy_part(
     output: &Output<'_>,
     pages: &mut PageSource<'_>,
     after: Position,
-) -> anyhow::Result<bool> {
+) -> Result<bool, TaskError> {
     let started = std::time::Instant::now();
     let mut conn = pages.connection(held).await?;
     let copied = copy_rows_into_part(context, job, held, output, after, &mut conn).await;
@@ -197,7 +199,7 @@ async fn copy_rows_into_part(
     output: &Output<'_>,
     after: Position,
     conn: &mut sqlx::PgConnection,
-) -> anyhow::Result<(Option<part::OpenPart>, Option<Position>)> {
+) -> Result<(Option<part::OpenPart>, Option<Position>), TaskError> {
     let limit = i64::from(job.spec.part_size);
     let max_bytes = job.spec.part_max_bytes as u64;
     let seq = held.task.parts_done;
@@ -223,7 +225,9 @@ async fn copy_rows_into_part(
             last = Some(row.position);
         }
     }
-    anyhow::ensure!(full || parser.ended(), "the COPY of a page ended early");
+    if !(full || parser.ended()) {
+        return Err(TaskError::failed("the COPY of a page ended early"));
+    }
     Ok((file, last))
 }
 
@@ -238,7 +242,7 @@ async fn write_part(
     output: &Output<'_>,
     pages: &mut PageSource<'_>,
     after: Position,
-) -> anyhow::Result<bool> {
+) -> Result<bool, TaskError> {
     let started = std::time::Instant::now();
     let limit = i64::from(job.spec.part_size);
     let max_bytes = job.spec.part_max_bytes as u64;
@@ -290,7 +294,7 @@ async fn commit(
     held: &mut HeldTask,
     written: Option<(part::OpenPart, Position)>,
     started: std::time::Instant,
-) -> anyhow::Result<bool> {
+) -> Result<bool, TaskError> {
     let Some((part, last)) = written else {
         return Ok(false);
     };
@@ -304,7 +308,7 @@ async fn commit(
 /// The line a row becomes, or None when `_typeFilter` leaves it out (the filter sees the
 /// stored resource). Stored text streams out untouched unless a filter, a deletion mark,
 /// de-identification or `_elements` needs the resource parsed.
-fn render<'r>(output: &Output, row: &'r PgRow) -> anyhow::Result<Option<Cow<'r, str>>> {
+fn render<'r>(output: &Output, row: &'r PgRow) -> Result<Option<Cow<'r, str>>, TaskError> {
     let selection = &output.selection;
     if selection.rows == Rows::Deleted {
         let id: &str = row.try_get("id")?;
@@ -334,7 +338,7 @@ fn finish_line<'r>(
     mut line: Cow<'r, str>,
     file: &str,
     folder: &str,
-) -> anyhow::Result<Cow<'r, str>> {
+) -> Result<Cow<'r, str>, TaskError> {
     if let Some(deid) = &output.deid {
         let scope = Scope {
             file: file.rsplit('/').next().unwrap_or(file),

@@ -5,12 +5,15 @@
 //! with backoff inside the attempt while the lease holds, resuming from the task's checkpoint;
 //! only real failures, and panics, spend an attempt.
 
+mod error;
 mod export;
 mod lease;
 mod maintenance;
 mod part;
 mod plan;
 mod read_source;
+
+pub use error::{Fault, TaskError};
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
@@ -31,7 +34,6 @@ use crate::{
         self, Pools, jobs, notify,
         tasks::{self, Fenced, HeldTask, Resumed, TaskKind},
     },
-    deid,
     liveness::Liveness,
     metrics,
     storage::{self, Storage},
@@ -227,14 +229,14 @@ async fn run_with_retries(
             Ok(Err(error)) => error,
             Err(panic) => return Ended::Failed(format!("the task panicked: {panic}")),
         };
-        if lease_lost(&error) || lease.is_lost() {
+        if lease.is_lost() {
             return Ended::LeaseLost;
         }
-        if error.chain().any(|e| e.is::<deid::ProcessingError>()) {
-            return Ended::Unprocessable(format!("{error:#}"));
-        }
-        let Some(cause) = transient_cause(&error) else {
-            return Ended::Failed(format!("{error:#}"));
+        let (fault, message) = match error {
+            TaskError::LeaseLost => return Ended::LeaseLost,
+            TaskError::Unprocessable(e) => return Ended::Unprocessable(e.to_string()),
+            TaskError::Failed(e) => return Ended::Failed(format!("{e:#}")),
+            TaskError::Transient { fault, message } => (fault, message),
         };
         let checkpoint = (held.task.parts_done, held.task.checkpoint_seq);
         let since = match faulty_since {
@@ -248,11 +250,11 @@ async fn run_with_retries(
         if since.elapsed() > give_up_after {
             return Ended::Failed(format!(
                 "transient faults lasted longer than {TRANSIENT_RETRY_STALE_PERIODS} stale \
-                 periods; the last: {error:#}"
+                 periods; the last: {fault} fault: {message}"
             ));
         }
-        metrics::transient_retry(cause);
-        tracing::warn!(error = %format!("{error:#}"), "transient fault; resuming from the checkpoint");
+        metrics::transient_retry(fault.as_str());
+        tracing::warn!(%fault, error = %message, "transient fault; resuming from the checkpoint");
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(backoff.pause()) => {}
@@ -276,11 +278,11 @@ async fn run_kind(
     held: &mut HeldTask,
     lease: &Lease,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Ended> {
+) -> Result<Ended, TaskError> {
     // A job that is gone (expired, deleted) took its tasks with it.
     let job = jobs::get(&context.pools.primary, held.task.job_id)
         .await?
-        .ok_or(Fenced::LeaseLost)?;
+        .ok_or(TaskError::LeaseLost)?;
     match held.task.kind {
         TaskKind::Plan => plan::run(context, &job, held, lease).await,
         TaskKind::Export | TaskKind::Deleted | TaskKind::History | TaskKind::SoftDeleted => {
@@ -333,30 +335,6 @@ async fn report_failed(context: &Context, job: &jobs::FailedJob) {
         tracing::warn!(job = %job.id, error = %format!("{e:#}"), "deleting a failed export's files failed");
     }
     context.log_end(job.id, "failed").await;
-}
-
-fn lease_lost(error: &anyhow::Error) -> bool {
-    error
-        .chain()
-        .any(|e| matches!(e.downcast_ref::<Fenced>(), Some(Fenced::LeaseLost)))
-}
-
-/// A fault worth retrying inside the attempt: see `db::is_transient` and `storage::Transient`.
-/// `database` or `storage` when the error is a transient fault of either.
-fn transient_cause(error: &anyhow::Error) -> Option<&'static str> {
-    error.chain().find_map(|e| {
-        let database = match (e.downcast_ref::<sqlx::Error>(), e.downcast_ref::<Fenced>()) {
-            (Some(e), _) | (_, Some(Fenced::Database(e))) => db::is_transient(e),
-            _ => false,
-        };
-        if database {
-            Some("database")
-        } else if e.downcast_ref::<storage::Transient>().is_some() {
-            Some("storage")
-        } else {
-            None
-        }
-    })
 }
 
 /// Runs `task`, turning a panic into its message: one task's bug must not end the worker.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::Context;
+use super::{Context, TaskError};
 use crate::{
     db::{
         jobs::Job,
@@ -40,7 +40,7 @@ pub async fn open(
     held: &HeldTask,
     kind: &str,
     seq: i32,
-) -> anyhow::Result<OpenPart> {
+) -> Result<OpenPart, TaskError> {
     let part_no = held.reserve_part(kind, seq).await?;
     let name = format!("{}/{kind}-{part_no}.ndjson", job.spec.folder);
     let owner = AttemptTag {
@@ -66,7 +66,7 @@ pub async fn open(
 
 impl OpenPart {
     /// Writes one ndjson line (the newline is added).
-    pub async fn write_line(&mut self, line: &[u8]) -> anyhow::Result<()> {
+    pub async fn write_line(&mut self, line: &[u8]) -> Result<(), TaskError> {
         self.buffer.extend_from_slice(line);
         self.buffer.push(b'\n');
         self.lines += 1;
@@ -77,7 +77,7 @@ impl OpenPart {
         Ok(())
     }
 
-    async fn flush(&mut self) -> anyhow::Result<()> {
+    async fn flush(&mut self) -> Result<(), TaskError> {
         if !self.buffer.is_empty() {
             self.writer.write(&self.buffer).await?;
             self.buffer.clear();
@@ -86,17 +86,25 @@ impl OpenPart {
     }
 
     /// Commits the file if the lease still holds, then checkpoints `last` (seq, version).
-    pub async fn finish(mut self, held: &mut HeldTask, last: (i64, i32)) -> anyhow::Result<()> {
+    pub async fn finish(mut self, held: &mut HeldTask, last: (i64, i32)) -> Result<(), TaskError> {
         self.flush().await?;
+        // Why the fence said no stays here: a lost lease, or a database fault to retry.
+        let mut refused: Option<Fenced> = None;
         let fence = Box::pin(async {
             match held.holds().await {
-                Ok(()) => Ok(true),
-                Err(Fenced::LeaseLost) => Ok(false),
-                Err(e) => Err(e.into()),
+                Ok(()) => true,
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
             }
         });
-        if !self.writer.commit(fence).await? {
-            return Err(Fenced::LeaseLost.into());
+        let committed = self.writer.commit(fence).await?;
+        if let Some(why) = refused {
+            return Err(why.into());
+        }
+        if !committed {
+            return Err(TaskError::LeaseLost);
         }
         held.checkpoint(self.seq, last, self.lines, self.bytes as i64)
             .await?;

@@ -4,12 +4,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Context, Ended, lease::Lease, part, read_source};
+use super::{Context, Ended, TaskError, lease::Lease, part, read_source};
 use crate::{
     db::{
         jobs::{self, Job, Level},
         resources,
-        tasks::{Fenced, HeldTask, PlannedTask, TaskKind},
+        tasks::{HeldTask, PlannedTask, TaskKind},
     },
     fhir::{
         outcome::{self, Issue, Severity},
@@ -25,7 +25,7 @@ pub async fn run(
     job: &Job,
     held: &mut HeldTask,
     lease: &Lease,
-) -> anyhow::Result<Ended> {
+) -> Result<Ended, TaskError> {
     wait_for_writers(context, job, held, lease).await?;
     read_source::wait_for_standby(context, held, lease).await?;
     write_notes(context, job, held).await?;
@@ -95,7 +95,7 @@ async fn wait_for_writers(
     job: &Job,
     held: &HeldTask,
     lease: &Lease,
-) -> anyhow::Result<()> {
+) -> Result<(), TaskError> {
     let started = tokio::time::Instant::now();
     let (mut shown, mut warned) = (0, false);
     let mut pause = Duration::from_millis(20);
@@ -119,7 +119,7 @@ async fn wait_for_writers(
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = lease.lost() => return Err(Fenced::LeaseLost.into()),
+            _ = lease.lost() => return Err(TaskError::LeaseLost),
         }
         pause = (pause * 2).min(Duration::from_secs(1));
     }
@@ -127,7 +127,7 @@ async fn wait_for_writers(
 
 /// The manifest's error file: one OperationOutcome per thing a lenient kick-off ignored.
 /// Written once (a retried plan finds its part done).
-async fn write_notes(context: &Context, job: &Job, held: &mut HeldTask) -> anyhow::Result<()> {
+async fn write_notes(context: &Context, job: &Job, held: &mut HeldTask) -> Result<(), TaskError> {
     const KIND: &str = "OperationOutcome-error";
     if job.spec.notes.is_empty() || held.task.parts_done > 0 {
         return Ok(());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, pool::PoolConnection};
 
-use super::{Context, lease::Lease};
+use super::{Context, TaskError, lease::Lease};
 use crate::db::{
     jobs::Job,
     tasks::{Fenced, HeldTask, ReadSource, STANDBY_NOT_ANSWERING},
@@ -23,7 +23,7 @@ pub async fn wait_for_standby(
     context: &Context,
     held: &HeldTask,
     lease: &Lease,
-) -> anyhow::Result<()> {
+) -> Result<(), TaskError> {
     let Some(standby) = &context.pools.standby else {
         return Ok(());
     };
@@ -54,7 +54,7 @@ pub async fn wait_for_standby(
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = lease.lost() => return Err(Fenced::LeaseLost.into()),
+            _ = lease.lost() => return Err(TaskError::LeaseLost),
         }
         pause = (pause * 2).min(Duration::from_millis(500));
     }
@@ -102,7 +102,7 @@ impl<'a> PageSource<'a> {
     pub async fn connection(
         &mut self,
         held: &HeldTask,
-    ) -> anyhow::Result<PoolConnection<Postgres>> {
+    ) -> Result<PoolConnection<Postgres>, TaskError> {
         if let Some((pool, lsn)) = self.standby {
             match caught_up(pool, lsn).await {
                 Ok(conn) => {
