@@ -179,7 +179,9 @@ impl Config {
         if e.range_size < 1 {
             bail!("export.range_size must be at least 1");
         }
-        let needed = self.export.workers as u32 + 2;
+        let needed = u32::try_from(self.export.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(2);
         if self.database.max_connections != 0 && self.database.max_connections < needed {
             bail!(
                 "database.max_connections must be at least export.workers + 2 ({needed}): one \
@@ -221,7 +223,10 @@ impl Config {
     /// Connections this process opens at most (see `database.max_connections`).
     pub fn max_connections(&self) -> u32 {
         match self.database.max_connections {
-            0 => self.export.workers as u32 * 2 + 8,
+            0 => u32::try_from(self.export.workers)
+                .unwrap_or(u32::MAX)
+                .saturating_mul(2)
+                .saturating_add(8),
             n => n,
         }
     }

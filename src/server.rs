@@ -30,7 +30,7 @@ impl Server {
     /// Connects to the database (creating it if missing), applies migrations and binds.
     pub async fn build(config: Config) -> anyhow::Result<Server> {
         refuse_open_api(&config)?;
-        let workers = config.export.workers as u32;
+        let workers = u32::try_from(config.export.workers).unwrap_or(u32::MAX);
         let pools = Pools::connect(
             &config.database.url,
             &config.database.read_url,

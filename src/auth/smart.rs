@@ -222,22 +222,7 @@ impl SmartServer {
     /// Checks a client assertion: a known client, a key of its set, the signature, `iss` = `sub`
     /// = client id, `aud` = the token URL, an `exp` at most five minutes ahead, a `jti`.
     async fn authenticate(&self, assertion: &str) -> Result<(String, &Client, Expiry), TokenError> {
-        let invalid = |why: &str| TokenError::InvalidClient(why.to_string());
-        let header = jsonwebtoken::decode_header(assertion)
-            .map_err(|_| invalid("client_assertion is not a signed JWT"))?;
-        let algorithm = match header.alg {
-            Algorithm::RS384 => Algorithm::RS384,
-            Algorithm::ES384 => Algorithm::ES384,
-            _ => {
-                return Err(invalid(
-                    "client_assertion must be signed with RS384 or ES384",
-                ));
-            }
-        };
-        let kid = header
-            .kid
-            .ok_or_else(|| invalid("client_assertion has no kid header"))?;
-        let jku = header.jku;
+        let (algorithm, kid, jku) = assertion_header(assertion)?;
         // The issuer picks the key set; the signature is checked right after.
         let unverified = jsonwebtoken::dangerous::insecure_decode::<AssertionClaims>(assertion)
             .map_err(|_| invalid("client_assertion has unreadable claims"))?;
@@ -268,15 +253,27 @@ impl SmartServer {
             .ok_or_else(|| invalid("no key of this client has that kid"))?;
         let key =
             DecodingKey::from_jwk(&jwk).map_err(|_| invalid("the client's key is unusable"))?;
+        let claims = self.verified_claims(assertion, &key, algorithm, &client_id)?;
+        Ok((client_id, client, expiry(claims)?))
+    }
+
+    /// The assertion's claims once its signature, `aud`, `iss`, `sub` and times verify.
+    fn verified_claims(
+        &self,
+        assertion: &str,
+        key: &DecodingKey,
+        algorithm: Algorithm,
+        client_id: &str,
+    ) -> Result<AssertionClaims, TokenError> {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         validation.set_audience(&[&self.token_url]);
-        validation.set_issuer(&[&client_id]);
-        validation.sub = Some(client_id.clone());
+        validation.set_issuer(&[client_id]);
+        validation.sub = Some(client_id.to_string());
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         let data =
-            jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &validation).map_err(|e| {
+            jsonwebtoken::decode::<AssertionClaims>(assertion, key, &validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::InvalidSignature => {
                         invalid("client_assertion signature does not verify")
@@ -296,33 +293,7 @@ impl SmartServer {
                     _ => invalid("client_assertion is invalid"),
                 }
             })?;
-        if data.claims.exp > now_secs() + MAX_ASSERTION_SECS + LEEWAY_SECS {
-            return Err(invalid(
-                "client_assertion exp is more than five minutes ahead",
-            ));
-        }
-        if data
-            .claims
-            .iat
-            .is_some_and(|iat| iat > now_secs() + LEEWAY_SECS)
-        {
-            return Err(invalid("client_assertion iat is in the future"));
-        }
-        let jti = data
-            .claims
-            .jti
-            .filter(|j| !j.is_empty())
-            .ok_or_else(|| invalid("client_assertion has no jti"))?;
-        if jti.len() > MAX_JTI_BYTES || jti.chars().any(char::is_control) {
-            return Err(invalid(
-                "client_assertion jti must be at most 255 bytes without control characters",
-            ));
-        }
-        let expiry = Expiry {
-            jti,
-            exp: data.claims.exp,
-        };
-        Ok((client_id, client, expiry))
+        Ok(data.claims)
     }
 
     /// The caller an access token of this server names, if it is valid.
@@ -346,4 +317,53 @@ struct Expiry {
 
 fn now_secs() -> u64 {
     jsonwebtoken::get_current_timestamp()
+}
+
+fn invalid(why: &str) -> TokenError {
+    TokenError::InvalidClient(why.to_string())
+}
+
+/// The assertion's algorithm (RS384 or ES384), `kid` and `jku`.
+fn assertion_header(assertion: &str) -> Result<(Algorithm, String, Option<String>), TokenError> {
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| invalid("client_assertion is not a signed JWT"))?;
+    let algorithm = match header.alg {
+        Algorithm::RS384 => Algorithm::RS384,
+        Algorithm::ES384 => Algorithm::ES384,
+        _ => {
+            return Err(invalid(
+                "client_assertion must be signed with RS384 or ES384",
+            ));
+        }
+    };
+    let kid = header
+        .kid
+        .ok_or_else(|| invalid("client_assertion has no kid header"))?;
+    Ok((algorithm, kid, header.jku))
+}
+
+/// What replay protection keeps of a verified assertion: an `exp` at most five minutes ahead,
+/// an `iat` not in the future, a usable `jti`.
+fn expiry(claims: AssertionClaims) -> Result<Expiry, TokenError> {
+    if claims.exp > now_secs() + MAX_ASSERTION_SECS + LEEWAY_SECS {
+        return Err(invalid(
+            "client_assertion exp is more than five minutes ahead",
+        ));
+    }
+    if claims.iat.is_some_and(|iat| iat > now_secs() + LEEWAY_SECS) {
+        return Err(invalid("client_assertion iat is in the future"));
+    }
+    let jti = claims
+        .jti
+        .filter(|j| !j.is_empty())
+        .ok_or_else(|| invalid("client_assertion has no jti"))?;
+    if jti.len() > MAX_JTI_BYTES || jti.chars().any(char::is_control) {
+        return Err(invalid(
+            "client_assertion jti must be at most 255 bytes without control characters",
+        ));
+    }
+    Ok(Expiry {
+        jti,
+        exp: claims.exp,
+    })
 }

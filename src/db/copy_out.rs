@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use sqlx::PgConnection;
 
-use super::resources::{PatientFilter, Position, Rows, Selection, snapshot_sql};
+use super::snapshot::{PatientFilter, Position, Rows, Selection, snapshot_sql};
 
 /// One row of a copied page.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ fn with_literals(sql: &str, s: &Selection<'_>, after: Position, limit: i64) -> S
         limit.to_string(),
         text_array(Some(s.excluded_ids)),
         job,
-        text_array(s.ids),
+        text_array(s.ids.as_deref()),
         instant(s.updated_from),
         instant(s.updated_before),
         after.version_id.to_string(),
@@ -210,7 +210,11 @@ mod tests {
         out.extend(seq.to_be_bytes());
         out.extend(4i32.to_be_bytes());
         out.extend(version.to_be_bytes());
-        out.extend((body.len() as i32).to_be_bytes());
+        out.extend(
+            i32::try_from(body.len())
+                .expect("a test body")
+                .to_be_bytes(),
+        );
         out.extend(body.as_bytes());
         out
     }

@@ -9,6 +9,7 @@ pub mod deferred_vacuum;
 pub mod jobs;
 pub mod notify;
 pub mod resources;
+pub mod snapshot;
 pub mod tasks;
 
 use std::{str::FromStr, time::Duration};

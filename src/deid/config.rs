@@ -260,11 +260,11 @@ impl Method {
                 .unwrap_or(false);
                 let round_to = match rule.get("roundTo") {
                     None => 2,
-                    Some(r) => number(r)
-                        .filter(|n| n.fract() == 0.0 && (0.0..=28.0).contains(n))
+                    Some(r) => whole_number(r, 0..=28)
+                        .and_then(|n| u32::try_from(n).ok())
                         .ok_or_else(|| {
                             Invalid(format!("roundTo must be an integer from 0 to 28, not {r}"))
-                        })? as u32,
+                        })?,
                 };
                 Method::Perturb(Perturbation {
                     span,
@@ -320,6 +320,16 @@ fn either(
 }
 
 /// A number, or a string holding one (the tool reads settings either way).
+/// A number (or numeric string) that is whole and within `range`.
+fn whole_number(value: &Value, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+    let n = number(value).filter(|n| n.fract() == 0.0)?;
+    // Whole, and compared as a float before the conversion, so nothing is cut off.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let in_range = n >= *range.start() as f64 && n <= *range.end() as f64;
+    #[allow(clippy::cast_possible_truncation)]
+    in_range.then_some(n as i64)
+}
+
 fn number(value: &Value) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
@@ -358,15 +368,11 @@ impl Params {
         };
         let date_shift_fixed_offset = match p.get("dateShiftFixedOffsetInDays") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(
-                number(v)
-                    .filter(|n| n.fract() == 0.0 && n.abs() <= 36_500.0)
-                    .ok_or_else(|| {
-                        Invalid(format!(
-                            "parameters.dateShiftFixedOffsetInDays must be a whole number of days, not {v}"
-                        ))
-                    })? as i64,
-            ),
+            Some(v) => Some(whole_number(v, -36_500..=36_500).ok_or_else(|| {
+                Invalid(format!(
+                    "parameters.dateShiftFixedOffsetInDays must be a whole number of days, not {v}"
+                ))
+            })?),
         };
         let encrypt_key = string("encryptKey")?;
         if !encrypt_key.is_empty() && ![16, 24, 32].contains(&encrypt_key.len()) {

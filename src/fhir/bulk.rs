@@ -48,165 +48,210 @@ pub fn parse(
     now: DateTime<Utc>,
     base_url: &str,
 ) -> Result<ExportParams, String> {
-    let mut out = ExportParams::default();
-    let ignore = |out: &mut ExportParams, why: String| -> Result<(), String> {
-        if lenient {
-            out.ignored.push(why);
+    let mut reader = Reader {
+        out: ExportParams::default(),
+        seen: Seen::default(),
+        system_level,
+        lenient,
+        now,
+        base_url,
+    };
+    for (name, value) in params {
+        reader.parameter(name, value)?;
+    }
+    reader.finish()
+}
+
+/// A kick-off's parameters being read.
+struct Reader<'a> {
+    out: ExportParams,
+    seen: Seen<'a>,
+    system_level: bool,
+    lenient: bool,
+    now: DateTime<Utc>,
+    base_url: &'a str,
+}
+
+/// Entries already taken: everything is de-duplicated through sets, in one pass whatever the
+/// number of entries.
+#[derive(Default)]
+struct Seen<'a> {
+    types: HashSet<&'a str>,
+    elements: HashSet<&'a str>,
+    patients: HashSet<&'a str>,
+    filters: HashSet<&'a str>,
+}
+
+impl<'a> Reader<'a> {
+    /// What cannot be honoured: refused, or noted and ignored when lenient.
+    fn ignore(&mut self, why: String) -> Result<(), String> {
+        if self.lenient {
+            self.out.ignored.push(why);
             Ok(())
         } else {
             Err(why)
         }
-    };
-    // Everything is de-duplicated through sets: one pass, whatever the number of entries.
-    let (mut types, mut elements, mut patients, mut filters) = (
-        HashSet::new(),
-        HashSet::new(),
-        HashSet::new(),
-        HashSet::new(),
-    );
-    for (name, value) in params {
+    }
+
+    fn parameter(&mut self, name: &'a str, value: &'a str) -> Result<(), String> {
         // No parameter holds control characters; a NUL could not even be stored.
         if let Some(c) = name.chars().chain(value.chars()).find(|c| c.is_control()) {
             return Err(format!(
                 "parameter {} holds the control character U+{:04X}",
                 name.escape_debug(),
-                c as u32
+                u32::from(c)
             ));
         }
-        match name.as_str() {
-            "_outputFormat" => {
-                if !OUTPUT_FORMATS.contains(&value.as_str()) {
-                    return Err(format!(
-                        "_outputFormat '{value}' is not supported; use one of {}",
-                        OUTPUT_FORMATS.join(", ")
-                    ));
-                }
-            }
-            "_type" => {
-                for t in value.split(',').map(str::trim) {
-                    if !is_resource_type(t) {
-                        ignore(&mut out, format!("_type '{t}' is not an R4 resource type"))?;
-                    } else if types.insert(t) {
-                        out.types.push(t.to_string());
-                    }
-                }
-            }
-            "_since" => set_once(&mut out.since, name, instant::parse(value)?)?,
-            "_till" => {
-                if !system_level {
-                    return Err("_till is only supported for system-level export (/$export)".into());
-                }
-                let till = instant::parse(value)?;
-                if till > now {
-                    return Err(format!("_till {value} is in the future"));
-                }
-                set_once(&mut out.till, name, till)?;
-            }
-            "_elements" => {
-                for entry in value.split(',').map(str::trim) {
-                    super::elements::validate(entry)?;
-                    if elements.insert(entry) {
-                        out.elements.push(entry.to_string());
-                    }
-                }
-            }
-            "patient" => {
-                if system_level {
-                    return Err("patient is only supported for Patient and Group export".into());
-                }
-                for reference in value.split(',').map(str::trim) {
-                    let id = super::compartment::patient_id(reference, base_url).ok_or_else(|| {
-                        format!("patient '{reference}' is not a reference to a Patient of this server")
-                    })?;
-                    if patients.insert(id) {
-                        out.patients.push(id.to_string());
-                    }
-                }
-            }
-            "_typeFilter" => {
-                for entry in type_filter::split_entries(value) {
-                    if !filters.insert(entry) {
-                        continue; // the same entry twice filters the same
-                    }
-                    match type_filter::Query::parse(entry, base_url, now) {
-                        Ok(_) => out.type_filters.push(entry.to_string()),
-                        Err(why) => ignore(&mut out, why)?,
-                    }
-                }
-            }
-            "includeAssociatedData" => {
-                if !system_level {
-                    return Err(
-                        "includeAssociatedData is only supported for system-level export".into(),
-                    );
-                }
-                for v in value.split(',').map(str::trim) {
-                    match v {
-                        "_history" => out.include_history = true,
-                        "_deleted" => out.include_deleted = true,
-                        other => ignore(
-                            &mut out,
-                            format!(
-                                "includeAssociatedData '{other}' is not supported (use _history, _deleted)"
-                            ),
-                        )?,
-                    }
-                }
-            }
+        match name {
+            "_outputFormat" if !OUTPUT_FORMATS.contains(&value) => Err(format!(
+                "_outputFormat '{value}' is not supported; use one of {}",
+                OUTPUT_FORMATS.join(", ")
+            )),
+            "_outputFormat" => Ok(()),
+            "_type" => self.types(value),
+            "_since" => set_once(&mut self.out.since, name, instant::parse(value)?),
+            "_till" => self.till(value),
+            "_elements" => self.elements(value),
+            "patient" => self.patients(value),
+            "_typeFilter" => self.type_filters(value),
+            "includeAssociatedData" => self.associated_data(value),
             "_anonymizationConfig" => {
-                // A blob name whose every segment is also a file name (at most 255 bytes).
-                let valid = !value.is_empty()
-                    && value.len() <= 255
-                    && value
-                        .split('/')
-                        .all(|p| !p.is_empty() && p != "." && p != "..")
-                    && !value.contains('\\');
-                if !valid {
-                    return Err(format!(
-                        "_anonymizationConfig '{value}' is not a configuration name"
-                    ));
-                }
-                set_once(&mut out.anonymization_config, name, value.clone())?
+                check_configuration_name(value)?;
+                set_once(&mut self.out.anonymization_config, name, value.to_string())
             }
             "_anonymizationConfigEtag" => {
-                set_once(&mut out.anonymization_etag, name, value.clone())?
+                set_once(&mut self.out.anonymization_etag, name, value.to_string())
             }
             // Its naming rules belong to the storage; the caller checks them.
-            "_container" => set_once(&mut out.container, name, value.clone())?,
+            "_container" => set_once(&mut self.out.container, name, value.to_string()),
             n if UNSUPPORTED.contains(&n) => {
-                ignore(
-                    &mut out,
-                    format!("parameter {n} is not supported by this server"),
-                )?;
+                self.ignore(format!("parameter {n} is not supported by this server"))
             }
-            n => ignore(&mut out, format!("unknown parameter '{n}'"))?,
+            n => self.ignore(format!("unknown parameter '{n}'")),
         }
     }
-    // A filter on a type the export leaves out is a contradiction, not a no-op.
-    if !out.types.is_empty() {
-        let mut kept = Vec::new();
-        for entry in std::mem::take(&mut out.type_filters) {
-            let filtered = type_filter::entry_type(&entry);
-            if out.types.iter().any(|t| t == filtered) {
-                kept.push(entry);
-            } else {
-                ignore(
-                    &mut out,
-                    format!("_typeFilter '{entry}' names {filtered}, which _type leaves out"),
-                )?;
+
+    fn types(&mut self, value: &'a str) -> Result<(), String> {
+        for t in value.split(',').map(str::trim) {
+            if !is_resource_type(t) {
+                self.ignore(format!("_type '{t}' is not an R4 resource type"))?;
+            } else if self.seen.types.insert(t) {
+                self.out.types.push(t.to_string());
             }
         }
-        out.type_filters = kept;
+        Ok(())
     }
-    if out.anonymization_etag.is_some() && out.anonymization_config.is_none() {
-        return Err("_anonymizationConfigEtag needs _anonymizationConfig".into());
+
+    fn till(&mut self, value: &str) -> Result<(), String> {
+        if !self.system_level {
+            return Err("_till is only supported for system-level export (/$export)".into());
+        }
+        let till = instant::parse(value)?;
+        if till > self.now {
+            return Err(format!("_till {value} is in the future"));
+        }
+        set_once(&mut self.out.till, "_till", till)
     }
-    if let (Some(since), Some(till)) = (out.since, out.till)
-        && since >= till
-    {
-        return Err("_since must be before _till".into());
+
+    fn elements(&mut self, value: &'a str) -> Result<(), String> {
+        for entry in value.split(',').map(str::trim) {
+            super::elements::validate(entry)?;
+            if self.seen.elements.insert(entry) {
+                self.out.elements.push(entry.to_string());
+            }
+        }
+        Ok(())
     }
-    Ok(out)
+
+    fn patients(&mut self, value: &'a str) -> Result<(), String> {
+        if self.system_level {
+            return Err("patient is only supported for Patient and Group export".into());
+        }
+        for reference in value.split(',').map(str::trim) {
+            let id = super::compartment::patient_id(reference, self.base_url).ok_or_else(|| {
+                format!("patient '{reference}' is not a reference to a Patient of this server")
+            })?;
+            if self.seen.patients.insert(id) {
+                self.out.patients.push(id.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn type_filters(&mut self, value: &'a str) -> Result<(), String> {
+        for entry in type_filter::split_entries(value) {
+            if !self.seen.filters.insert(entry) {
+                continue; // the same entry twice filters the same
+            }
+            match type_filter::Query::parse(entry, self.base_url, self.now) {
+                Ok(_) => self.out.type_filters.push(entry.to_string()),
+                Err(why) => self.ignore(why)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn associated_data(&mut self, value: &str) -> Result<(), String> {
+        if !self.system_level {
+            return Err("includeAssociatedData is only supported for system-level export".into());
+        }
+        for v in value.split(',').map(str::trim) {
+            match v {
+                "_history" => self.out.include_history = true,
+                "_deleted" => self.out.include_deleted = true,
+                other => self.ignore(format!(
+                    "includeAssociatedData '{other}' is not supported (use _history, _deleted)"
+                ))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that need every parameter.
+    fn finish(mut self) -> Result<ExportParams, String> {
+        // A filter on a type the export leaves out is a contradiction, not a no-op.
+        if !self.out.types.is_empty() {
+            let mut kept = Vec::new();
+            for entry in std::mem::take(&mut self.out.type_filters) {
+                let filtered = type_filter::entry_type(&entry);
+                if self.out.types.iter().any(|t| t == filtered) {
+                    kept.push(entry);
+                } else {
+                    self.ignore(format!(
+                        "_typeFilter '{entry}' names {filtered}, which _type leaves out"
+                    ))?;
+                }
+            }
+            self.out.type_filters = kept;
+        }
+        let out = self.out;
+        if out.anonymization_etag.is_some() && out.anonymization_config.is_none() {
+            return Err("_anonymizationConfigEtag needs _anonymizationConfig".into());
+        }
+        if let (Some(since), Some(till)) = (out.since, out.till)
+            && since >= till
+        {
+            return Err("_since must be before _till".into());
+        }
+        Ok(out)
+    }
+}
+
+/// A blob name whose every segment is also a file name (at most 255 bytes).
+fn check_configuration_name(value: &str) -> Result<(), String> {
+    let valid = !value.is_empty()
+        && value.len() <= 255
+        && value
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+        && !value.contains('\\');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "_anonymizationConfig '{value}' is not a configuration name"
+        ))
+    }
 }
 
 fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
@@ -291,305 +336,4 @@ pub fn parameters_pairs(body: &Value) -> Result<Vec<(String, String)>, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
-
-    const BASE: &str = "http://fhir.example";
-
-    fn now() -> DateTime<Utc> {
-        instant::parse("2026-01-01T00:00:00Z").unwrap()
-    }
-
-    #[test]
-    fn types_from_repeats_and_comma_lists() {
-        let r = parse(
-            &p(&[
-                ("_type", "Patient,Observation"),
-                ("_type", "Patient"),
-                ("_type", "Condition"),
-            ]),
-            true,
-            false,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert_eq!(r.types, vec!["Patient", "Observation", "Condition"]);
-        assert!(
-            parse(&p(&[("_type", "Patient,Nope")]), true, false, now(), BASE,)
-                .unwrap_err()
-                .contains("Nope")
-        );
-        let lenient = parse(&p(&[("_type", "Patient,Nope")]), true, true, now(), BASE).unwrap();
-        assert_eq!(lenient.types, vec!["Patient"]);
-        assert_eq!(lenient.ignored.len(), 1);
-    }
-
-    #[test]
-    fn output_formats() {
-        for f in OUTPUT_FORMATS {
-            assert!(parse(&p(&[("_outputFormat", f)]), true, false, now(), BASE).is_ok());
-        }
-        assert!(
-            parse(
-                &p(&[("_outputFormat", "text/csv")]),
-                true,
-                true,
-                now(),
-                BASE,
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn since_till_and_container() {
-        let r = parse(
-            &p(&[
-                ("_since", "2025-01-01T00:00:00Z"),
-                ("_till", "2025-06-01T00:00:00Z"),
-                ("_container", "my-exports"),
-            ]),
-            true,
-            false,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert_eq!(r.container.as_deref(), Some("my-exports"));
-        assert!(r.since.unwrap() < r.till.unwrap());
-        assert!(parse(&p(&[("_since", "2025-01-01")]), true, false, now(), BASE).is_err());
-        assert!(
-            parse(
-                &p(&[
-                    ("_since", "2025-01-01T00:00:00Z"),
-                    ("_since", "2025-01-01T00:00:00Z")
-                ]),
-                true,
-                false,
-                now(),
-                BASE,
-            )
-            .is_err()
-        );
-        assert!(
-            parse(
-                &p(&[("_till", "2025-01-01T00:00:00Z")]),
-                false,
-                false,
-                now(),
-                BASE,
-            )
-            .unwrap_err()
-            .contains("system")
-        );
-        assert!(
-            parse(
-                &p(&[("_till", "2027-01-01T00:00:00Z")]),
-                true,
-                false,
-                now(),
-                BASE,
-            )
-            .unwrap_err()
-            .contains("future")
-        );
-        assert!(
-            parse(
-                &p(&[
-                    ("_since", "2025-06-01T00:00:00Z"),
-                    ("_till", "2025-01-01T00:00:00Z")
-                ]),
-                true,
-                false,
-                now(),
-                BASE,
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn unknown_and_unsupported_parameters() {
-        assert!(
-            parse(&p(&[("foo", "1")]), true, false, now(), BASE)
-                .unwrap_err()
-                .contains("foo")
-        );
-        assert!(
-            parse(
-                &p(&[("organizeOutputBy", "Patient")]),
-                true,
-                false,
-                now(),
-                BASE,
-            )
-            .unwrap_err()
-            .contains("not supported")
-        );
-        let r = parse(
-            &p(&[("foo", "1"), ("_typeFilter", "x")]),
-            true,
-            true,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert_eq!(r.ignored.len(), 2);
-    }
-
-    #[test]
-    fn type_filters() {
-        let r = parse(
-            &p(&[
-                (
-                    "_typeFilter",
-                    "Observation?code=a,b,MedicationRequest?status=active",
-                ),
-                ("_typeFilter", "Observation?status=final"),
-            ]),
-            true,
-            false,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert_eq!(
-            r.type_filters,
-            vec![
-                "Observation?code=a,b",
-                "MedicationRequest?status=active",
-                "Observation?status=final"
-            ]
-        );
-        let bad = p(&[("_typeFilter", "Observation?nope=1,Patient?active=true")]);
-        assert!(
-            parse(&bad, true, false, now(), BASE)
-                .unwrap_err()
-                .contains("nope")
-        );
-        let lenient = parse(&bad, true, true, now(), BASE).unwrap();
-        assert_eq!(lenient.type_filters, vec!["Patient?active=true"]);
-        assert!(lenient.ignored[0].contains("nope"));
-        let outside = p(&[
-            ("_type", "Patient"),
-            ("_typeFilter", "Observation?status=final"),
-        ]);
-        assert!(
-            parse(&outside, true, false, now(), BASE)
-                .unwrap_err()
-                .contains("_type leaves out")
-        );
-        assert!(
-            parse(&outside, true, true, now(), BASE)
-                .unwrap()
-                .type_filters
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn associated_data() {
-        let r = parse(
-            &p(&[("includeAssociatedData", "_history,_deleted")]),
-            true,
-            false,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert!(r.include_history && r.include_deleted);
-        let other = p(&[(
-            "includeAssociatedData",
-            "_history,LatestProvenanceResources",
-        )]);
-        assert!(
-            parse(&other, true, false, now(), BASE)
-                .unwrap_err()
-                .contains("LatestProvenanceResources")
-        );
-        let lenient = parse(&other, true, true, now(), BASE).unwrap();
-        assert!(lenient.include_history && !lenient.include_deleted);
-        assert_eq!(lenient.ignored.len(), 1);
-        assert!(
-            parse(
-                &p(&[("includeAssociatedData", "_history")]),
-                false,
-                false,
-                now(),
-                BASE
-            )
-            .is_err()
-        );
-    }
-
-    #[test]
-    fn patient_references() {
-        let r = parse(
-            &p(&[("patient", "Patient/a"), ("patient", "Patient/b,Patient/a")]),
-            false,
-            false,
-            now(),
-            BASE,
-        )
-        .unwrap();
-        assert_eq!(r.patients, vec!["a", "b"]);
-        assert!(parse(&p(&[("patient", "Patient/a")]), true, false, now(), BASE).is_err());
-        assert!(
-            parse(
-                &p(&[("patient", "Observation/a")]),
-                false,
-                false,
-                now(),
-                BASE,
-            )
-            .unwrap_err()
-            .contains("reference to a Patient of this server")
-        );
-        let foreign = p(&[("patient", "http://other.example/fhir/Patient/a")]);
-        assert!(parse(&foreign, false, false, now(), BASE).is_err());
-        let own = format!("{BASE}/Patient/c");
-        let r = parse(&p(&[("patient", &own)]), false, false, now(), BASE).unwrap();
-        assert_eq!(r.patients, vec!["c"]);
-    }
-
-    #[test]
-    fn last_states_are_marked_deleted() {
-        let marked =
-            mark_deleted(r#"{"resourceType":"Patient","id":"p","meta":{"versionId":"2"}}"#)
-                .unwrap();
-        let v: Value = serde_json::from_str(&marked).unwrap();
-        assert_eq!(v["meta"]["versionId"], "2");
-        assert_eq!(v["meta"]["extension"][0]["url"], DELETED_STATE_URL);
-        assert_eq!(v["meta"]["extension"][0]["valueString"], "soft-deleted");
-    }
-
-    #[test]
-    fn parameters_resource() {
-        let body = json!({"resourceType": "Parameters", "parameter": [
-            {"name": "_type", "valueString": "Patient"},
-            {"name": "_since", "valueInstant": "2025-01-01T00:00:00Z"},
-            {"name": "patient", "valueReference": {"reference": "Patient/a"}}]});
-        assert_eq!(
-            parameters_pairs(&body).unwrap(),
-            p(&[
-                ("_type", "Patient"),
-                ("_since", "2025-01-01T00:00:00Z"),
-                ("patient", "Patient/a")
-            ])
-        );
-        assert!(parameters_pairs(&json!({"resourceType": "Patient"})).is_err());
-        assert!(
-            parameters_pairs(&json!({"resourceType": "Parameters", "parameter": [{"name": "x"}]}))
-                .is_err()
-        );
-    }
-}
+mod tests;

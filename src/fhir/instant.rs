@@ -75,7 +75,9 @@ pub fn range(s: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
             let fraction = s[19..]
                 .strip_prefix('.')
                 .map_or(0, |f| f.bytes().take_while(u8::is_ascii_digit).count());
-            let width = TimeDelta::nanoseconds(10i64.pow(9 - fraction.min(9) as u32));
+            let width = TimeDelta::nanoseconds(
+                10i64.pow(9 - u32::try_from(fraction.min(9)).expect("at most 9")),
+            );
             Some((t, t + width))
         }
     }

@@ -205,7 +205,7 @@ fn job_row(state: &AppState, job: &JobRow, types: &[TypeProgress], now: DateTime
                     } }
                 }
             }
-            td { (count(rate.round() as i64)) "/s" }
+            td { (count(rounded(rate))) "/s" }
             td { (duration(elapsed)) }
             td { @if let Some(left) = left { (duration(left)) } @else { "-" } }
             td { (job.attempts) @if job.failures > 0 { " (" (job.failures) " failed or rescued)" } }
@@ -289,9 +289,15 @@ fn plural(n: i64, noun: &str) -> String {
     }
 }
 
+/// The nearest whole number, for display (Rust's conversion saturates out of range).
+#[allow(clippy::cast_possible_truncation)]
+fn rounded(x: f64) -> i64 {
+    x.round() as i64
+}
+
 /// Seconds as "4.2 s", "3 min 5 s" or "2 h 10 min".
 fn duration(secs: f64) -> String {
-    let whole = secs.round() as i64;
+    let whole = rounded(secs);
     match whole {
         _ if secs < 60.0 => format!("{secs:.1} s"),
         _ if whole < 3600 => format!("{} min {} s", whole / 60, whole % 60),

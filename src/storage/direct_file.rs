@@ -171,7 +171,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for length in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, BUFFER, 3 * BUFFER + 17] {
             let path = dir.path().join(format!("f-{length}"));
-            let expected: Vec<u8> = (0..length).map(|i| (i % 251) as u8).collect();
+            let expected: Vec<u8> = (0..length)
+                .map(|i| u8::try_from(i % 251).expect("below 251"))
+                .collect();
             let mut file = DirectFile::create(path.clone()).await.unwrap();
             for piece in expected.chunks(BLOCK / 3 + 1000) {
                 file.write(piece).await.unwrap();

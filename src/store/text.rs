@@ -28,6 +28,29 @@ pub enum Identity<'a> {
     Assigned { resource_type: &'a str, id: &'a str },
 }
 
+impl<'a> Identity<'a> {
+    /// The id a resource of `resource_type` whose body has `body_id` gets; `None` when the
+    /// body does not fit the request.
+    fn id_for<'t>(self, resource_type: &str, body_id: Option<Cow<'t, str>>) -> Option<Cow<'t, str>>
+    where
+        'a: 't,
+    {
+        match self {
+            Identity::Own => {
+                Some(body_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string().into()))
+            }
+            Identity::Given {
+                resource_type: expected,
+                id,
+            } => (expected == resource_type && body_id.is_none_or(|b| b == id)).then(|| id.into()),
+            Identity::Assigned {
+                resource_type: expected,
+                id,
+            } => (expected == resource_type).then(|| id.into()),
+        }
+    }
+}
+
 /// `None`: the text needs the full way (it is not a valid resource of the expected identity,
 /// repeats an element, writes its type with escapes, or gives a repeating element a single
 /// value). Every element is checked against R4 (`validate`) as it is kept.
@@ -47,27 +70,7 @@ pub fn prepare(
         None => None,
         Some(raw) => Some(raw_json::string(raw).filter(|id| resource::is_valid_id(id))?),
     };
-    let id: Cow<str> = match identity {
-        Identity::Own => body_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string().into()),
-        Identity::Given {
-            resource_type: expected,
-            id,
-        } => {
-            if expected != resource_type || body_id.is_some_and(|b| b != id) {
-                return None;
-            }
-            id.into()
-        }
-        Identity::Assigned {
-            resource_type: expected,
-            id,
-        } => {
-            if expected != resource_type {
-                return None;
-            }
-            id.into()
-        }
-    };
+    let id = identity.id_for(resource_type, body_id)?;
     let resolve = |raw| resolved(raw, targets);
     let meta = match members.get("meta") {
         None => Map::new(),

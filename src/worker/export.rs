@@ -20,9 +20,9 @@ use super::{Context, Ended, TaskError, lease::Lease, part, read_source::PageSour
 use crate::{
     db::{
         copy_out::{self, CopyRows},
-        jobs::{Job, Level},
-        resources::{self, PatientFilter, Position, Rows, Selection},
-        tasks::{HeldTask, TaskKind},
+        jobs::{Job, JobSpec, Level},
+        snapshot::{self, PatientFilter, Position, Rows, Selection},
+        tasks::{HeldTask, Task, TaskKind},
     },
     deid::{Deidentifier, Scope},
     fhir::{bulk, elements, type_filter::TypeFilter},
@@ -46,70 +46,8 @@ pub async fn run(
     lease: &Lease,
     shutdown: &CancellationToken,
 ) -> Result<Ended, TaskError> {
-    let spec = &job.spec;
     let task = held.task.clone();
-    let resource_type = task.resource_type.as_deref().unwrap_or_default();
-    // Group members, or the patients a `patient` parameter named.
-    let patients = match (spec.named_patients, spec.level) {
-        (true, _) => PatientFilter::JobPatients(job.id),
-        (false, Level::System) => PatientFilter::None,
-        (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
-    };
-    let excluded: &[String] = if resource_type == "Group" {
-        &spec.excluded_groups
-    } else {
-        &[]
-    };
-    let (rows, file_kind) = match task.kind {
-        TaskKind::Deleted => (Rows::Deleted, format!("{resource_type}-deleted")),
-        TaskKind::History => (
-            Rows::History {
-                skip_last_state: spec.include_deleted,
-            },
-            format!("{resource_type}-history"),
-        ),
-        TaskKind::SoftDeleted => (Rows::LastState, format!("{resource_type}-softdeleted")),
-        TaskKind::Export => (Rows::Live, resource_type.to_string()),
-        TaskKind::Plan => return Err(TaskError::failed("a plan task is not an export task")),
-    };
-    // Deletions are listed whole: a tombstone has nothing to filter on.
-    let filter = match rows {
-        Rows::Deleted => None,
-        _ => TypeFilter::for_type(
-            &spec.type_filters,
-            resource_type,
-            &context.base_url,
-            spec.created_at,
-        )
-        .map_err(TaskError::failed)?,
-    };
-    let pushdown = filter
-        .as_ref()
-        .map(TypeFilter::pushdown)
-        .unwrap_or_default();
-    let output = Output {
-        selection: Selection {
-            resource_type,
-            range_end: task.range_end,
-            transaction_time: spec.transaction_time,
-            since: spec.since,
-            patients,
-            excluded_ids: excluded,
-            rows,
-            ids: pushdown.ids.as_deref(),
-            updated_from: pushdown.updated_from,
-            updated_before: pushdown.updated_before,
-        },
-        file_kind,
-        filter,
-        deid: match (&spec.anonymization_config, &spec.anonymization_seed) {
-            (Some(config), Some(seed)) => Some(Deidentifier::new(config, seed).map_err(|e| {
-                TaskError::failed(format!("the job's de-identification configuration: {e}"))
-            })?),
-            _ => None,
-        },
-        elements: elements::for_type(&spec.elements, resource_type),
-    };
+    let output = Output::of(context, job, &task)?;
     let throttle = Duration::from_millis(context.config.export.throttle_ms);
     let mut pages = PageSource::new(context, job);
     loop {
@@ -153,6 +91,80 @@ pub async fn run(
         context.log_end(job.id, "completed").await;
     }
     Ok(Ended::Done)
+}
+
+impl<'j> Output<'j> {
+    /// What `task` of `job` writes.
+    fn of(context: &Context, job: &'j Job, task: &'j Task) -> Result<Output<'j>, TaskError> {
+        let spec = &job.spec;
+        let resource_type = task.resource_type.as_deref().unwrap_or_default();
+        // Group members, or the patients a `patient` parameter named.
+        let patients = match (spec.named_patients, spec.level) {
+            (true, _) => PatientFilter::JobPatients(job.id),
+            (false, Level::System) => PatientFilter::None,
+            (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
+        };
+        let excluded: &[String] = if resource_type == "Group" {
+            &spec.excluded_groups
+        } else {
+            &[]
+        };
+        let (rows, file_kind) = match task.kind {
+            TaskKind::Deleted => (Rows::Deleted, format!("{resource_type}-deleted")),
+            TaskKind::History => (
+                Rows::History {
+                    skip_last_state: spec.include_deleted,
+                },
+                format!("{resource_type}-history"),
+            ),
+            TaskKind::SoftDeleted => (Rows::LastState, format!("{resource_type}-softdeleted")),
+            TaskKind::Export => (Rows::Live, resource_type.to_string()),
+            TaskKind::Plan => return Err(TaskError::failed("a plan task is not an export task")),
+        };
+        // Deletions are listed whole: a tombstone has nothing to filter on.
+        let filter = match rows {
+            Rows::Deleted => None,
+            _ => TypeFilter::for_type(
+                &spec.type_filters,
+                resource_type,
+                &context.base_url,
+                spec.created_at,
+            )
+            .map_err(TaskError::failed)?,
+        };
+        let pushdown = filter
+            .as_ref()
+            .map(TypeFilter::pushdown)
+            .unwrap_or_default();
+        Ok(Output {
+            selection: Selection {
+                resource_type,
+                range_end: task.range_end,
+                transaction_time: spec.transaction_time,
+                since: spec.since,
+                patients,
+                excluded_ids: excluded,
+                rows,
+                ids: pushdown.ids,
+                updated_from: pushdown.updated_from,
+                updated_before: pushdown.updated_before,
+            },
+            file_kind,
+            filter,
+            deid: deidentifier(spec)?,
+            elements: elements::for_type(&spec.elements, resource_type),
+        })
+    }
+}
+
+/// The job's de-identification, if it has one.
+fn deidentifier(spec: &JobSpec) -> Result<Option<Deidentifier>, TaskError> {
+    match (&spec.anonymization_config, &spec.anonymization_seed) {
+        (Some(config), Some(seed)) => Deidentifier::new(config, seed).map(Some).map_err(|e| {
+            TaskError::failed(format!("the job's de-identification configuration: {e}"))
+        }),
+        _ => Ok(None),
+    }
 }
 
 impl Output<'_> {
@@ -254,7 +266,7 @@ async fn write_part(
         // Page reads have a pool of their own: the queue statements below never wait for a
         // connection from the pool this one came from.
         let mut conn = pages.connection(held).await?;
-        let mut rows = resources::snapshot_page(&mut conn, &output.selection, page_after, limit);
+        let mut rows = snapshot::snapshot_page(&mut conn, &output.selection, page_after, limit);
         let mut scanned = 0;
         while let Some(row) = rows.try_next().await? {
             scanned += 1;

@@ -100,7 +100,9 @@ async fn wait_for_writers(
     let (mut shown, mut warned) = (0, false);
     let mut pause = Duration::from_millis(20);
     loop {
-        let remaining = jobs::writers_remaining(&context.pools.primary, job.id).await? as i32;
+        let remaining =
+            i32::try_from(jobs::writers_remaining(&context.pools.primary, job.id).await?)
+                .unwrap_or(i32::MAX);
         if remaining != shown {
             held.set_waiting_writers(remaining).await?;
             shown = remaining;
