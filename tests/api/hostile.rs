@@ -3,11 +3,10 @@
 //! per-client quotas, per-route body limits, the open default refused, unknown paths, container
 //! allow-lists, and internal errors that show only a correlation id.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{keys::*, *};
+use crate::common::{keys::*, *};
 use fhir_export::auth::config::{AuthMode, ClientConfig};
 use serde_json::{Value, json};
 use tokio::{
@@ -387,7 +386,7 @@ async fn an_internal_error_shows_only_a_correlation_id() {
 #[tokio::test]
 async fn serve_refuses_an_open_api_off_loopback() {
     let db = TestDb::new().await;
-    let port = common::services::free_port();
+    let port = crate::common::services::free_port();
     let serve = |allow: Option<&str>| {
         let mut command = std::process::Command::new(binary());
         command
@@ -598,7 +597,7 @@ async fn without_auth_only_this_servers_own_names_are_served() {
 
 #[tokio::test]
 async fn the_configured_public_host_is_served_and_auth_lifts_the_check() {
-    let port = common::services::free_port();
+    let port = crate::common::services::free_port();
     let app = TestApp::spawn_with(|c| {
         c.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
         c.server.public_url = "https://fhir.example.org/base".into();

@@ -3,11 +3,10 @@
 //! OperationOutcome, a claim is one step, and kinds and states the code does not know are
 //! refused by the database.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use fhir_export::db::tasks::{self, Fenced, HeldTask, PlannedTask, TaskKind};
 
 const LEASE: Duration = Duration::from_secs(60);

@@ -1,6 +1,5 @@
 //! `fhir-export generate` and `fhir-export load`, end to end through the binary.
 
-mod common;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -9,7 +8,7 @@ use std::{
     process::Output,
 };
 
-use common::{TestDb, binary, index_definitions};
+use crate::common::{TestDb, binary, index_definitions};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -90,7 +89,7 @@ async fn generated_data_is_deterministic_realistic_and_consistent() {
                 r["resourceType"].as_str().unwrap(),
                 r["id"].as_str().unwrap()
             ));
-            common::references(&r, &mut references);
+            crate::common::references(&r, &mut references);
         }
     }
     for t in [

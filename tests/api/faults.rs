@@ -2,11 +2,10 @@
 //! out a Postgres restart and a storage pause longer than its stale period, and its output stays
 //! exact. Each test breaks services of its own (a private cluster, a private Azurite).
 
-mod common;
 
 use std::time::Duration;
 
-use common::{services::*, *};
+use crate::common::{services::*, *};
 use serde_json::Value;
 
 /// Polls a status URL through 503s (the database restarting) until the manifest is there.

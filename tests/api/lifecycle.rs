@@ -3,11 +3,10 @@
 //! failure after `max_attempts`, Expires, and the 429 slot freed when a job ends. "Nothing
 //! happened" is checked on rows, after an event that proves the worker moved on.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use fhir_export::{
     db::resources,
     store::{self, Prepared},

@@ -4,11 +4,10 @@
 //! a private primary and a `pg_basebackup -R` standby of it, and checks every byte of output
 //! against the primary's current rows.
 
-mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{services::*, *};
+use crate::common::{services::*, *};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 

@@ -1,12 +1,11 @@
 //! Export to Azure Blob Storage, against a real Azurite (scripts/test starts it).
 //! Blobs are checked with Azurite's REST API directly, not through the code under test.
 
-mod common;
 
 use std::collections::BTreeSet;
 
 use azure_core::{credentials::Secret, hmac::hmac_sha256};
-use common::*;
+use crate::common::*;
 use fhir_export::{
     auth::config::{AuthMode, ClientConfig},
     config::{Config, OutputUrls},

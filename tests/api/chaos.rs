@@ -12,7 +12,6 @@
 //! Size: CHAOS_PATIENTS (default 6), CHAOS_SECONDS of faults (default 70), CHAOS_PART_SIZE
 //! (default 40), CHAOS_RANGE_SIZE (default 300), CHAOS_SEED.
 
-mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -26,7 +25,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use common::{ChildProcess, binary, services::*};
+use crate::common::{ChildProcess, binary, services::*};
 use reqwest::Client;
 use serde_json::{Value, json};
 use sqlx::PgPool;

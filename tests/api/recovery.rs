@@ -1,14 +1,13 @@
 //! Crashes and freezes: a worker killed mid-export, and one frozen past its lease and then
 //! resumed. The output must stay exact either way.
 
-mod common;
 
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::common::*;
 use sqlx::PgPool;
 
 const SLOW_WORKER: &[(&str, &str)] = &[

@@ -76,7 +76,6 @@ impl Key {
     }
 
     /// The private key as PKCS#8 PEM (what a client keeps in its key file).
-    #[allow(dead_code)] // not every test binary signs in with a key file
     pub fn private_pem(&self) -> String {
         use aws_lc_rs::encoding::AsDer;
         use base64::engine::general_purpose::STANDARD;

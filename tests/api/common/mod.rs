@@ -1,5 +1,4 @@
 //! Test harness: a fresh database per test and the real server on a free port.
-#![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod keys;
 pub mod services;
@@ -92,7 +91,6 @@ pub struct TestApp {
     pub config: Config,
     pub storage: TempDir,
     shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     // Last: dropped after the server stopped.
     pub db: TestDb,
 }
@@ -124,7 +122,7 @@ impl TestApp {
         let server = Server::build(config.clone()).await.expect("server builds");
         let base = server.base_url().to_string();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.run(shutdown.clone()));
+        tokio::spawn(server.run(shutdown.clone()));
         let pool = PgPool::connect(&db.url).await.unwrap();
         let client = Client::builder()
             .timeout(Duration::from_secs(60))
@@ -137,7 +135,6 @@ impl TestApp {
             config,
             storage,
             shutdown,
-            task: Some(task),
             db,
         }
     }
@@ -172,13 +169,6 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Stops the server and waits until it has finished.
-    pub async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
 }
 
 impl Drop for TestApp {

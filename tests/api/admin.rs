@@ -1,11 +1,10 @@
 //! The jobs page, rendered by a real headless browser (Debian's `chromium`) on a running
 //! export: rows, parameters (escaped), progress, the Cancel button; who may see it.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use fhir_export::auth::config::AuthMode;
 
 /// The DOM after the browser has parsed and laid out the page. (Asynchronous: the server

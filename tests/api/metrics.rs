@@ -2,11 +2,10 @@
 //! on the API's listener (behind the API's auth). The recorder is the process's: each test
 //! asserts only on series that no other test here moves.
 
-mod common;
 
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use fhir_export::auth::config::AuthMode;
 
 /// `name{label="v",…}` (labels sorted) → value.

@@ -1,8 +1,7 @@
 //! Transaction and batch Bundles.
 
-mod common;
 
-use common::{TestApp, assert_outcome, json};
+use crate::common::{TestApp, assert_outcome, json};
 use serde_json::{Value, json};
 
 fn entry(method: &str, url: &str, full_url: Option<&str>, resource: Option<Value>) -> Value {

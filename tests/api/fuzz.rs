@@ -5,12 +5,11 @@
 //!
 //! The parsers are driven directly; kick-offs and Bundles also go through a real server.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::*;
+use crate::common::*;
 use fhir_export::fhir::{
     bulk,
     search_value::{DateValue, NumberValue, ReferenceValue, Token},

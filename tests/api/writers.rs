@@ -2,11 +2,10 @@
 //! become the next version (no 409, no gap); `If-Match` gives optimistic locking; a transaction
 //! that fails while writing leaves nothing behind.
 
-mod common;
 
 use std::collections::BTreeMap;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const RESOURCES: usize = 10;

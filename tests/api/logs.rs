@@ -2,11 +2,10 @@
 //! and parameters (not its patients), a task's lines carry the task, and a failed job logs one
 //! line with its cause under the correlation id its OperationOutcome shows.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A server process of its own on `app`'s database and storage, logging in `format` to a file

@@ -1,8 +1,7 @@
 //! FHIR REST interactions, validation and error responses, over real HTTP and Postgres.
 
-mod common;
 
-use common::{TestApp, assert_outcome, json};
+use crate::common::{TestApp, assert_outcome, json};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -259,7 +258,7 @@ async fn health_follows_the_database() {
     assert_eq!(healthy.status(), 200);
     assert_eq!(json(healthy).await["workers"], "2 running");
     // Take the database away under the running server.
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&common::admin_url())
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&crate::common::admin_url())
         .await
         .unwrap();
     app.pool.close().await;

@@ -1,11 +1,10 @@
 //! `$export` end to end: kick-off rules, exact snapshot semantics, output layout, status,
 //! cancel, retention, over real HTTP, Postgres and files.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 async fn kick_off_with(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {

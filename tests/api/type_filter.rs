@@ -1,11 +1,10 @@
 //! Fine-grained export: `_typeFilter`, the manifest's error file, `includeAssociatedData`.
 //! Expected sets are computed from the generated input, not by the server's evaluator.
 
-mod common;
 
 use std::collections::BTreeSet;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn ids<'a>(resources: impl IntoIterator<Item = &'a Value>) -> BTreeSet<String> {

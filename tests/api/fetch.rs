@@ -2,11 +2,10 @@
 //! export, a rerun that resumes, Ctrl-C in the middle, `--cancel`, and SMART Backend Services
 //! auth.
 
-mod common;
 
 use std::{collections::BTreeSet, path::Path, process::Output, time::Duration};
 
-use common::{keys::Key, *};
+use crate::common::{keys::Key, *};
 use fhir_export::auth::config::{AuthMode, ClientConfig};
 use serde_json::Value;
 

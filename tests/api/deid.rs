@@ -2,13 +2,12 @@
 //! Safe-Harbor-like configuration and is checked field by field against what was loaded;
 //! every configuration mistake is a 400; a rescued task writes the same bytes.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_lc_rs::hmac;
 use chrono::NaiveDate;
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const HASH_KEY: &str = "test-hash-key";
