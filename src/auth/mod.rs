@@ -1,14 +1,13 @@
 //! Who is calling: bearer tokens (issued by this server in `smart` mode, by an external issuer
 //! in `external` mode) turned into a `Principal` with SMART scopes.
 
+pub mod config;
 mod external;
 mod jwks;
 pub mod scopes;
 pub mod smart;
 
 use std::time::Duration;
-
-pub mod config;
 
 use config::{AuthConfig, AuthMode};
 use scopes::Scopes;

@@ -7,6 +7,9 @@ pub enum Error {
     /// A parameter or a value the request gave is wrong (400 `invalid`).
     #[error("{0}")]
     Invalid(String),
+    /// Something the IG allows that this server does not offer (400 `not-supported`).
+    #[error("{0}")]
+    NotSupported(String),
     /// The request asks for more than the server's limits allow (400 `too-costly`).
     #[error("{0}")]
     TooCostly(String),
@@ -27,6 +30,16 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+impl From<crate::fhir::bulk::ParamError> for Error {
+    fn from(e: crate::fhir::bulk::ParamError) -> Error {
+        use crate::fhir::bulk::ParamError;
+        match e {
+            ParamError::Invalid(message) => Error::Invalid(message),
+            ParamError::NotSupported(message) => Error::NotSupported(message),
+        }
+    }
 }
 
 fn busy_message(everyone: bool) -> &'static str {

@@ -101,18 +101,25 @@ impl Exporter {
                 .into_owned()
                 .collect();
             if pairs.iter().any(|(name, _)| name == "patient") {
-                return Err("the patient parameter is only supported in a POST kick-off".into());
+                return Err(Error::NotSupported(
+                    "the patient parameter is only supported in a POST kick-off".into(),
+                ));
             }
             if !body.is_empty() {
                 let value: Value = serde_json::from_slice(&body)
-                    .map_err(|e| format!("the body is not valid JSON: {e}"))?;
-                pairs.extend(bulk::parameters_pairs(&value)?);
+                    .map_err(|e| Error::Invalid(format!("the body is not valid JSON: {e}")))?;
+                pairs.extend(bulk::parameters_pairs(&value).map_err(Error::Invalid)?);
             }
-            bulk::parse(&pairs, system_level, lenient, Utc::now(), &base_url)
+            Ok(bulk::parse(
+                &pairs,
+                system_level,
+                lenient,
+                Utc::now(),
+                &base_url,
+            )?)
         })
         .await
         .map_err(|e| Error::Internal(e.into()))?
-        .map_err(Error::Invalid)
     }
 
     fn check_limits(&self, params: &bulk::ExportParams) -> Result<(), Error> {

@@ -39,6 +39,19 @@ pub struct ExportParams {
     pub ignored: Vec<String>,
 }
 
+/// Why a kick-off's parameters are refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    /// A value that is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something the IG allows that this server does not offer (here, or at all).
+    #[error("{0}")]
+    NotSupported(String),
+}
+
+use ParamError::{Invalid, NotSupported};
+
 /// Reads the parameters of a kick-off at system level (`/$export`) or not (Patient, Group).
 /// `now` bounds `_till`; `base_url` makes references to this server in `_typeFilter` local.
 pub fn parse(
@@ -47,7 +60,7 @@ pub fn parse(
     lenient: bool,
     now: DateTime<Utc>,
     base_url: &str,
-) -> Result<ExportParams, String> {
+) -> Result<ExportParams, ParamError> {
     let mut reader = Reader {
         out: ExportParams::default(),
         seen: Seen::default(),
@@ -84,32 +97,36 @@ struct Seen<'a> {
 
 impl<'a> Reader<'a> {
     /// What cannot be honoured: refused, or noted and ignored when lenient.
-    fn ignore(&mut self, why: String) -> Result<(), String> {
+    fn ignore(&mut self, why: ParamError) -> Result<(), ParamError> {
         if self.lenient {
-            self.out.ignored.push(why);
+            self.out.ignored.push(why.to_string());
             Ok(())
         } else {
             Err(why)
         }
     }
 
-    fn parameter(&mut self, name: &'a str, value: &'a str) -> Result<(), String> {
+    fn parameter(&mut self, name: &'a str, value: &'a str) -> Result<(), ParamError> {
         // No parameter holds control characters; a NUL could not even be stored.
         if let Some(c) = name.chars().chain(value.chars()).find(|c| c.is_control()) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "parameter {} holds the control character U+{:04X}",
                 name.escape_debug(),
                 u32::from(c)
-            ));
+            )));
         }
         match name {
-            "_outputFormat" if !OUTPUT_FORMATS.contains(&value) => Err(format!(
+            "_outputFormat" if !OUTPUT_FORMATS.contains(&value) => Err(NotSupported(format!(
                 "_outputFormat '{value}' is not supported; use one of {}",
                 OUTPUT_FORMATS.join(", ")
-            )),
+            ))),
             "_outputFormat" => Ok(()),
             "_type" => self.types(value),
-            "_since" => set_once(&mut self.out.since, name, instant::parse(value)?),
+            "_since" => set_once(
+                &mut self.out.since,
+                name,
+                instant::parse(value).map_err(Invalid)?,
+            ),
             "_till" => self.till(value),
             "_elements" => self.elements(value),
             "patient" => self.patients(value),
@@ -124,17 +141,17 @@ impl<'a> Reader<'a> {
             }
             // Its naming rules belong to the storage; the caller checks them.
             "_container" => set_once(&mut self.out.container, name, value.to_string()),
-            n if UNSUPPORTED.contains(&n) => {
-                self.ignore(format!("parameter {n} is not supported by this server"))
-            }
-            n => self.ignore(format!("unknown parameter '{n}'")),
+            n if UNSUPPORTED.contains(&n) => self.ignore(NotSupported(format!(
+                "parameter {n} is not supported by this server"
+            ))),
+            n => self.ignore(Invalid(format!("unknown parameter '{n}'"))),
         }
     }
 
-    fn types(&mut self, value: &'a str) -> Result<(), String> {
+    fn types(&mut self, value: &'a str) -> Result<(), ParamError> {
         for t in value.split(',').map(str::trim) {
             if !is_resource_type(t) {
-                self.ignore(format!("_type '{t}' is not an R4 resource type"))?;
+                self.ignore(Invalid(format!("_type '{t}' is not an R4 resource type")))?;
             } else if self.seen.types.insert(t) {
                 self.out.types.push(t.to_string());
             }
@@ -142,20 +159,22 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn till(&mut self, value: &str) -> Result<(), String> {
+    fn till(&mut self, value: &str) -> Result<(), ParamError> {
         if !self.system_level {
-            return Err("_till is only supported for system-level export (/$export)".into());
+            return Err(NotSupported(
+                "_till is only supported for system-level export (/$export)".into(),
+            ));
         }
-        let till = instant::parse(value)?;
+        let till = instant::parse(value).map_err(Invalid)?;
         if till > self.now {
-            return Err(format!("_till {value} is in the future"));
+            return Err(Invalid(format!("_till {value} is in the future")));
         }
         set_once(&mut self.out.till, "_till", till)
     }
 
-    fn elements(&mut self, value: &'a str) -> Result<(), String> {
+    fn elements(&mut self, value: &'a str) -> Result<(), ParamError> {
         for entry in value.split(',').map(str::trim) {
-            super::elements::validate(entry)?;
+            super::elements::validate(entry).map_err(Invalid)?;
             if self.seen.elements.insert(entry) {
                 self.out.elements.push(entry.to_string());
             }
@@ -163,13 +182,17 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn patients(&mut self, value: &'a str) -> Result<(), String> {
+    fn patients(&mut self, value: &'a str) -> Result<(), ParamError> {
         if self.system_level {
-            return Err("patient is only supported for Patient and Group export".into());
+            return Err(NotSupported(
+                "patient is only supported for Patient and Group export".into(),
+            ));
         }
         for reference in value.split(',').map(str::trim) {
             let id = super::compartment::patient_id(reference, self.base_url).ok_or_else(|| {
-                format!("patient '{reference}' is not a reference to a Patient of this server")
+                Invalid(format!(
+                    "patient '{reference}' is not a reference to a Patient of this server"
+                ))
             })?;
             if self.seen.patients.insert(id) {
                 self.out.patients.push(id.to_string());
@@ -178,37 +201,39 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn type_filters(&mut self, value: &'a str) -> Result<(), String> {
+    fn type_filters(&mut self, value: &'a str) -> Result<(), ParamError> {
         for entry in type_filter::split_entries(value) {
             if !self.seen.filters.insert(entry) {
                 continue; // the same entry twice filters the same
             }
             match type_filter::Query::parse(entry, self.base_url, self.now) {
                 Ok(_) => self.out.type_filters.push(entry.to_string()),
-                Err(why) => self.ignore(why)?,
+                Err(why) => self.ignore(Invalid(why))?,
             }
         }
         Ok(())
     }
 
-    fn associated_data(&mut self, value: &str) -> Result<(), String> {
+    fn associated_data(&mut self, value: &str) -> Result<(), ParamError> {
         if !self.system_level {
-            return Err("includeAssociatedData is only supported for system-level export".into());
+            return Err(NotSupported(
+                "includeAssociatedData is only supported for system-level export".into(),
+            ));
         }
         for v in value.split(',').map(str::trim) {
             match v {
                 "_history" => self.out.include_history = true,
                 "_deleted" => self.out.include_deleted = true,
-                other => self.ignore(format!(
+                other => self.ignore(NotSupported(format!(
                     "includeAssociatedData '{other}' is not supported (use _history, _deleted)"
-                ))?,
+                )))?,
             }
         }
         Ok(())
     }
 
     /// Checks that need every parameter.
-    fn finish(mut self) -> Result<ExportParams, String> {
+    fn finish(mut self) -> Result<ExportParams, ParamError> {
         // A filter on a type the export leaves out is a contradiction, not a no-op.
         if !self.out.types.is_empty() {
             let mut kept = Vec::new();
@@ -217,28 +242,30 @@ impl<'a> Reader<'a> {
                 if self.out.types.iter().any(|t| t == filtered) {
                     kept.push(entry);
                 } else {
-                    self.ignore(format!(
+                    self.ignore(Invalid(format!(
                         "_typeFilter '{entry}' names {filtered}, which _type leaves out"
-                    ))?;
+                    )))?;
                 }
             }
             self.out.type_filters = kept;
         }
         let out = self.out;
         if out.anonymization_etag.is_some() && out.anonymization_config.is_none() {
-            return Err("_anonymizationConfigEtag needs _anonymizationConfig".into());
+            return Err(Invalid(
+                "_anonymizationConfigEtag needs _anonymizationConfig".into(),
+            ));
         }
         if let (Some(since), Some(till)) = (out.since, out.till)
             && since >= till
         {
-            return Err("_since must be before _till".into());
+            return Err(Invalid("_since must be before _till".into()));
         }
         Ok(out)
     }
 }
 
 /// A blob name whose every segment is also a file name (at most 255 bytes).
-fn check_configuration_name(value: &str) -> Result<(), String> {
+fn check_configuration_name(value: &str) -> Result<(), ParamError> {
     let valid = !value.is_empty()
         && value.len() <= 255
         && value
@@ -248,15 +275,15 @@ fn check_configuration_name(value: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
+        Err(Invalid(format!(
             "_anonymizationConfig '{value}' is not a configuration name"
-        ))
+        )))
     }
 }
 
-fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), String> {
+fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), ParamError> {
     if slot.is_some() {
-        return Err(format!("{name} may be given only once"));
+        return Err(Invalid(format!("{name} may be given only once")));
     }
     *slot = Some(value);
     Ok(())

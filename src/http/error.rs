@@ -176,6 +176,7 @@ impl From<crate::export::Error> for ApiError {
         let message = e.to_string();
         match e {
             Error::Invalid(_) => ApiError::bad_request(message),
+            Error::NotSupported(_) => ApiError::not_supported(message),
             Error::TooCostly(_) => ApiError::new(StatusCode::BAD_REQUEST, "too-costly", message),
             Error::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
             Error::NotFound(_) => ApiError::not_found(message),

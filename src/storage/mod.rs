@@ -2,6 +2,7 @@
 //! `{container}/{folder}/{Type}-{n}.ndjson`.
 
 mod azure;
+pub mod config;
 mod direct_file;
 mod filesystem;
 mod sas;
@@ -14,8 +15,6 @@ use futures::{future::BoxFuture, stream::BoxStream};
 
 pub use azure::AzureStorage;
 pub use filesystem::FilesystemStorage;
-
-pub mod config;
 
 use config::{StorageConfig, StorageKind};
 

@@ -1,7 +1,6 @@
 //! The jobs page, rendered by a real headless browser (Debian's `chromium`) on a running
 //! export: rows, parameters (escaped), progress, the Cancel button; who may see it.
 
-
 use std::time::Duration;
 
 use crate::common::*;

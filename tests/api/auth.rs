@@ -1,7 +1,6 @@
 //! SMART Backend Services and external tokens: the token flow with keys made here (RS384,
 //! ES384), every rejection, 401/403/404 enforcement on every route, job ownership.
 
-
 use crate::common::{keys::*, *};
 use fhir_export::{
     auth::config::{AuthMode, ClientConfig},

@@ -1,11 +1,10 @@
 //! Export to Azure Blob Storage, against a real Azurite (scripts/test starts it).
 //! Blobs are checked with Azurite's REST API directly, not through the code under test.
 
-
 use std::collections::BTreeSet;
 
-use azure_core::{credentials::Secret, hmac::hmac_sha256};
 use crate::common::*;
+use azure_core::{credentials::Secret, hmac::hmac_sha256};
 use fhir_export::{
     auth::config::{AuthMode, ClientConfig},
     config::{Config, OutputUrls},

@@ -1,14 +1,13 @@
 //! `load` into an empty store: one transaction that takes the store, writes frozen rows and
 //! builds the indexes afterwards — and what happens around it.
 
-
 use std::{io::Write, path::PathBuf, time::Duration};
 
-use chrono::{DateTime, Utc};
 use crate::common::{
     TestApp, TestDb, download_all, export_files, index_definitions, kick_off, resources_by_key,
     services::PgCluster, wait_manifest,
 };
+use chrono::{DateTime, Utc};
 use fhir_export::cli::load::{self, LoadArgs, LoadReport};
 use serde_json::json;
 use sqlx::PgPool;

@@ -1,6 +1,5 @@
 //! Transaction and batch Bundles.
 
-
 use crate::common::{TestApp, assert_outcome, json};
 use serde_json::{Value, json};
 

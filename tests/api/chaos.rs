@@ -12,7 +12,6 @@
 //! Size: CHAOS_PATIENTS (default 6), CHAOS_SECONDS of faults (default 70), CHAOS_PART_SIZE
 //! (default 40), CHAOS_RANGE_SIZE (default 300), CHAOS_SEED.
 
-
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
@@ -24,8 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
 use crate::common::{ChildProcess, binary, services::*};
+use chrono::{DateTime, Utc};
 use reqwest::Client;
 use serde_json::{Value, json};
 use sqlx::PgPool;

@@ -2,12 +2,11 @@
 //! Safe-Harbor-like configuration and is checked field by field against what was loaded;
 //! every configuration mistake is a 400; a rescued task writes the same bytes.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::common::*;
 use aws_lc_rs::hmac;
 use chrono::NaiveDate;
-use crate::common::*;
 use serde_json::{Value, json};
 
 const HASH_KEY: &str = "test-hash-key";

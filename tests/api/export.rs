@@ -1,7 +1,6 @@
 //! `$export` end to end: kick-off rules, exact snapshot semantics, output layout, status,
 //! cancel, retention, over real HTTP, Postgres and files.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::common::*;

@@ -2,7 +2,6 @@
 //! out a Postgres restart and a storage pause longer than its stale period, and its output stays
 //! exact. Each test breaks services of its own (a private cluster, a private Azurite).
 
-
 use std::time::Duration;
 
 use crate::common::{services::*, *};

@@ -2,7 +2,6 @@
 //! export, a rerun that resumes, Ctrl-C in the middle, `--cancel`, and SMART Backend Services
 //! auth.
 
-
 use std::{collections::BTreeSet, path::Path, process::Output, time::Duration};
 
 use crate::common::{keys::Key, *};

@@ -5,11 +5,10 @@
 //!
 //! The parsers are driven directly; kick-offs and Bundles also go through a real server.
 
-
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use crate::common::*;
+use chrono::{DateTime, Utc};
 use fhir_export::fhir::{
     bulk,
     search_value::{DateValue, NumberValue, ReferenceValue, Token},

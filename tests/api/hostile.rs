@@ -3,7 +3,6 @@
 //! per-client quotas, per-route body limits, the open default refused, unknown paths, container
 //! allow-lists, and internal errors that show only a correlation id.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{keys::*, *};

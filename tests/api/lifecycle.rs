@@ -3,7 +3,6 @@
 //! failure after `max_attempts`, Expires, and the 429 slot freed when a job ends. "Nothing
 //! happened" is checked on rows, after an event that proves the worker moved on.
 
-
 use std::time::Duration;
 
 use crate::common::*;

@@ -1,6 +1,5 @@
 //! `fhir-export generate` and `fhir-export load`, end to end through the binary.
 
-
 use std::{
     collections::{BTreeMap, HashSet},
     io::Write,

@@ -2,7 +2,6 @@
 //! and parameters (not its patients), a task's lines carry the task, and a failed job logs one
 //! line with its cause under the correlation id its OperationOutcome shows.
 
-
 use std::time::Duration;
 
 use crate::common::*;

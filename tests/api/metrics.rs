@@ -2,7 +2,6 @@
 //! on the API's listener (behind the API's auth). The recorder is the process's: each test
 //! asserts only on series that no other test here moves.
 
-
 use std::collections::BTreeMap;
 
 use crate::common::*;

@@ -3,7 +3,6 @@
 //! OperationOutcome, a claim is one step, and kinds and states the code does not know are
 //! refused by the database.
 
-
 use std::time::Duration;
 
 use crate::common::*;

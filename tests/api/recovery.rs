@@ -1,7 +1,6 @@
 //! Crashes and freezes: a worker killed mid-export, and one frozen past its lease and then
 //! resumed. The output must stay exact either way.
 
-
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},

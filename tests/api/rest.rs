@@ -1,6 +1,5 @@
 //! FHIR REST interactions, validation and error responses, over real HTTP and Postgres.
 
-
 use crate::common::{TestApp, assert_outcome, json};
 use reqwest::Method;
 use serde_json::{Value, json};

@@ -4,7 +4,6 @@
 //! a private primary and a `pg_basebackup -R` standby of it, and checks every byte of output
 //! against the primary's current rows.
 
-
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::common::{services::*, *};

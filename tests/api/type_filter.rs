@@ -1,7 +1,6 @@
 //! Fine-grained export: `_typeFilter`, the manifest's error file, `includeAssociatedData`.
 //! Expected sets are computed from the generated input, not by the server's evaluator.
 
-
 use std::collections::BTreeSet;
 
 use crate::common::*;

@@ -2,7 +2,6 @@
 //! become the next version (no 409, no gap); `If-Match` gives optimistic locking; a transaction
 //! that fails while writing leaves nothing behind.
 
-
 use std::collections::BTreeMap;
 
 use crate::common::*;

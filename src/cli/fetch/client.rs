@@ -14,9 +14,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    FetchArgs, MAX_WAIT, MIN_WAIT, TRIES,
-    download::Download,
-    kickoff_url, parameters_body, retry_backoff,
+    Download, FetchArgs, MAX_WAIT, MIN_WAIT, TRIES, kickoff_url, parameters_body, retry_backoff,
     smart::{Smart, signing_key},
 };
 

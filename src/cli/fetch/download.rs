@@ -7,16 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::{FetchArgs, client::Client, state::State};
-
-/// A file of the manifest and where it goes.
-#[derive(Clone)]
-pub(super) struct Download {
-    pub(super) url: String,
-    pub(super) name: String,
-    pub(super) count: Option<u64>,
-    pub(super) is_error: bool,
-}
+use super::{Download, FetchArgs, client::Client, state::State};
 
 pub(super) struct Summary {
     pub(super) files: usize,

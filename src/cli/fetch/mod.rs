@@ -225,6 +225,15 @@ pub(super) fn kickoff_url(args: &FetchArgs) -> (String, String) {
     (path, query.finish())
 }
 
+/// A file of the manifest and where it goes.
+#[derive(Clone)]
+pub(super) struct Download {
+    pub(super) url: String,
+    pub(super) name: String,
+    pub(super) count: Option<u64>,
+    pub(super) is_error: bool,
+}
+
 /// The kick-off query as a FHIR `Parameters` resource.
 pub(super) fn parameters_body(query: &str) -> Value {
     let parameter: Vec<Value> = form_urlencoded::parse(query.as_bytes())

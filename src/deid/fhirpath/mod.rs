@@ -5,7 +5,6 @@
 //! is refused at kick-off with the expression named.
 
 mod eval;
-mod functions;
 mod parse;
 #[cfg(test)]
 mod tests;

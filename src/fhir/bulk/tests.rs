@@ -32,6 +32,7 @@ fn types_from_repeats_and_comma_lists() {
     assert!(
         parse(&p(&[("_type", "Patient,Nope")]), true, false, now(), BASE,)
             .unwrap_err()
+            .to_string()
             .contains("Nope")
     );
     let lenient = parse(&p(&[("_type", "Patient,Nope")]), true, true, now(), BASE).unwrap();
@@ -95,6 +96,7 @@ fn since_till_and_container() {
             BASE,
         )
         .unwrap_err()
+        .to_string()
         .contains("system")
     );
     assert!(
@@ -106,6 +108,7 @@ fn since_till_and_container() {
             BASE,
         )
         .unwrap_err()
+        .to_string()
         .contains("future")
     );
     assert!(
@@ -128,6 +131,7 @@ fn unknown_and_unsupported_parameters() {
     assert!(
         parse(&p(&[("foo", "1")]), true, false, now(), BASE)
             .unwrap_err()
+            .to_string()
             .contains("foo")
     );
     assert!(
@@ -139,6 +143,7 @@ fn unknown_and_unsupported_parameters() {
             BASE,
         )
         .unwrap_err()
+        .to_string()
         .contains("not supported")
     );
     let r = parse(
@@ -180,6 +185,7 @@ fn type_filters() {
     assert!(
         parse(&bad, true, false, now(), BASE)
             .unwrap_err()
+            .to_string()
             .contains("nope")
     );
     let lenient = parse(&bad, true, true, now(), BASE).unwrap();
@@ -192,6 +198,7 @@ fn type_filters() {
     assert!(
         parse(&outside, true, false, now(), BASE)
             .unwrap_err()
+            .to_string()
             .contains("_type leaves out")
     );
     assert!(
@@ -220,6 +227,7 @@ fn associated_data() {
     assert!(
         parse(&other, true, false, now(), BASE)
             .unwrap_err()
+            .to_string()
             .contains("LatestProvenanceResources")
     );
     let lenient = parse(&other, true, true, now(), BASE).unwrap();
@@ -258,6 +266,7 @@ fn patient_references() {
             BASE,
         )
         .unwrap_err()
+        .to_string()
         .contains("reference to a Patient of this server")
     );
     let foreign = p(&[("patient", "http://other.example/fhir/Patient/a")]);
@@ -296,4 +305,37 @@ fn parameters_resource() {
         parameters_pairs(&json!({"resourceType": "Parameters", "parameter": [{"name": "x"}]}))
             .is_err()
     );
+}
+
+#[test]
+fn what_the_server_does_not_offer_is_told_apart_from_a_wrong_value() {
+    let refused = |pairs: &[(&str, &str)], system_level| {
+        parse(&p(pairs), system_level, false, now(), BASE).unwrap_err()
+    };
+    for unsupported in [
+        refused(&[("_outputFormat", "text/csv")], true),
+        refused(&[("_till", "2025-01-01T00:00:00Z")], false),
+        refused(&[("patient", "Patient/p1")], true),
+        refused(&[("includeAssociatedData", "_relevant")], true),
+        refused(&[("organizeOutputBy", "Patient")], true),
+    ] {
+        assert!(
+            matches!(unsupported, ParamError::NotSupported(_)),
+            "{unsupported:?}"
+        );
+    }
+    for invalid in [
+        refused(&[("_since", "yesterday")], true),
+        refused(&[("_type", "Nope")], true),
+        refused(&[("foo", "1")], true),
+        refused(
+            &[
+                ("_since", "2024-01-01T00:00:00Z"),
+                ("_since", "2024-01-02T00:00:00Z"),
+            ],
+            true,
+        ),
+    ] {
+        assert!(matches!(invalid, ParamError::Invalid(_)), "{invalid:?}");
+    }
 }

@@ -168,7 +168,6 @@ impl TestApp {
             .await
             .unwrap()
     }
-
 }
 
 impl Drop for TestApp {

@@ -2,10 +2,8 @@
 
 use regex::Regex;
 
-use super::{
-    Expr, Func, Item,
-    eval::{EvalError, Result2, eval, is_type, self_and_descendants, single, text_of, truth},
-};
+use super::{EvalError, Result2, eval, is_type, self_and_descendants, single, text_of, truth};
+use crate::deid::fhirpath::{Expr, Func, Item};
 use crate::deid::tree::{NodeId, Tree};
 
 fn string_arg(

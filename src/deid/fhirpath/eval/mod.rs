@@ -1,12 +1,17 @@
 //! Expressions evaluated over a resource's nodes.
 
+mod functions;
+
 use std::cmp::Ordering;
 
-use super::{Expr, Item, Op, functions::call};
-use crate::deid::tree::{NodeId, Tree};
 use serde_json::Value;
 
-use crate::fhir::model;
+use self::functions::call;
+use super::{Expr, Item, Op};
+use crate::{
+    deid::tree::{NodeId, Tree},
+    fhir::model,
+};
 
 /// A failure while evaluating (a bad regular expression, a value of the wrong kind).
 #[derive(Debug, thiserror::Error)]
