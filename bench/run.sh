@@ -6,6 +6,7 @@
 #   bench/run.sh                   # 3,000 patients, about 1.2 M resources
 #   PATIENTS=25000 bench/run.sh    # about 10 M resources
 #   RUNS=3 bench/run.sh            # the whole measurement three times (this machine is noisy)
+#   BENCH_BIN=/path/fhir-export bench/run.sh   # another build (e.g. the previous commit's), as is
 #
 # The first export runs right after `load`, before anything the server does not do itself
 # (`load` leaves what it wrote ready for readers). Also: the export again (steady state), a
@@ -23,10 +24,10 @@ RUNS=${RUNS:-1}
 ADMIN_URL=${BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 DB_URL=${ADMIN_URL%/*}/fhir_export_bench
 OUT=bench/out
-BIN=target/release/fhir-export
+BIN=${BENCH_BIN:-target/release/fhir-export}
 PORT=${BENCH_PORT:-18080}
 
-cargo build --release --quiet --bin fhir-export
+[ -n "${BENCH_BIN:-}" ] || cargo build --release --quiet --bin fhir-export
 mkdir -p "$OUT"
 now() { date +%s.%N; }
 rate() { awk -v n="$1" -v s="$2" 'BEGIN { if (s + 0 > 0) printf "%.0f", n / s; else printf "-" }'; }

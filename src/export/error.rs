@@ -32,9 +32,9 @@ pub enum Error {
     Internal(#[from] anyhow::Error),
 }
 
-impl From<crate::fhir::bulk::ParamError> for Error {
-    fn from(e: crate::fhir::bulk::ParamError) -> Error {
-        use crate::fhir::bulk::ParamError;
+impl From<crate::fhir::ParamError> for Error {
+    fn from(e: crate::fhir::ParamError) -> Error {
+        use crate::fhir::ParamError;
         match e {
             ParamError::Invalid(message) => Error::Invalid(message),
             ParamError::NotSupported(message) => Error::NotSupported(message),

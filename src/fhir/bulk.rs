@@ -39,18 +39,7 @@ pub struct ExportParams {
     pub ignored: Vec<String>,
 }
 
-/// Why a kick-off's parameters are refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ParamError {
-    /// A value that is wrong.
-    #[error("{0}")]
-    Invalid(String),
-    /// Something the IG allows that this server does not offer (here, or at all).
-    #[error("{0}")]
-    NotSupported(String),
-}
-
-use ParamError::{Invalid, NotSupported};
+use super::ParamError::{self, Invalid, NotSupported};
 
 /// Reads the parameters of a kick-off at system level (`/$export`) or not (Patient, Group).
 /// `now` bounds `_till`; `base_url` makes references to this server in `_typeFilter` local.
@@ -208,7 +197,7 @@ impl<'a> Reader<'a> {
             }
             match type_filter::Query::parse(entry, self.base_url, self.now) {
                 Ok(_) => self.out.type_filters.push(entry.to_string()),
-                Err(why) => self.ignore(Invalid(why))?,
+                Err(why) => self.ignore(why)?,
             }
         }
         Ok(())

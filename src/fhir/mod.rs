@@ -25,6 +25,17 @@ pub fn is_resource_type(name: &str) -> bool {
     r4::RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 
+/// Why request parameters (a kick-off's, a `_typeFilter` query's) are refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    /// A value that is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something the IG allows that this server does not offer (here, or at all).
+    #[error("{0}")]
+    NotSupported(String),
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::{
+    ParamError::{self, Invalid, NotSupported},
     is_resource_type,
     search_param::{self, SearchParamDef, SearchParamType},
     search_value::{
@@ -94,29 +95,38 @@ enum Matcher {
 impl Query {
     /// Parses `Type?name[:modifier]=value&…`. `base_url` makes our own absolute references
     /// local; `now` is the instant `ap` dates measure from.
-    pub fn parse(entry: &str, base_url: &str, now: DateTime<Utc>) -> Result<Query, String> {
-        let (resource_type, query) = entry
-            .split_once('?')
-            .ok_or_else(|| format!("_typeFilter '{entry}' is not of the form Type?query"))?;
+    pub fn parse(entry: &str, base_url: &str, now: DateTime<Utc>) -> Result<Query, ParamError> {
+        let (resource_type, query) = entry.split_once('?').ok_or_else(|| {
+            Invalid(format!(
+                "_typeFilter '{entry}' is not of the form Type?query"
+            ))
+        })?;
         if !is_resource_type(resource_type) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "_typeFilter '{entry}': '{resource_type}' is not an R4 resource type"
-            ));
+            )));
         }
         let mut criteria = Vec::new();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             // Decoded here a second time: `%00` in the query is a NUL only now.
             if name.chars().chain(value.chars()).any(char::is_control) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "_typeFilter '{entry}': a search parameter holds a control character"
-                ));
+                )));
             }
-            let criterion = Criterion::parse(resource_type, &name, &value, base_url, now)
-                .map_err(|why| format!("_typeFilter '{entry}': {why}"))?;
+            let criterion =
+                Criterion::parse(resource_type, &name, &value, base_url, now).map_err(|why| {
+                    match why {
+                        Invalid(why) => Invalid(format!("_typeFilter '{entry}': {why}")),
+                        NotSupported(why) => NotSupported(format!("_typeFilter '{entry}': {why}")),
+                    }
+                })?;
             criteria.push(criterion);
         }
         if criteria.is_empty() {
-            return Err(format!("_typeFilter '{entry}' has no search parameters"));
+            return Err(Invalid(format!(
+                "_typeFilter '{entry}' has no search parameters"
+            )));
         }
         Ok(Query {
             resource_type: resource_type.to_string(),
@@ -216,46 +226,93 @@ impl Criterion {
         value: &str,
         base_url: &str,
         now: DateTime<Utc>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ParamError> {
         let (code, modifier) = match name.split_once(':') {
             Some((code, modifier)) => (code, Some(modifier)),
             None => (name, None),
         };
         if RESULT_PARAMETERS.contains(&code) {
-            return Err(format!("{code} is not supported in a _typeFilter"));
+            return Err(NotSupported(format!(
+                "{code} is not supported in a _typeFilter"
+            )));
         }
         if code.contains('.') || code == "_has" {
-            return Err(format!("chained parameter '{name}' is not supported"));
+            return Err(NotSupported(format!(
+                "chained parameter '{name}' is not supported"
+            )));
         }
-        let param = search_param::find(resource_type, code)
-            .ok_or_else(|| format!("'{code}' is not a search parameter of {resource_type}"))?;
+        let param = search_param::find(resource_type, code).ok_or_else(|| {
+            Invalid(format!(
+                "'{code}' is not a search parameter of {resource_type}"
+            ))
+        })?;
         if !param.is_supported() {
-            return Err(format!(
+            return Err(NotSupported(format!(
                 "search parameter '{code}' ({}) is not supported",
                 param.kind.as_str()
-            ));
+            )));
         }
         if value.is_empty() {
-            return Err(format!("parameter '{name}' has no value"));
+            return Err(Invalid(format!("parameter '{name}' has no value")));
         }
+        let test = Test::parse(param, name, modifier, value, base_url, now)?;
+        Ok(Criterion { param, test })
+    }
+
+    fn matches(&self, resource: &Value, base_url: &str) -> bool {
+        let found = || {
+            self.param
+                .paths
+                .iter()
+                .flat_map(|path| search_param::values(resource, path))
+        };
+        let any = |matchers: &[Matcher]| {
+            found().any(|value| matchers.iter().any(|m| m.matches(value, base_url)))
+        };
+        match &self.test {
+            Test::Missing(missing) => found().next().is_none() == *missing,
+            Test::Any(matchers) => any(matchers),
+            Test::None(matchers) => !any(matchers),
+        }
+    }
+}
+
+impl Test {
+    /// How a parameter's value is tested, by its modifier and kind.
+    fn parse(
+        param: &SearchParamDef,
+        name: &str,
+        modifier: Option<&str>,
+        value: &str,
+        base_url: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Test, ParamError> {
+        let code = param.code;
         let unsupported = || {
-            format!(
+            NotSupported(format!(
                 "modifier ':{}' is not supported for {} parameter '{code}'",
                 modifier.unwrap_or_default(),
                 param.kind.as_str()
-            )
+            ))
         };
         let values = || value.split(',');
         let kind = param.kind;
-        let test = match modifier {
+        Ok(match modifier {
             Some("missing") => match value {
                 "true" => Test::Missing(true),
                 "false" => Test::Missing(false),
-                _ => return Err(format!("'{name}' takes true or false, not '{value}'")),
+                _ => {
+                    return Err(Invalid(format!(
+                        "'{name}' takes true or false, not '{value}'"
+                    )));
+                }
             },
-            Some("not") if kind == SearchParamType::Token => {
-                Test::None(values().map(token).collect::<Result<_, _>>()?)
-            }
+            Some("not") if kind == SearchParamType::Token => Test::None(
+                values()
+                    .map(token)
+                    .collect::<Result<_, _>>()
+                    .map_err(Invalid)?,
+            ),
             None | Some("exact" | "contains") if kind == SearchParamType::String => {
                 let how = match modifier {
                     Some("exact") => StringMatch::Exact,
@@ -277,43 +334,36 @@ impl Criterion {
                 Test::Any(values().map(|v| Matcher::Uri(how, v.to_string())).collect())
             }
             Some(t) if kind == SearchParamType::Reference && is_resource_type(t) => {
-                Test::Any(reference_matchers(value, base_url, Some(t))?)
+                Test::Any(reference_matchers(value, base_url, Some(t)).map_err(Invalid)?)
             }
-            None => Test::Any(match kind {
-                SearchParamType::Token => values().map(token).collect::<Result<_, _>>()?,
-                SearchParamType::Reference => reference_matchers(value, base_url, None)?,
-                SearchParamType::Date => values()
-                    .map(|v| DateValue::parse(v, now).map(Matcher::Date))
-                    .collect::<Result<_, _>>()?,
-                SearchParamType::Number | SearchParamType::Quantity => values()
-                    .map(|v| {
-                        NumberValue::parse(v, kind == SearchParamType::Quantity)
-                            .map(Matcher::Number)
-                    })
-                    .collect::<Result<_, _>>()?,
-                _ => return Err(unsupported()),
-            }),
+            None => match plain_matchers(kind, value, base_url, now).map_err(Invalid)? {
+                Some(matchers) => Test::Any(matchers),
+                None => return Err(unsupported()),
+            },
             Some(_) => return Err(unsupported()),
-        };
-        Ok(Criterion { param, test })
+        })
     }
+}
 
-    fn matches(&self, resource: &Value, base_url: &str) -> bool {
-        let found = || {
-            self.param
-                .paths
-                .iter()
-                .flat_map(|path| search_param::values(resource, path))
-        };
-        let any = |matchers: &[Matcher]| {
-            found().any(|value| matchers.iter().any(|m| m.matches(value, base_url)))
-        };
-        match &self.test {
-            Test::Missing(missing) => found().next().is_none() == *missing,
-            Test::Any(matchers) => any(matchers),
-            Test::None(matchers) => !any(matchers),
-        }
-    }
+/// The matchers of a parameter without a modifier; `None`: its kind is not supported.
+fn plain_matchers(
+    kind: SearchParamType,
+    value: &str,
+    base_url: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Vec<Matcher>>, String> {
+    let values = || value.split(',');
+    Ok(Some(match kind {
+        SearchParamType::Token => values().map(token).collect::<Result<_, _>>()?,
+        SearchParamType::Reference => reference_matchers(value, base_url, None)?,
+        SearchParamType::Date => values()
+            .map(|v| DateValue::parse(v, now).map(Matcher::Date))
+            .collect::<Result<_, _>>()?,
+        SearchParamType::Number | SearchParamType::Quantity => values()
+            .map(|v| NumberValue::parse(v, kind == SearchParamType::Quantity).map(Matcher::Number))
+            .collect::<Result<_, _>>()?,
+        _ => return Ok(None),
+    }))
 }
 
 fn token(value: &str) -> Result<Matcher, String> {
@@ -359,7 +409,7 @@ impl TypeFilter {
         resource_type: &str,
         base_url: &str,
         now: DateTime<Utc>,
-    ) -> Result<Option<TypeFilter>, String> {
+    ) -> Result<Option<TypeFilter>, ParamError> {
         let mut queries = Vec::new();
         for entry in entries {
             if entry_type(entry) == resource_type {
@@ -387,167 +437,4 @@ impl TypeFilter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    const BASE: &str = "http://fhir.example";
-
-    fn q(entry: &str) -> Query {
-        Query::parse(entry, BASE, Utc::now()).unwrap()
-    }
-
-    fn err(entry: &str) -> String {
-        Query::parse(entry, BASE, Utc::now()).unwrap_err()
-    }
-
-    #[test]
-    fn entries_split_only_between_types() {
-        assert_eq!(
-            split_entries("Observation?code=a,b,MedicationRequest?status=active"),
-            vec!["Observation?code=a,b", "MedicationRequest?status=active"]
-        );
-        assert_eq!(
-            split_entries("Observation?code=http://loinc.org|1,http://loinc.org|2"),
-            vec!["Observation?code=http://loinc.org|1,http://loinc.org|2"]
-        );
-        assert_eq!(
-            split_entries("Patient?active=true,"),
-            vec!["Patient?active=true"]
-        );
-    }
-
-    #[test]
-    fn values_are_ored_and_parameters_anded() {
-        let obs = json!({"resourceType": "Observation", "id": "o1", "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2"}]},
-            "effectiveDateTime": "2024-05-01T10:00:00Z"});
-        assert!(q("Observation?code=1,2").matches(&obs, BASE));
-        assert!(q("Observation?code=1%2C2").matches(&obs, BASE));
-        assert!(!q("Observation?code=1").matches(&obs, BASE));
-        assert!(q("Observation?code=2&status=final").matches(&obs, BASE));
-        assert!(!q("Observation?code=2&status=amended").matches(&obs, BASE));
-        assert!(q("Observation?date=ge2024-01-01&date=lt2025").matches(&obs, BASE));
-        assert!(!q("Observation?date=ge2024-06").matches(&obs, BASE));
-        assert!(q("Observation?_id=o1,o2").matches(&obs, BASE));
-    }
-
-    #[test]
-    fn missing_and_not() {
-        let obs = json!({"resourceType": "Observation", "status": "final",
-            "code": {"coding": [{"code": "2"}]}});
-        assert!(q("Observation?value-quantity:missing=true").matches(&obs, BASE));
-        assert!(!q("Observation?value-quantity:missing=false").matches(&obs, BASE));
-        assert!(q("Observation?code:missing=false").matches(&obs, BASE));
-        assert!(q("Observation?status:not=amended").matches(&obs, BASE));
-        assert!(!q("Observation?status:not=final,amended").matches(&obs, BASE));
-        assert!(q("Observation?category:not=laboratory").matches(&obs, BASE));
-    }
-
-    #[test]
-    fn strings_references_and_quantities() {
-        let patient = json!({"resourceType": "Patient", "name": [{"family": "Núñez", "given": ["Ana"]}],
-            "gender": "female", "generalPractitioner": [{"reference": "Practitioner/d1"}]});
-        assert!(q("Patient?name=nunez").matches(&patient, BASE));
-        assert!(q("Patient?family:exact=Núñez").matches(&patient, BASE));
-        assert!(!q("Patient?family:exact=nunez").matches(&patient, BASE));
-        assert!(q("Patient?name:contains=UÑ").matches(&patient, BASE));
-        assert!(q("Patient?general-practitioner=Practitioner/d1").matches(&patient, BASE));
-        assert!(q("Patient?general-practitioner:Practitioner=d1").matches(&patient, BASE));
-        assert!(
-            q("Patient?general-practitioner=http://fhir.example/Practitioner/d1")
-                .matches(&patient, BASE)
-        );
-        let obs = json!({"resourceType": "Observation", "subject": {"reference": "Patient/p"},
-            "valueQuantity": {"value": 7.2, "system": "http://unitsofmeasure.org", "code": "mmol/L"}});
-        assert!(
-            q("Observation?value-quantity=gt7|http://unitsofmeasure.org|mmol/L")
-                .matches(&obs, BASE)
-        );
-        assert!(!q("Observation?value-quantity=lt7").matches(&obs, BASE));
-        assert!(q("Observation?patient=p").matches(&obs, BASE));
-        assert!(q("Observation?subject:Patient=p").matches(&obs, BASE));
-    }
-
-    #[test]
-    fn every_unsupported_form_is_named() {
-        assert!(err("Observation?nope=1").contains("'nope' is not a search parameter"));
-        assert!(err("Observation?subject.name=x").contains("chained"));
-        assert!(err("Observation?code-value-quantity=x").contains("composite"));
-        assert!(err("Observation?_include=Observation:subject").contains("_include"));
-        assert!(err("Observation?_sort=date").contains("_sort"));
-        assert!(err("Observation?code:below=x").contains(":below"));
-        assert!(err("Observation?code:text=x").contains(":text"));
-        assert!(err("Observation?date=soon").contains("not a date"));
-        assert!(err("Observation?value-quantity=abc").contains("not a number"));
-        assert!(err("Observation?code:missing=maybe").contains("true or false"));
-        assert!(err("Observation?code=").contains("no value"));
-        assert!(err("Observation").contains("Type?query"));
-        assert!(err("Nope?x=1").contains("not an R4 resource type"));
-        assert!(err("Observation?").contains("no search parameters"));
-    }
-
-    #[test]
-    fn garbage_is_refused_without_panicking() {
-        let resource = json!({"resourceType": "Observation", "effectiveDateTime": "2020é",
-            "valueQuantity": {"value": 1e300}, "code": {"coding": "not a list"}});
-        for entry in [
-            "Observation?code=%FF%FE",
-            "Observation?date=gé2020",
-            "Observation?date=ge",
-            "Observation?value-quantity=1e99999999999",
-            "Observation?value-quantity=1e400",
-            "Observation?value-quantity=ap",
-            "Observation?value-quantity=5|x",
-            "Observation?subject=Patient/",
-            "Observation?subject=/",
-            "Observation?code=|",
-            "Observation?:missing=true",
-            "Observation?=x",
-            "Observation?code:=x",
-            "?code=x",
-        ] {
-            if let Ok(query) = Query::parse(entry, BASE, Utc::now()) {
-                query.matches(&resource, BASE); // evaluates without panicking
-            }
-        }
-        assert!(q("Observation?date=ge2020").matches(&json!({"effectiveDateTime": "2021"}), BASE));
-    }
-
-    #[test]
-    fn pushdown_of_id_and_last_updated() {
-        let p =
-            q("Observation?_id=a,b&_lastUpdated=ge2024-01-01&_lastUpdated=lt2024-02").pushdown();
-        assert_eq!(p.ids, Some(vec!["a".into(), "b".into()]));
-        assert_eq!(
-            p.updated_from,
-            Some(crate::fhir::instant::parse("2024-01-01T00:00:00Z").unwrap())
-        );
-        assert_eq!(
-            p.updated_before,
-            Some(crate::fhir::instant::parse("2024-02-01T00:00:00Z").unwrap())
-        );
-        assert_eq!(q("Observation?_id:not=a").pushdown(), Pushdown::default());
-        // ORed queries narrow to what covers them all.
-        let filter = |entries: &[&str]| {
-            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
-            TypeFilter::for_type(&entries, "Observation", BASE, Utc::now())
-                .unwrap()
-                .unwrap()
-        };
-        let two = filter(&["Observation?_id=a", "Observation?_id=b&status=final"]);
-        assert_eq!(two.pushdown().ids, Some(vec!["a".into(), "b".into()]));
-        let open = filter(&["Observation?_id=a", "Observation?status=final"]);
-        assert_eq!(open.pushdown(), Pushdown::default());
-        let dates = filter(&[
-            "Observation?_lastUpdated=ge2024-01-01&_lastUpdated=lt2024-02",
-            "Observation?_lastUpdated=ge2023-06-01",
-        ]);
-        let p = dates.pushdown();
-        assert_eq!(
-            p.updated_from,
-            Some(crate::fhir::instant::parse("2023-06-01T00:00:00Z").unwrap())
-        );
-        assert_eq!(p.updated_before, None);
-    }
-}
+mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::fhir::ParamError;
 use serde_json::json;
 
 fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
