@@ -147,6 +147,19 @@ struct Visit {
     stop: DateTime<Utc>,
 }
 
+impl Visit {
+    /// Subject, encounter reference, practitioner id, start and end.
+    fn parts(&self) -> (&Value, &Value, &str, DateTime<Utc>, DateTime<Utc>) {
+        (
+            &self.subject,
+            &self.encounter,
+            &self.practitioner,
+            self.start,
+            self.stop,
+        )
+    }
+}
+
 /// An encounter, its observations and report, and what it may have ordered.
 fn encounter(
     rng: &mut Rng,
@@ -189,14 +202,7 @@ fn encounter(
 
 /// Eight observations; the laboratory ones reported in a DiagnosticReport.
 fn observations(rng: &mut Rng, out: &mut Writers, visit: &Visit) -> anyhow::Result<()> {
-    let Visit {
-        subject,
-        encounter: encounter_ref,
-        practitioner: prac,
-        start,
-        stop,
-    } = visit;
-    let (start, stop) = (*start, *stop);
+    let (subject, encounter_ref, prac, start, stop) = visit.parts();
     let mut results = Vec::new();
     for _ in 0..8 {
         let (code, display, unit, lo, hi) = *rng.pick(VITALS);
@@ -248,14 +254,7 @@ fn orders(
     visit: &Visit,
     conditions: &[(String, usize)],
 ) -> anyhow::Result<()> {
-    let Visit {
-        subject,
-        encounter: encounter_ref,
-        practitioner: prac,
-        start,
-        stop,
-    } = visit;
-    let (start, stop) = (*start, *stop);
+    let (subject, encounter_ref, prac, start, stop) = visit.parts();
     if rng.chance(45) {
         let (code, display) = *rng.pick(MEDICATIONS);
         let (cid, which) = rng.pick(conditions).clone();
