@@ -204,8 +204,9 @@ impl<'a> Reader<'a> {
     }
 
     fn associated_data(&mut self, value: &str) -> Result<(), ParamError> {
+        // Lenient handling ignores it (noted in the error file), as any parameter not offered.
         if !self.system_level {
-            return Err(NotSupported(
+            return self.ignore(NotSupported(
                 "includeAssociatedData is only supported for system-level export".into(),
             ));
         }

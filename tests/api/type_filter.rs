@@ -287,16 +287,51 @@ async fn associated_data_adds_history_and_last_states() {
 }
 
 #[tokio::test]
-async fn associated_data_is_system_level_only() {
+async fn associated_data_is_system_level_only_and_lenient_handling_ignores_it_below() {
     let app = TestApp::spawn().await;
-    let response = app
-        .client
-        .get(app.url("/Patient/$export?includeAssociatedData=_history"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
-    let text = assert_outcome(response, 400).await;
-    assert!(text.contains("system-level"), "{text}");
+    let patient = json!({"resourceType": "Patient", "id": "p1"});
+    assert_eq!(app.put_json("/Patient/p1", &patient).await.status(), 201);
+    let group = json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+        "member": [{"entity": {"reference": "Patient/p1"}}]});
+    assert_eq!(app.put_json("/Group/g1", &group).await.status(), 201);
+    for path in ["/Patient/$export", "/Group/g1/$export"] {
+        let query = format!("{path}?includeAssociatedData=_history&_type=Patient");
+        let strict = kick_off_request(&app, &query, "respond-async", None).await;
+        let text = assert_outcome(strict, 400).await;
+        assert!(text.contains("system-level"), "{path}: {text}");
+
+        let lenient = kick_off_request(&app, &query, "respond-async, handling=lenient", None).await;
+        assert_eq!(lenient.status(), 202, "{path}");
+        let status = lenient.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            json(lenient)
+                .await
+                .to_string()
+                .contains("includeAssociatedData")
+        );
+        let manifest = wait_manifest(&app, &status).await;
+        let files = download_all(&app, &manifest).await;
+        assert!(
+            exported_ids(&files, "Patient").contains("p1"),
+            "{path}: the export ran as if the parameter were absent"
+        );
+        let error_url = manifest["error"][0]["url"].as_str().unwrap();
+        let outcome = app
+            .client
+            .get(error_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(outcome.lines().count(), 1, "{path}: {outcome}");
+        assert!(
+            outcome.contains("includeAssociatedData"),
+            "{path}: {outcome}"
+        );
+    }
 }
