@@ -95,6 +95,9 @@ pub struct JobSpec {
     pub anonymization_name: Option<String>,
     pub anonymization_config: Option<String>,
     pub anonymization_seed: Option<Vec<u8>>,
+    /// `Prefer: separate-export-status`: status answers are 200, the job's status in
+    /// `X-Export-Status`.
+    pub separate_status: bool,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -115,7 +118,7 @@ pub struct Job {
 const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
     container, own_container, folder, part_size, part_max_bytes, range_size, created_at, \
-    anonymization_name, anonymization_config, anonymization_seed";
+    anonymization_name, anonymization_config, anonymization_seed, separate_status";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -231,7 +234,7 @@ pub async fn create(
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, $22, $23, $24, ARRAY({WRITERS}))"
+                 $18, $19, $20, $21, $22, $23, $24, $25, ARRAY({WRITERS}))"
     ))
     .bind(id)
     .bind(spec.level)
@@ -263,6 +266,7 @@ pub async fn create(
     .bind(&spec.anonymization_name)
     .bind(&spec.anonymization_config)
     .bind(&spec.anonymization_seed)
+    .bind(spec.separate_status)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")

@@ -25,6 +25,9 @@ pub struct KickOff {
     pub body: Bytes,
     /// `Prefer: handling=lenient`: what cannot be honoured is ignored, with a note.
     pub lenient: bool,
+    /// `Prefer: separate-export-status`: the job's status answers are 200 with
+    /// `X-Export-Status`.
+    pub separate_status: bool,
     /// The kick-off URL (the manifest's `request`).
     pub request_url: String,
 }
@@ -244,6 +247,7 @@ impl Exporter {
             }),
             anonymization_name: params.anonymization_config,
             anonymization_config: None,
+            separate_status: request.separate_status,
         }
     }
 }

@@ -19,6 +19,13 @@ use crate::{
     storage,
 };
 
+/// A status request's answer: the job's status, and how the client asked to be told it.
+pub struct StatusReport {
+    pub status: Status,
+    /// `Prefer: separate-export-status` at kick-off.
+    pub separate_status: bool,
+}
+
 pub enum Status {
     /// Queued or running (a cancelled job keeps answering so until it is gone).
     InProgress {
@@ -62,9 +69,9 @@ impl Exporter {
         Ok(job)
     }
 
-    pub async fn status(&self, principal: &Principal, id: &str) -> Result<Status, Error> {
+    pub async fn status(&self, principal: &Principal, id: &str) -> Result<StatusReport, Error> {
         let job = self.visible_job(principal, id).await?;
-        Ok(match job.status {
+        let status = match job.status {
             JobState::Completed => Status::Completed(self.manifest(&job).await?),
             JobState::Failed => Status::Failed {
                 correlation: job.error_id,
@@ -75,6 +82,10 @@ impl Exporter {
                     progress: progress_text(&job, &progress),
                 }
             }
+        };
+        Ok(StatusReport {
+            status,
+            separate_status: job.spec.separate_status,
         })
     }
 

@@ -6,6 +6,7 @@ use super::{
     ApiError, ApiResult, AppState,
     extract::{Path, require_json_content_type},
     fhir_response,
+    prefer::Preferences,
 };
 use crate::{
     auth::Principal,
@@ -73,7 +74,7 @@ async fn kick_off(
             format!("a kick-off body may have at most {limit} bytes (server.max_kickoff_bytes)"),
         )
     })?;
-    let lenient = check_headers(&headers)?;
+    let preferences = check_headers(&headers)?;
     if method == Method::POST && !body.is_empty() {
         require_json_content_type(&headers)?;
     }
@@ -82,7 +83,8 @@ async fn kick_off(
         group_id,
         query: uri.query().unwrap_or_default().to_string(),
         body,
-        lenient,
+        lenient: preferences.lenient,
+        separate_status: preferences.separate_export_status,
         request_url: format!(
             "{}{}",
             state.base_url,
@@ -111,42 +113,40 @@ async fn kick_off(
         header::CONTENT_LOCATION,
         HeaderValue::from_str(&location).map_err(|e| ApiError::Internal(e.into()))?,
     );
+    if preferences.separate_export_status {
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async, separate-export-status"),
+        );
+    }
     Ok(response)
 }
 
-/// `Accept: application/fhir+json` and `Prefer: respond-async` are required. Returns whether
-/// the client asked for `handling=lenient`.
-fn check_headers(headers: &HeaderMap) -> ApiResult<bool> {
-    let values = |name: header::HeaderName| -> Vec<String> {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            })
-            .collect()
-    };
-    if !values(header::ACCEPT)
+/// `Accept: application/fhir+json` and `Prefer: respond-async` are required. Returns what the
+/// client prefers.
+fn check_headers(headers: &HeaderMap) -> ApiResult<Preferences> {
+    let accepts_fhir_json = headers
+        .get_all(header::ACCEPT)
         .iter()
-        .any(|a| a == "application/fhir+json")
-    {
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/fhir+json")
+        });
+    if !accepts_fhir_json {
         return Err(ApiError::bad_request(
             "the Accept header must be application/fhir+json",
         ));
     }
-    let prefer = values(header::HeaderName::from_static("prefer"));
-    if !prefer.iter().any(|p| p == "respond-async") {
+    let preferences = Preferences::of(headers);
+    if !preferences.respond_async {
         return Err(ApiError::bad_request(
             "the Prefer header must include respond-async",
         ));
     }
-    Ok(prefer
-        .iter()
-        .any(|p| p.replace(' ', "") == "handling=lenient"))
+    Ok(preferences)
 }

@@ -37,17 +37,19 @@ async fn status(
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    match state.exports.status(&principal, &id).await? {
-        Status::Completed(manifest) => Ok(manifest_response(&manifest)),
+    let report = state.exports.status(&principal, &id).await?;
+    let answer = match report.status {
+        Status::Completed(manifest) => manifest_response(&manifest),
         // The cause stays in the server log, under the id the client can quote.
-        Status::Failed { correlation } => Err(ApiError::new(
+        Status::Failed { correlation } => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "exception",
             format!(
                 "the export failed; correlation id {} (the server log has the cause)",
                 correlation.map(|id| id.to_string()).unwrap_or_default()
             ),
-        )),
+        )
+        .into_response(),
         Status::InProgress { progress } => {
             let mut response = StatusCode::ACCEPTED.into_response();
             let headers = response.headers_mut();
@@ -55,9 +57,30 @@ async fn status(
                 headers.insert("x-progress", progress);
             }
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-            Ok(response)
+            response
         }
+    };
+    Ok(if report.separate_status {
+        separate_export_status(answer)
+    } else {
+        answer
+    })
+}
+
+/// `separate-export-status`: the answer is about the status request itself (200, it worked);
+/// the job's status and reason phrase go in `X-Export-Status`, the rest of the answer as it is.
+fn separate_export_status(mut answer: Response) -> Response {
+    let job = answer.status();
+    let text = format!(
+        "{} {}",
+        job.as_u16(),
+        job.canonical_reason().unwrap_or_default()
+    );
+    if let Ok(value) = HeaderValue::from_str(&text) {
+        answer.headers_mut().insert("x-export-status", value);
     }
+    *answer.status_mut() = StatusCode::OK;
+    answer
 }
 
 fn manifest_response(manifest: &Manifest) -> Response {

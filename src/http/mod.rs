@@ -12,6 +12,7 @@ pub mod health;
 mod jobs;
 mod metadata;
 pub mod metrics;
+mod prefer;
 mod rest;
 pub mod serve;
 

@@ -515,3 +515,102 @@ async fn a_failed_export_removes_its_files_after_attempts_that_back_off() {
     let again = kick_off(&app, "/$export?_type=Patient").await;
     wait_manifest(&app, &again).await;
 }
+
+/// A status poll with the bulk headers: its status, `X-Export-Status`, and its body.
+async fn poll(app: &TestApp, status_url: &str) -> (u16, Option<String>, reqwest::Response) {
+    let response = app.client.get(status_url).send().await.unwrap();
+    let export_status = response
+        .headers()
+        .get("x-export-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    (response.status().as_u16(), export_status, response)
+}
+
+/// A kick-off whose `Prefer` asks for separate export status, in two headers as RFC 7240 allows.
+async fn kick_off_separate(app: &TestApp, path: &str) -> String {
+    let response = app
+        .client
+        .get(app.url(path))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "Respond-Async")
+        .header("prefer", "separate-export-status")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let applied: Vec<String> = response
+        .headers()
+        .get_all("preference-applied")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(',').map(|t| t.trim().to_string()))
+        .collect();
+    assert_eq!(applied, ["respond-async", "separate-export-status"]);
+    response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn separate_export_status_answers_200_and_puts_the_jobs_status_in_a_header() {
+    let app = TestApp::spawn().await;
+    load_generated(&app, 2).await;
+    let status_url = kick_off_separate(&app, "/$export?_type=Patient").await;
+    let manifest = loop {
+        let (status, export_status, response) = poll(&app, &status_url).await;
+        assert_eq!(status, 200, "the status request itself worked");
+        match export_status.as_deref() {
+            Some("202 Accepted") => {
+                assert!(response.headers().contains_key("x-progress"));
+                assert!(response.headers().contains_key("retry-after"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some("200 OK") => {
+                assert!(response.headers().contains_key("expires"));
+                break json(response).await;
+            }
+            other => panic!("X-Export-Status {other:?}"),
+        }
+    };
+    let files = download_all(&app, &manifest).await;
+    assert_eq!(
+        files.iter().map(|f| f.text.lines().count()).sum::<usize>(),
+        2
+    );
+    // What fails is the poll itself: its own code.
+    let unknown = app.url(&format!("/export/{}", uuid::Uuid::new_v4()));
+    assert_outcome(app.client.get(&unknown).send().await.unwrap(), 404).await;
+}
+
+#[tokio::test]
+async fn separate_export_status_reports_a_failed_job_as_200_with_its_outcome() {
+    let app = TestApp::spawn_with(|c| c.export.workers = 0).await;
+    let separate = kick_off_separate(&app, "/$export").await;
+    let plain = kick_off(&app, "/$export").await;
+    let (status, export_status, response) = poll(&app, &separate).await;
+    assert_eq!(
+        (status, export_status.as_deref()),
+        (200, Some("202 Accepted"))
+    );
+    assert_eq!(response.headers()["x-progress"], "queued");
+    // A v2 client's job answers as before.
+    let (status, export_status, _) = poll(&app, &plain).await;
+    assert_eq!((status, export_status), (202, None));
+
+    let correlation = uuid::Uuid::new_v4();
+    sqlx::query(
+        "UPDATE export_jobs SET status = 'failed', error = 'a test failure', error_id = $1,
+                finished_at = now(), expires_at = now() + interval '1 hour'",
+    )
+    .bind(correlation)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, export_status, response) = poll(&app, &separate).await;
+    assert_eq!(status, 200);
+    assert_eq!(export_status.as_deref(), Some("500 Internal Server Error"));
+    let text = assert_outcome(response, 200).await;
+    assert!(text.contains(&correlation.to_string()), "{text}");
+    let (status, export_status, _) = poll(&app, &plain).await;
+    assert_eq!((status, export_status), (500, None));
+}
