@@ -62,6 +62,8 @@ pub struct JobSpec {
     /// The snapshot instant: the kick-off time, or `_till`.
     pub transaction_time: DateTime<Utc>,
     pub since: Option<DateTime<Utc>>,
+    /// `_until`: only versions last updated before it (see `snapshot_time`).
+    pub until: Option<DateTime<Utc>>,
     /// Types to export; empty means every type that has data.
     pub types: Vec<String>,
     /// The job reads only the patients stored with it (Group members, narrowed by `patient`);
@@ -100,6 +102,18 @@ pub struct JobSpec {
     pub separate_status: bool,
 }
 
+impl JobSpec {
+    /// The instant the export reads the store as of: the transaction time, or just before
+    /// `_until` when that is earlier (versions last updated *before* `_until`; the store keeps
+    /// microseconds). `transactionTime` in the manifest stays the transaction time.
+    pub fn snapshot_time(&self) -> DateTime<Utc> {
+        match self.until {
+            Some(until) => (until - chrono::TimeDelta::microseconds(1)).min(self.transaction_time),
+            None => self.transaction_time,
+        }
+    }
+}
+
 #[derive(Debug, Clone, FromRow)]
 pub struct Job {
     pub id: Uuid,
@@ -118,7 +132,7 @@ pub struct Job {
 const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
     container, own_container, folder, part_size, part_max_bytes, range_size, created_at, \
-    anonymization_name, anonymization_config, anonymization_seed, separate_status";
+    anonymization_name, anonymization_config, anonymization_seed, separate_status, until";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -234,7 +248,7 @@ pub async fn create(
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, $22, $23, $24, $25, ARRAY({WRITERS}))"
+                 $18, $19, $20, $21, $22, $23, $24, $25, $26, ARRAY({WRITERS}))"
     ))
     .bind(id)
     .bind(spec.level)
@@ -267,6 +281,7 @@ pub async fn create(
     .bind(&spec.anonymization_config)
     .bind(&spec.anonymization_seed)
     .bind(spec.separate_status)
+    .bind(spec.until)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")

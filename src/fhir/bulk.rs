@@ -12,7 +12,7 @@ use super::{instant, is_resource_type, type_filter};
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
 /// IG parameters this server does not implement (yet): refused, or ignored when lenient.
-const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests", "_until"];
+const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExportParams {
@@ -20,6 +20,8 @@ pub struct ExportParams {
     pub types: Vec<String>,
     pub since: Option<DateTime<Utc>>,
     pub till: Option<DateTime<Utc>>,
+    /// `_until` (STU3): only versions last updated before it.
+    pub until: Option<DateTime<Utc>>,
     pub container: Option<String>,
     /// `_elements` entries: `element` or `Type.element`.
     pub elements: Vec<String>,
@@ -111,12 +113,9 @@ impl<'a> Reader<'a> {
             ))),
             "_outputFormat" => Ok(()),
             "_type" => self.types(value),
-            "_since" => set_once(
-                &mut self.out.since,
-                name,
-                instant::parse(value).map_err(Invalid)?,
-            ),
+            "_since" => set_once(&mut self.out.since, name, parse_instant(name, value)?),
             "_till" => self.till(value),
+            "_until" => set_once(&mut self.out.until, name, parse_instant(name, value)?),
             "_elements" => self.elements(value),
             "patient" => self.patients(value),
             "_typeFilter" => self.type_filters(value),
@@ -154,7 +153,7 @@ impl<'a> Reader<'a> {
                 "_till is only supported for system-level export (/$export)".into(),
             ));
         }
-        let till = instant::parse(value).map_err(Invalid)?;
+        let till = parse_instant("_till", value)?;
         if till > self.now {
             return Err(Invalid(format!("_till {value} is in the future")));
         }
@@ -250,6 +249,16 @@ impl<'a> Reader<'a> {
         {
             return Err(Invalid("_since must be before _till".into()));
         }
+        if out.till.is_some() && out.until.is_some() {
+            return Err(Invalid(
+                "give _till (the snapshot instant) or _until, not both".into(),
+            ));
+        }
+        if let (Some(since), Some(until)) = (out.since, out.until)
+            && since >= until
+        {
+            return Err(Invalid("_until must be after _since".into()));
+        }
         Ok(out)
     }
 }
@@ -269,6 +278,11 @@ fn check_configuration_name(value: &str) -> Result<(), ParamError> {
             "_anonymizationConfig '{value}' is not a configuration name"
         )))
     }
+}
+
+/// An instant parameter, the error naming it.
+fn parse_instant(name: &str, value: &str) -> Result<DateTime<Utc>, ParamError> {
+    instant::parse(value).map_err(|why| Invalid(format!("{name}: {why}")))
 }
 
 fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), ParamError> {

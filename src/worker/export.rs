@@ -140,7 +140,7 @@ impl<'j> Output<'j> {
             selection: Selection {
                 resource_type,
                 range_end: task.range_end,
-                transaction_time: spec.transaction_time,
+                transaction_time: spec.snapshot_time(),
                 since: spec.since,
                 patients,
                 excluded_ids: excluded,

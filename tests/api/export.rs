@@ -1049,3 +1049,119 @@ async fn exported_lines_of_every_mode_are_valid_r4() {
         );
     }
 }
+
+/// `meta.lastUpdated` of a resource's current version, as the server stamped it.
+async fn last_updated(app: &TestApp, path: &str) -> String {
+    let resource = json(app.get(path).await).await;
+    resource["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn until_exports_the_window_between_since_and_until_at_every_level() {
+    let app = TestApp::spawn().await;
+    let patient = |id: &str| json!({"resourceType": "Patient", "id": id});
+    let members: Vec<Value> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|p| member(&format!("Patient/{p}")))
+        .collect();
+    put(&app, group("g", &members)).await;
+    put(&app, patient("d")).await;
+    put(&app, patient("a")).await;
+    let since = last_updated(&app, "/Patient/a").await;
+    put(&app, patient("b")).await;
+    assert_eq!(
+        app.client
+            .delete(app.url("/Patient/d"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    put(&app, patient("c")).await;
+    let until = last_updated(&app, "/Patient/c").await;
+    // After the window: a second version of a, and b deleted.
+    put(
+        &app,
+        json!({"resourceType": "Patient", "id": "a", "active": true}),
+    )
+    .await;
+    assert_eq!(
+        app.client
+            .delete(app.url("/Patient/b"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient"},
+        {"name": "_since", "valueInstant": since},
+        {"name": "_until", "valueInstant": until},
+    ]});
+    let query = format!("_type=Patient&_since={since}&_until={until}").replace('+', "%2B");
+    for path in ["/$export", "/Patient/$export", "/Group/g/$export"] {
+        let get = kick_off(&app, &format!("{path}?{query}")).await;
+        let post = post_kick_off(&app, path, &parameters, "respond-async").await;
+        assert_eq!(post.status(), 202, "{path}");
+        let post = post.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        for status_url in [get, post] {
+            let manifest = wait_manifest(&app, &status_url).await;
+            let got = resources_by_key(&download_all(&app, &manifest).await);
+            // b as it was before _until; a changed before the window and after it; c at _until.
+            assert_eq!(
+                got.keys().cloned().collect::<Vec<_>>(),
+                ["Patient/b"],
+                "{path}"
+            );
+            assert_eq!(got["Patient/b"]["meta"]["versionId"], "1");
+            assert!(
+                manifest["transactionTime"].as_str().unwrap() > until.as_str(),
+                "transactionTime stays the kick-off's: {manifest}"
+            );
+            if path == "/$export" {
+                let deleted = &manifest["deleted"];
+                assert_eq!(deleted.as_array().unwrap().len(), 1, "{manifest}");
+                let url = deleted[0]["url"].as_str().unwrap();
+                let text = app
+                    .client
+                    .get(url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                // d's deletion fell in the window; b's came after it.
+                assert_eq!(text.lines().count(), 1, "{text}");
+                assert!(text.contains("Patient/d"), "{text}");
+            }
+        }
+    }
+    for (query, why) in [
+        ("_until=yesterday".to_string(), "_until"),
+        (
+            format!("_since={since}&_until={since}"),
+            "_until must be after _since",
+        ),
+        (format!("_till={since}&_until={until}"), "not both"),
+    ] {
+        let response = kick_off_request(
+            &app,
+            &format!("/$export?{}", query.replace('+', "%2B")),
+            "respond-async",
+            None,
+        )
+        .await;
+        let text = assert_outcome(response, 400).await;
+        assert!(text.contains(why), "{query}: {text}");
+    }
+}
