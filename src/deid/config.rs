@@ -324,7 +324,6 @@ fn either(
 fn whole_number(value: &Value, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
     let n = number(value).filter(|n| n.fract() == 0.0)?;
     // Whole, and compared as a float before the conversion, so nothing is cut off.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
     let in_range = n >= *range.start() as f64 && n <= *range.end() as f64;
     #[allow(clippy::cast_possible_truncation)]
     in_range.then_some(n as i64)

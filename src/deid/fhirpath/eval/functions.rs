@@ -166,7 +166,6 @@ fn of_value(tree: &Tree, func: Func, value: Item, args: &[Expr]) -> Result2<Opti
             _ => text.parse().ok().map(Item::Int),
         },
         Func::ToDecimal => match value {
-            #[allow(clippy::cast_precision_loss)] // FHIRPath converts so too
             Item::Int(n) => Some(Item::Dec(n as f64)),
             Item::Dec(_) => Some(value.clone()),
             _ => text.parse().ok().map(Item::Dec),
