@@ -561,11 +561,27 @@ async fn default_container_and_downloads_with_gzip() {
         .await
         .unwrap();
     assert_eq!(gz.headers()["content-encoding"], "gzip");
+    assert_eq!(gz.headers()["content-type"], "application/fhir+ndjson");
     let bytes = gz.bytes().await.unwrap();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
         .unwrap();
     assert_eq!(text.lines().count(), 5);
+    // STU3 R12: an encoding only when the client listed it, and the type stays ndjson.
+    for accepted in ["identity", "br, deflate", "gzip;q=0"] {
+        let plain = raw
+            .get(url)
+            .header("accept-encoding", accepted)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            !plain.headers().contains_key("content-encoding"),
+            "{accepted}"
+        );
+        assert_eq!(plain.headers()["content-type"], "application/fhir+ndjson");
+        assert_eq!(plain.text().await.unwrap().lines().count(), 5, "{accepted}");
+    }
     let missing = url.replace("Patient-1", "Patient-9");
     assert_outcome(app.client.get(&missing).send().await.unwrap(), 404).await;
 }
