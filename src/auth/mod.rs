@@ -10,7 +10,7 @@ pub mod smart;
 use std::time::Duration;
 
 use config::{AuthConfig, AuthMode};
-use scopes::Scopes;
+use scopes::{Access, Scopes};
 
 /// The caller of a request.
 #[derive(Debug, Clone)]
@@ -21,6 +21,23 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Why the caller may not do `access` to `resource_type` resources; `None`: it may.
+    pub fn denied(&self, access: Access, resource_type: &str) -> Option<String> {
+        if self.scopes.allows(access, resource_type) {
+            return None;
+        }
+        let what = match access {
+            Access::Read => "reading",
+            Access::Export => "exporting",
+            Access::Create => "creating",
+            Access::Update => "updating",
+            Access::Delete => "deleting",
+        };
+        Some(format!(
+            "the granted scopes do not allow {what} {resource_type} resources"
+        ))
+    }
+
     /// Auth mode `none`: anyone may do anything.
     pub fn unrestricted() -> Principal {
         Principal {

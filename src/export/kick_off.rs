@@ -75,11 +75,8 @@ impl Exporter {
         let population = self.population(&request, &mut params).await?;
         let id = Uuid::new_v4();
         let kicked_off = jobs::now(&self.pool).await?;
-        let spec = self.job_spec(id, principal, &request, params, &population, kicked_off);
-        let spec = JobSpec {
-            anonymization_config: anonymization,
-            ..spec
-        };
+        let mut spec = self.job_spec(id, principal, &request, params, &population, kicked_off);
+        spec.anonymization_config = anonymization;
         let patients = population.patients.unwrap_or_default();
         match jobs::create(&self.pool, id, &spec, &patients, quota).await? {
             Admission::Accepted => {}

@@ -37,10 +37,8 @@ pub struct Exporter {
 
 /// A 403 unless the caller's scopes allow exporting `resource_type`.
 fn require_export(principal: &Principal, resource_type: &str) -> Result<(), Error> {
-    if principal.scopes.allows(Access::Export, resource_type) {
-        return Ok(());
+    match principal.denied(Access::Export, resource_type) {
+        None => Ok(()),
+        Some(why) => Err(Error::Forbidden(why)),
     }
-    Err(Error::Forbidden(format!(
-        "the granted scopes do not allow exporting {resource_type} resources"
-    )))
 }

@@ -67,21 +67,10 @@ pub async fn require_token(
 
 /// 403 unless the caller's scopes allow `access` to `resource_type`.
 pub fn require(principal: &Principal, access: Access, resource_type: &str) -> ApiResult<()> {
-    if principal.scopes.allows(access, resource_type) {
-        return Ok(());
+    match principal.denied(access, resource_type) {
+        None => Ok(()),
+        Some(why) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", why)),
     }
-    let what = match access {
-        Access::Read => "reading",
-        Access::Export => "exporting",
-        Access::Create => "creating",
-        Access::Update => "updating",
-        Access::Delete => "deleting",
-    };
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        format!("the granted scopes do not allow {what} {resource_type} resources"),
-    ))
 }
 
 async fn smart_configuration(State(state): State<AppState>) -> ApiResult<Response> {

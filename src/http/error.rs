@@ -170,6 +170,9 @@ impl From<crate::store::WriteError> for ApiError {
     }
 }
 
+/// A client turned away for want of a job slot comes back after this long.
+const BUSY_RETRY_AFTER_SECS: &str = "30";
+
 impl From<crate::export::Error> for ApiError {
     fn from(e: crate::export::Error) -> ApiError {
         use crate::export::Error;
@@ -183,10 +186,9 @@ impl From<crate::export::Error> for ApiError {
             Error::Unprocessable(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
             }
-            // Asked to come back when a slot may be free.
             Error::Busy { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", message)
-                    .with_header(header::RETRY_AFTER, "30")
+                    .with_header(header::RETRY_AFTER, BUSY_RETRY_AFTER_SECS)
             }
             Error::Database(e) => e.into(),
             Error::Internal(e) => ApiError::Internal(e),

@@ -2,6 +2,14 @@
 //! `Parameters` body), per the HL7 Bulk Data Access IG v2.0.0: the request's headers and body
 //! extracted, the export service's answer written.
 
+use axum::{
+    Extension, Router,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::Response,
+    routing::get,
+};
+
 use super::{
     ApiError, ApiResult, AppState,
     extract::{Path, require_json_content_type},
@@ -13,13 +21,6 @@ use crate::{
     db::jobs::Level,
     export::kick_off::KickOff,
     fhir::outcome::{self, Issue, Severity},
-};
-use axum::{
-    Extension, Router,
-    extract::{Request, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
-    response::Response,
-    routing::get,
 };
 
 pub fn router() -> Router<AppState> {

@@ -872,15 +872,7 @@ async fn deleted_entries(app: &TestApp, manifest: &Value) -> BTreeSet<String> {
         assert_eq!(file["type"], "Bundle");
         let url = file["url"].as_str().unwrap();
         assert!(url.contains("-deleted-"), "{url}");
-        let text = app
-            .client
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.text_at(url).await;
         assert_eq!(text.lines().count() as u64, file["count"].as_u64().unwrap());
         for line in text.lines() {
             let bundle: Value = serde_json::from_str(line).unwrap();
@@ -1147,15 +1139,7 @@ async fn until_exports_the_window_between_since_and_until_at_every_level() {
                 let deleted = &manifest["deleted"];
                 assert_eq!(deleted.as_array().unwrap().len(), 1, "{manifest}");
                 let url = deleted[0]["url"].as_str().unwrap();
-                let text = app
-                    .client
-                    .get(url)
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                let text = app.text_at(url).await;
                 // d's deletion fell in the window; b's came after it.
                 assert_eq!(text.lines().count(), 1, "{text}");
                 assert!(text.contains("Patient/d"), "{text}");
@@ -1169,6 +1153,13 @@ async fn until_exports_the_window_between_since_and_until_at_every_level() {
             "_until must be after _since",
         ),
         (format!("_till={since}&_until={until}"), "not both"),
+        (format!("_until={until}&_until={until}"), "only once"),
+        ("_until=2024-01-01T00:00:00Z%00".to_string(), "NUL"),
+        (
+            format!("_until=2024-01-01T00:00:00{}Z", "9".repeat(10_000)),
+            "_until",
+        ),
+        ("_until=%FF%FE".to_string(), "UTF-8"),
     ] {
         let response = kick_off_request(
             &app,
@@ -1179,5 +1170,19 @@ async fn until_exports_the_window_between_since_and_until_at_every_level() {
         .await;
         let text = assert_outcome(response, 400).await;
         assert!(text.contains(why), "{query}: {text}");
+    }
+    // A POST value of the wrong JSON shape.
+    for value in [
+        json!({"valueInstant": {"at": until}}),
+        json!({"valueInteger": 1}),
+    ] {
+        let mut parameter = json!({"name": "_until"});
+        parameter
+            .as_object_mut()
+            .unwrap()
+            .extend(value.as_object().unwrap().clone());
+        let body = json!({"resourceType": "Parameters", "parameter": [parameter]});
+        let response = post_kick_off(&app, "/$export", &body, "respond-async").await;
+        assert_outcome(response, 400).await;
     }
 }

@@ -155,15 +155,7 @@ async fn lenient_kick_off_reports_what_it_ignored_in_the_error_file() {
     let errors = manifest["error"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{manifest}");
     assert_eq!(errors[0]["type"], "OperationOutcome");
-    let text = app
-        .client
-        .get(errors[0]["url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.text_at(errors[0]["url"].as_str().unwrap()).await;
     let outcomes: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -319,15 +311,7 @@ async fn associated_data_is_system_level_only_and_lenient_handling_ignores_it_be
             "{path}: the export ran as if the parameter were absent"
         );
         let error_url = manifest["error"][0]["url"].as_str().unwrap();
-        let outcome = app
-            .client
-            .get(error_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let outcome = app.text_at(error_url).await;
         assert_eq!(outcome.lines().count(), 1, "{path}: {outcome}");
         assert!(
             outcome.contains("includeAssociatedData"),

@@ -155,6 +155,18 @@ impl TestApp {
         self.send_json(reqwest::Method::POST, path, body).await
     }
 
+    /// The body of a file by its absolute URL (a manifest's), as text.
+    pub async fn text_at(&self, url: &str) -> String {
+        self.client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn put_json(&self, path: &str, body: &Value) -> Response {
         self.send_json(reqwest::Method::PUT, path, body).await
     }
