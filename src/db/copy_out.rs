@@ -67,7 +67,9 @@ fn text_array(items: Option<&[String]>) -> String {
 fn with_literals(sql: &str, s: &Selection<'_>, after: Position, limit: i64) -> String {
     let job = match s.patients {
         PatientFilter::JobPatients(job) => format!("{}::uuid", quoted(&job.to_string())),
-        PatientFilter::None | PatientFilter::AnyPatient => "NULL::uuid".into(),
+        PatientFilter::None | PatientFilter::AnyPatient | PatientFilter::Unattached => {
+            "NULL::uuid".into()
+        }
     };
     let skip_last_state = matches!(
         s.rows,

@@ -100,6 +100,8 @@ pub struct JobSpec {
     /// `Prefer: separate-export-status`: status answers are 200, the job's status in
     /// `X-Export-Status`.
     pub separate_status: bool,
+    /// `organizeOutputBy`: the type whose instances organize the output in blocks (`Patient`).
+    pub organize_by: Option<String>,
 }
 
 impl JobSpec {
@@ -132,7 +134,8 @@ pub struct Job {
 const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, named_patients, \
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
     container, own_container, folder, part_size, part_max_bytes, range_size, created_at, \
-    anonymization_name, anonymization_config, anonymization_seed, separate_status, until";
+    anonymization_name, anonymization_config, anonymization_seed, separate_status, until, \
+    organize_by";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -166,6 +169,8 @@ pub struct Part {
     pub resource_type: String,
     pub part_no: i32,
     pub resources: i32,
+    /// The number of the file its last block goes on in (same kind), once that is committed.
+    pub continues_in: Option<i32>,
 }
 
 pub(super) fn secs(d: Duration) -> f64 {
@@ -248,7 +253,7 @@ pub async fn create(
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, $22, $23, $24, $25, $26, ARRAY({WRITERS}))"
+                 $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, ARRAY({WRITERS}))"
     ))
     .bind(id)
     .bind(spec.level)
@@ -282,6 +287,7 @@ pub async fn create(
     .bind(&spec.anonymization_seed)
     .bind(spec.separate_status)
     .bind(spec.until)
+    .bind(&spec.organize_by)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")
@@ -388,12 +394,18 @@ pub async fn progress(pool: &PgPool, id: Uuid) -> sqlx::Result<Progress> {
     .await
 }
 
+/// A part's continuation: the committed part after it in its task.
+const CONTINUES_IN: &str = "CASE WHEN p.continues THEN
+        (SELECT n.part_no FROM export_parts n
+         WHERE n.task_id = p.task_id AND n.task_seq = p.task_seq + 1 AND n.resources IS NOT NULL)
+    END AS continues_in";
+
 /// The committed output files of a job, by type and number.
 pub async fn parts(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<Part>> {
-    sqlx::query_as(
-        "SELECT resource_type, part_no, resources FROM export_parts
-         WHERE job_id = $1 AND resources IS NOT NULL ORDER BY resource_type, part_no",
-    )
+    sqlx::query_as(&format!(
+        "SELECT resource_type, part_no, resources, {CONTINUES_IN} FROM export_parts p
+         WHERE job_id = $1 AND resources IS NOT NULL ORDER BY resource_type, part_no"
+    ))
     .bind(id)
     .fetch_all(pool)
     .await

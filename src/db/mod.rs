@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod assertions;
 pub mod availability;
+pub mod blocks;
 pub mod bulk;
 pub mod copy_out;
 pub mod deferred_vacuum;

@@ -14,6 +14,8 @@ pub enum PatientFilter {
     /// Resources in the compartments of the patients stored with this job
     /// (`export_job_patients`: Group members, or the `patient` parameter).
     JobPatients(uuid::Uuid),
+    /// Resources in no patient's compartment (an organized export's files of one type).
+    Unattached,
 }
 
 /// Which rows of the snapshot an export task reads.
@@ -91,12 +93,14 @@ pub(super) fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str 
         PatientFilter::None => 0,
         PatientFilter::AnyPatient => 1,
         PatientFilter::JobPatients(_) => 2,
+        PatientFilter::Unattached => 3,
     };
+    let older = PATIENT_FILTERS.len() * 2;
     match rows {
         Rows::Live => &SQL[filter * 2],
         Rows::Deleted => &SQL[filter * 2 + 1],
-        Rows::History { .. } => &SQL[6],
-        Rows::LastState => &SQL[7],
+        Rows::History { .. } => &SQL[older],
+        Rows::LastState => &SQL[older + 1],
     }
 }
 
@@ -110,7 +114,7 @@ pub fn snapshot_page<'c>(
 ) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
     let job = match selection.patients {
         PatientFilter::JobPatients(job) => Some(job),
-        PatientFilter::None | PatientFilter::AnyPatient => None,
+        PatientFilter::None | PatientFilter::AnyPatient | PatientFilter::Unattached => None,
     };
     let skip_last_state = matches!(
         selection.rows,
@@ -138,9 +142,9 @@ pub fn snapshot_page<'c>(
         .fetch(conn)
 }
 
-/// The patient conditions of `PatientFilter::None`, `AnyPatient` and `JobPatients`, on the
-/// current row and on its historic version.
-const PATIENT_FILTERS: [(&str, &str); 3] = [
+/// The patient conditions of `PatientFilter::None`, `AnyPatient`, `JobPatients` and
+/// `Unattached`, on the current row and on its historic version.
+pub(super) const PATIENT_FILTERS: [(&str, &str); 4] = [
     ("", ""),
     (
         "AND cardinality(patient_ids) > 0",
@@ -155,6 +159,10 @@ const PATIENT_FILTERS: [(&str, &str); 3] = [
         "AND EXISTS (SELECT 1 FROM unnest(h.patient_ids) AS pid
                      WHERE (SELECT true FROM export_job_patients m
                             WHERE m.job_id = $8 AND m.patient_id = pid))",
+    ),
+    (
+        "AND cardinality(patient_ids) = 0",
+        "AND cardinality(h.patient_ids) = 0",
     ),
 ];
 

@@ -246,6 +246,7 @@ impl Exporter {
             anonymization_name: params.anonymization_config,
             anonymization_config: None,
             separate_status: request.separate_status,
+            organize_by: params.organize_by,
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct Manifest {
     pub de_identified_with: Option<String>,
     /// When the job and its files expire.
     pub expires: Option<DateTime<Utc>>,
+    /// `organizeOutputBy`: the output files hold resource blocks of this type's instances
+    /// (their items carry no `type`).
+    pub organized_by: Option<String>,
 }
 
 /// One file of the manifest.
@@ -29,10 +32,14 @@ pub struct Manifest {
 pub struct Item {
     pub resource_type: String,
     pub url: String,
+    /// Lines in the file (resources, block headers included).
     pub count: i64,
+    /// The URL of the file its last block goes on in.
+    pub continues_in: Option<String>,
 }
 
-/// The IG v2.0.0 manifest (JSON).
+/// The manifest of the IG v2.0.0 and STU3 (3.0.0), which adds `outputOrganizedBy`,
+/// `continuesInFile` and `link` to the same fields (JSON).
 pub mod v2 {
     use serde_json::{Value, json};
 
@@ -40,21 +47,35 @@ pub mod v2 {
     use crate::fhir::instant;
 
     pub fn json(manifest: &Manifest) -> Value {
-        let items = |items: &[Item]| -> Value {
+        let items = |items: &[Item], typed: bool| -> Value {
             items
                 .iter()
-                .map(|i| json!({"type": i.resource_type, "url": i.url, "count": i.count}))
+                .map(|i| {
+                    let mut item = json!({"url": i.url, "count": i.count});
+                    if typed {
+                        item["type"] = json!(i.resource_type);
+                    }
+                    if let Some(next) = &i.continues_in {
+                        item["continuesInFile"] = json!(next);
+                    }
+                    item
+                })
                 .collect()
         };
+        // Organized output files hold blocks of many types: their items have no `type`.
+        let organized = manifest.organized_by.is_some();
         let mut body = json!({
             "transactionTime": instant::format(manifest.transaction_time),
             "request": manifest.request,
             "requiresAccessToken": manifest.requires_access_token,
-            "output": items(&manifest.output),
-            "error": items(&manifest.error),
+            "output": items(&manifest.output, !organized),
+            "error": items(&manifest.error, true),
         });
+        if let Some(by) = &manifest.organized_by {
+            body["outputOrganizedBy"] = json!(by);
+        }
         if let Some(deleted) = &manifest.deleted {
-            body["deleted"] = items(deleted);
+            body["deleted"] = items(deleted, true);
         }
         // The IG keeps `extension` for servers (a JSON object): this one says the files were
         // de-identified, and with which configuration.
@@ -77,6 +98,7 @@ mod tests {
             resource_type: resource_type.into(),
             url: format!("https://x/{resource_type}-1.ndjson"),
             count,
+            continues_in: None,
         }
     }
 
@@ -91,6 +113,7 @@ mod tests {
             error: vec![],
             de_identified_with: None,
             expires: None,
+            organized_by: None,
         };
         assert_eq!(
             v2::json(&manifest),

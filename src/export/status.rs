@@ -92,8 +92,13 @@ impl Exporter {
     async fn manifest(&self, job: &Job) -> Result<Manifest, Error> {
         let parts = jobs::parts(&self.pool, job.id).await?;
         let urls = self.file_urls(job, &parts).await?;
+        let url_of: std::collections::HashMap<(&str, i32), &String> = parts
+            .iter()
+            .map(|p| (p.resource_type.as_str(), p.part_no))
+            .zip(&urls)
+            .collect();
         let (mut output, mut deleted, mut error) = (Vec::new(), Vec::new(), Vec::new());
-        for (p, url) in parts.iter().zip(urls) {
+        for (p, url) in parts.iter().zip(&urls) {
             // File kinds: `Type`, `Type-history`, `Type-softdeleted` (resources), `Type-deleted`
             // (transaction Bundles of deletions), `OperationOutcome-error` (what was ignored).
             let (list, entry_type) = match p.resource_type.split_once('-') {
@@ -102,10 +107,15 @@ impl Exporter {
                 Some((t, _)) => (&mut output, t),
                 None => (&mut output, p.resource_type.as_str()),
             };
+            let continues_in = p
+                .continues_in
+                .and_then(|n| url_of.get(&(p.resource_type.as_str(), n)))
+                .map(|url| url.to_string());
             list.push(Item {
                 resource_type: entry_type.to_string(),
-                url,
+                url: url.clone(),
                 count: i64::from(p.resources),
+                continues_in,
             });
         }
         let mode = self.config.export.output_urls;
@@ -125,6 +135,7 @@ impl Exporter {
             error,
             de_identified_with: job.spec.anonymization_name.clone(),
             expires: job.expires_at,
+            organized_by: job.spec.organize_by.clone(),
         })
     }
 

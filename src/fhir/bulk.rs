@@ -11,8 +11,8 @@ use super::{instant, is_resource_type, type_filter};
 /// Output formats the server writes (all are ndjson).
 pub const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
 
-/// IG parameters this server does not implement (yet): refused, or ignored when lenient.
-const UNSUPPORTED: &[&str] = &["organizeOutputBy", "allowPartialManifests"];
+/// The types `organizeOutputBy` may name.
+pub const ORGANIZE_BY: &[&str] = &["Patient"];
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExportParams {
@@ -37,6 +37,10 @@ pub struct ExportParams {
     pub anonymization_config: Option<String>,
     /// `_anonymizationConfigEtag`: the ETag that configuration must have.
     pub anonymization_etag: Option<String>,
+    /// `organizeOutputBy` (STU3): resource blocks per instance of this type.
+    pub organize_by: Option<String>,
+    /// `allowPartialManifests` (STU3): manifests of the files done while the export runs.
+    pub allow_partial_manifests: bool,
     /// What a lenient kick-off ignored, one sentence each.
     pub ignored: Vec<String>,
 }
@@ -129,9 +133,19 @@ impl<'a> Reader<'a> {
             }
             // Its naming rules belong to the storage; the caller checks them.
             "_container" => set_once(&mut self.out.container, name, value.to_string()),
-            n if UNSUPPORTED.contains(&n) => self.ignore(NotSupported(format!(
-                "parameter {n} is not supported by this server"
-            ))),
+            "organizeOutputBy" => self.organize_by(value),
+            "allowPartialManifests" => {
+                self.out.allow_partial_manifests = match value {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(Invalid(format!(
+                            "allowPartialManifests must be true or false, not '{value}'"
+                        )));
+                    }
+                };
+                Ok(())
+            }
             n => self.ignore(Invalid(format!("unknown parameter '{n}'"))),
         }
     }
@@ -202,6 +216,20 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    fn organize_by(&mut self, value: &str) -> Result<(), ParamError> {
+        if !ORGANIZE_BY.contains(&value) {
+            return self.ignore(NotSupported(format!(
+                "organizeOutputBy '{value}' is not supported (use {})",
+                ORGANIZE_BY.join(", ")
+            )));
+        }
+        set_once(
+            &mut self.out.organize_by,
+            "organizeOutputBy",
+            value.to_string(),
+        )
+    }
+
     fn associated_data(&mut self, value: &str) -> Result<(), ParamError> {
         // Lenient handling ignores it (noted in the error file), as any parameter not offered.
         if !self.system_level {
@@ -237,6 +265,15 @@ impl<'a> Reader<'a> {
                 }
             }
             self.out.type_filters = kept;
+        }
+        // Older versions and last states are files of one type; blocks hold current resources.
+        if self.out.organize_by.is_some() && (self.out.include_history || self.out.include_deleted)
+        {
+            self.ignore(NotSupported(
+                "includeAssociatedData cannot be combined with organizeOutputBy".into(),
+            ))?;
+            self.out.include_history = false;
+            self.out.include_deleted = false;
         }
         let out = self.out;
         if out.anonymization_etag.is_some() && out.anonymization_config.is_none() {

@@ -22,7 +22,7 @@ use crate::{
         copy_out::{self, CopyRows},
         jobs::{Job, JobSpec, Level},
         snapshot::{self, PatientFilter, Position, Rows, Selection},
-        tasks::{HeldTask, Task, TaskKind},
+        tasks::{Checkpoint, HeldTask, Task, TaskKind},
     },
     deid::{Deidentifier, Scope},
     fhir::{bulk, elements, type_filter::TypeFilter},
@@ -100,6 +100,10 @@ impl<'j> Output<'j> {
         let resource_type = task.resource_type.as_deref().unwrap_or_default();
         // Group members, or the patients a `patient` parameter named.
         let patients = match (spec.named_patients, spec.level) {
+            // What is in a compartment is in the blocks of an organized export.
+            _ if spec.organize_by.is_some() && task.kind == TaskKind::Export => {
+                PatientFilter::Unattached
+            }
             (true, _) => PatientFilter::JobPatients(job.id),
             (false, Level::System) => PatientFilter::None,
             (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
@@ -119,7 +123,9 @@ impl<'j> Output<'j> {
             ),
             TaskKind::SoftDeleted => (Rows::LastState, format!("{resource_type}-softdeleted")),
             TaskKind::Export => (Rows::Live, resource_type.to_string()),
-            TaskKind::Plan => return Err(TaskError::failed("a plan task is not an export task")),
+            TaskKind::Plan | TaskKind::Blocks => {
+                return Err(TaskError::failed("not a task of one type"));
+            }
         };
         // Deletions are listed whole: a tombstone has nothing to filter on.
         let filter = match rows {
@@ -311,7 +317,12 @@ async fn commit(
         return Ok(false);
     };
     let (name, lines, bytes) = (part.name.clone(), part.lines, part.bytes);
-    part.finish(held, (last.seq, last.version_id)).await?;
+    let checkpoint = Checkpoint {
+        seq: last.seq,
+        version: last.version_id,
+        ..Checkpoint::default()
+    };
+    part.finish(held, checkpoint, false).await?;
     let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(file = %name, resources = lines, bytes, ms, "part committed");
     Ok(true)

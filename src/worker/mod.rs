@@ -5,6 +5,7 @@
 //! with backoff inside the attempt while the lease holds, resuming from the task's checkpoint;
 //! only real failures, and panics, spend an attempt.
 
+mod blocks;
 mod error;
 mod export;
 mod lease;
@@ -285,6 +286,7 @@ async fn run_kind(
         .ok_or(TaskError::LeaseLost)?;
     match held.task.kind {
         TaskKind::Plan => plan::run(context, &job, held, lease).await,
+        TaskKind::Blocks => blocks::run(context, &job, held, lease, shutdown).await,
         TaskKind::Export | TaskKind::Deleted | TaskKind::History | TaskKind::SoftDeleted => {
             export::run(context, &job, held, lease, shutdown).await
         }

@@ -7,7 +7,7 @@ use super::{Context, TaskError};
 use crate::{
     db::{
         jobs::Job,
-        tasks::{Fenced, HeldTask},
+        tasks::{Checkpoint, Fenced, HeldTask, PartDone},
     },
     metrics,
     storage::{AttemptTag, PartWriter},
@@ -85,8 +85,14 @@ impl OpenPart {
         Ok(())
     }
 
-    /// Commits the file if the lease still holds, then checkpoints `last` (seq, version).
-    pub async fn finish(mut self, held: &mut HeldTask, last: (i64, i32)) -> Result<(), TaskError> {
+    /// Commits the file if the lease still holds, then checkpoints `last`. `continues`: the
+    /// file ends inside a block that goes on in the task's next file.
+    pub async fn finish(
+        mut self,
+        held: &mut HeldTask,
+        last: Checkpoint,
+        continues: bool,
+    ) -> Result<(), TaskError> {
         self.flush().await?;
         // Why the fence said no stays here: a lost lease, or a database fault to retry.
         let mut refused: Option<Fenced> = None;
@@ -106,8 +112,12 @@ impl OpenPart {
         if !committed {
             return Err(TaskError::LeaseLost);
         }
-        held.checkpoint(self.seq, last, self.lines, self.bytes as i64)
-            .await?;
+        let done = PartDone {
+            resources: self.lines,
+            bytes: i64::try_from(self.bytes).unwrap_or(i64::MAX),
+            continues,
+        };
+        held.checkpoint(self.seq, last, done).await?;
         metrics::part_written(
             &self.kind,
             self.storage,

@@ -7,9 +7,11 @@ use std::{sync::Arc, time::Duration};
 use super::{Context, Ended, TaskError, lease::Lease, part, read_source};
 use crate::{
     db::{
+        blocks,
         jobs::{self, Job, Level},
         resources,
-        tasks::{HeldTask, PlannedTask, TaskKind},
+        snapshot::PatientFilter,
+        tasks::{Checkpoint, HeldTask, PlannedTask, TaskKind},
     },
     fhir::{
         outcome::{self, Issue, Severity},
@@ -40,44 +42,53 @@ pub async fn run(
     } else {
         spec.types.clone()
     };
-    let step = spec.range_size;
     let mut planned = Vec::new();
+    let mut block_estimate = 0;
+    let mut has_blocks = false;
     for resource_type in types {
         let Some(span) = resources::type_span(pool, &resource_type).await? else {
             continue;
         };
-        // Equal slices of the seq span, about `step` resources each. Resources that matter to
-        // the snapshot all have a current row by now, so the span covers them.
-        let slices = (span.count + step - 1) / step;
-        let width = (span.max_seq - span.min_seq + 1 + slices - 1) / slices;
-        let mut start = span.min_seq - 1;
-        while start < span.max_seq {
-            let end = (start + width).min(span.max_seq);
+        let organized = spec.organize_by.is_some();
+        // What is in a compartment goes in blocks.
+        let in_blocks = organized && compartment_types().contains(&resource_type.as_str());
+        if in_blocks {
+            has_blocks = true;
+            block_estimate += span.count;
+        }
+        // An organized export writes files of one type only for what is in no compartment
+        // (system level): one task reads a compartment type's few such rows.
+        let step = if in_blocks { i64::MAX } else { spec.range_size };
+        let ranges = seq_ranges(span, step);
+        let slices = i64::try_from(ranges.len()).unwrap_or(1);
+        for (start, end) in ranges {
             // The same range also lists what was deleted since `_since`, and older versions
             // and last states when asked for.
             let kinds = [
-                (TaskKind::Export, true),
+                (TaskKind::Export, !in_blocks || spec.level == Level::System),
                 (TaskKind::Deleted, spec.since.is_some()),
                 (TaskKind::History, spec.include_history),
                 (TaskKind::SoftDeleted, spec.include_deleted),
             ];
-            for (kind, wanted) in kinds {
-                if wanted {
-                    planned.push(PlannedTask {
-                        kind,
-                        resource_type: resource_type.clone(),
-                        range_start: start,
-                        range_end: end,
-                        estimate: if kind == TaskKind::Export {
-                            span.count / slices
-                        } else {
-                            0
-                        },
-                    });
-                }
+            for (kind, _) in kinds.into_iter().filter(|(_, wanted)| *wanted) {
+                let estimate = match kind {
+                    TaskKind::Export if !in_blocks => span.count / slices,
+                    _ => 0,
+                };
+                planned.push(PlannedTask {
+                    kind,
+                    resource_type: resource_type.clone(),
+                    range_start: start,
+                    range_end: end,
+                    block_after: None,
+                    block_last: None,
+                    estimate,
+                });
             }
-            start = end;
         }
+    }
+    if has_blocks {
+        planned.extend(block_tasks(context, job, block_estimate).await?);
     }
     if held.finish(&planned, context.retention()).await? {
         context.log_end(job.id, "completed").await;
@@ -144,7 +155,75 @@ async fn write_notes(context: &Context, job: &Job, held: &mut HeldTask) -> Resul
         let line = outcome::operation_outcome(&[issue]).to_string();
         part.write_line(line.as_bytes()).await?;
     }
-    part.finish(held, (0, 0)).await
+    part.finish(held, Checkpoint::default(), false).await
+}
+
+/// Equal slices of a type's seq span, about `step` resources each. Resources that matter to
+/// the snapshot all have a current row by now, so the span covers them.
+fn seq_ranges(span: resources::TypeSpan, step: i64) -> Vec<(i64, i64)> {
+    let slices = div_ceil(span.count, step).max(1);
+    let width = div_ceil(span.max_seq - span.min_seq + 1, slices);
+    let mut ranges = Vec::new();
+    let mut start = span.min_seq - 1;
+    while start < span.max_seq {
+        let end = (start + width).min(span.max_seq);
+        ranges.push((start, end));
+        start = end;
+    }
+    ranges
+}
+
+/// `a / b` rounded up, for positive numbers (`i64::div_ceil` is not stable).
+fn div_ceil(a: i64, b: i64) -> i64 {
+    a / b + i64::from(a % b != 0)
+}
+
+/// An organized export's blocks tasks: the patients cut into ranges of about `range_size`
+/// resources (`estimate` in all), each range one task writing `{organize_by}-blocks` files.
+async fn block_tasks(
+    context: &Context,
+    job: &Job,
+    estimate: i64,
+) -> Result<Vec<PlannedTask>, TaskError> {
+    let spec = &job.spec;
+    let slices = div_ceil(estimate, spec.range_size).max(1);
+    let patients = blocks_patients(job);
+    let bounds = blocks::slice_bounds(&context.pools.primary, patients, slices).await?;
+    let per_task = estimate / i64::try_from(bounds.len() + 1).unwrap_or(1);
+    let mut after = None;
+    let mut planned = Vec::new();
+    for last in bounds.into_iter().map(Some).chain([None]) {
+        planned.push(PlannedTask {
+            kind: TaskKind::Blocks,
+            resource_type: "Patient".into(),
+            range_start: 0,
+            range_end: 0,
+            block_after: after.clone(),
+            block_last: last.clone(),
+            estimate: per_task,
+        });
+        after = last;
+    }
+    Ok(planned)
+}
+
+/// Whose blocks an organized export writes.
+pub fn blocks_patients(job: &Job) -> PatientFilter {
+    match (job.spec.named_patients, job.spec.level) {
+        (true, _) => PatientFilter::JobPatients(job.id),
+        (false, Level::System) => PatientFilter::None,
+        (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
+    }
+}
+
+/// The types an organized export writes in blocks: those that can be in a patient's
+/// compartment, of the job's types.
+pub fn block_types(job: &Job) -> Vec<String> {
+    compartment_types()
+        .into_iter()
+        .filter(|t| job.spec.types.is_empty() || job.spec.types.iter().any(|s| s == t))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Types that can be in a patient's compartment (Patient and Group export read only these).

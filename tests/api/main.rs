@@ -19,6 +19,7 @@ mod lifecycle;
 mod load;
 mod logs;
 mod metrics;
+mod organized;
 mod queue;
 mod recovery;
 mod rest;

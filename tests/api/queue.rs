@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use fhir_export::db::tasks::{self, Fenced, HeldTask, PlannedTask, TaskKind};
+use fhir_export::db::tasks::{self, Checkpoint, Fenced, HeldTask, PartDone, PlannedTask, TaskKind};
 
 const LEASE: Duration = Duration::from_secs(60);
 const RETENTION: Duration = Duration::from_secs(3600);
@@ -68,7 +68,26 @@ fn planned(kind: TaskKind, start: i64, end: i64) -> PlannedTask {
         resource_type: "Patient".into(),
         range_start: start,
         range_end: end,
+        block_after: None,
+        block_last: None,
         estimate: end - start,
+    }
+}
+
+/// A checkpoint after the row with this seq.
+fn at(seq: i64) -> Checkpoint {
+    Checkpoint {
+        seq,
+        version: 1,
+        ..Checkpoint::default()
+    }
+}
+
+fn done(resources: i32, bytes: i64) -> PartDone {
+    PartDone {
+        resources,
+        bytes,
+        continues: false,
     }
 }
 
@@ -87,7 +106,9 @@ async fn a_stale_attempt_changes_nothing() {
     assert!(is_lease_lost(stale.heartbeat().await));
     assert!(is_lease_lost(stale.holds().await));
     assert!(is_lease_lost(stale.reserve_part("Patient", 1).await));
-    assert!(is_lease_lost(stale.checkpoint(0, (7, 1), 3, 300).await));
+    assert!(is_lease_lost(
+        stale.checkpoint(0, at(7), done(3, 300)).await
+    ));
     assert!(is_lease_lost(stale.set_waiting_writers(2).await));
     let follow_ups = [planned(TaskKind::Export, 0, 10)];
     assert!(is_lease_lost(stale.finish(&follow_ups, RETENTION).await));
@@ -121,7 +142,7 @@ async fn a_retried_part_reserves_the_same_number() {
     assert_eq!(first.reserve_part("Patient", 0).await.unwrap(), 1);
     assert_eq!(second.reserve_part("Patient", 0).await.unwrap(), 2);
     assert_eq!(first.reserve_part("Patient", 1).await.unwrap(), 3);
-    second.checkpoint(0, (15, 1), 5, 500).await.unwrap();
+    second.checkpoint(0, at(15), done(5, 500)).await.unwrap();
 
     // The first task's worker dies; its retry rewrites the same files, then goes on.
     expire_and_rescue(&app, &first, 5).await;
@@ -134,11 +155,13 @@ async fn a_retried_part_reserves_the_same_number() {
     assert!(is_lease_lost(first.reserve_part("Patient", 2).await));
 
     // A checkpoint moves on exactly once per part: a replayed one is refused.
-    retry.checkpoint(0, (5, 1), 5, 500).await.unwrap();
+    retry.checkpoint(0, at(5), done(5, 500)).await.unwrap();
     assert_eq!(retry.task.parts_done, 1);
     let mut replay = retry.clone();
     replay.task.parts_done = 0;
-    assert!(is_lease_lost(replay.checkpoint(0, (5, 1), 5, 500).await));
+    assert!(is_lease_lost(
+        replay.checkpoint(0, at(5), done(5, 500)).await
+    ));
     let counted: i64 = sqlx::query_scalar("SELECT sum(resources_done)::bigint FROM export_tasks")
         .fetch_one(&app.pool)
         .await

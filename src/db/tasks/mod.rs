@@ -33,6 +33,8 @@ pub enum TaskKind {
     History,
     /// The last state of deleted resources (`includeAssociatedData=_deleted`).
     SoftDeleted,
+    /// `organizeOutputBy=Patient`: the blocks of the patients in a range of ids.
+    Blocks,
 }
 
 impl TaskKind {
@@ -44,6 +46,7 @@ impl TaskKind {
             TaskKind::Deleted => "deleted",
             TaskKind::History => "history",
             TaskKind::SoftDeleted => "softdeleted",
+            TaskKind::Blocks => "blocks",
         }
     }
 }
@@ -98,6 +101,9 @@ pub struct PlannedTask {
     /// The resources with seq in (range_start, range_end].
     pub range_start: i64,
     pub range_end: i64,
+    /// A blocks task's patients: ids in (block_after, block_last], `None` unbounded.
+    pub block_after: Option<String>,
+    pub block_last: Option<String>,
     pub estimate: i64,
 }
 
@@ -115,12 +121,38 @@ pub struct Task {
     /// The last row of the last committed part: (seq, version).
     pub checkpoint_seq: i64,
     pub checkpoint_version: i32,
+    /// A blocks task's range: patient ids in (block_after, block_last], `None` unbounded.
+    pub block_after: Option<String>,
+    pub block_last: Option<String>,
+    /// A blocks task's checkpoint: the block of the last row written, and whether that row
+    /// came after the block's Patient (see `Checkpoint`).
+    pub checkpoint_block: Option<String>,
+    pub checkpoint_after_patient: bool,
     /// Parts committed so far; the next part's number within the task.
     pub parts_done: i32,
 }
 
 const TASK_COLUMNS: &str = "id, job_id, kind, resource_type, range_start, range_end, attempt, \
-    checkpoint_seq, checkpoint_version, parts_done";
+    checkpoint_seq, checkpoint_version, block_after, block_last, checkpoint_block, \
+    checkpoint_after_patient, parts_done";
+
+/// The last row of a committed part, where the task resumes: (seq, version) in the order of
+/// the export tasks' pages, and for a blocks task (block, after the Patient, seq).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub version: i32,
+    pub block: Option<String>,
+    pub after_patient: bool,
+}
+
+/// A committed part's counts, and whether its last block goes on in the task's next part.
+#[derive(Debug, Clone, Copy)]
+pub struct PartDone {
+    pub resources: i32,
+    pub bytes: i64,
+    pub continues: bool,
+}
 
 /// A fenced write found the lease gone, or the database failed.
 #[derive(Debug, thiserror::Error)]
@@ -279,38 +311,43 @@ impl HeldTask {
         Ok(part_no)
     }
 
-    /// Records the committed part `seq` (its line and byte counts) and moves the checkpoint
-    /// to `last` (seq, version).
+    /// Records the committed part `seq` (its counts) and moves the checkpoint to `last`.
     pub async fn checkpoint(
         &mut self,
         seq: i32,
-        last: (i64, i32),
-        resources: i32,
-        bytes: i64,
+        last: Checkpoint,
+        part: PartDone,
     ) -> Result<(), Fenced> {
         let done = sqlx::query(concat!(
             "WITH t AS (
                 UPDATE export_tasks SET checkpoint_seq = $4, checkpoint_version = $5,
+                       checkpoint_block = $8, checkpoint_after_patient = $9,
                        parts_done = $3 + 1, resources_done = resources_done + $6,
                        updated_at = now()
                 WHERE parts_done = $3 AND ",
             held!(),
             " RETURNING id)
-             UPDATE export_parts p SET resources = $6, bytes = $7
+             UPDATE export_parts p SET resources = $6, bytes = $7, continues = $10
              FROM t WHERE p.task_id = t.id AND p.task_seq = $3"
         ))
         .bind(self.task.id)
         .bind(self.task.attempt)
         .bind(seq)
-        .bind(last.0)
-        .bind(last.1)
-        .bind(resources)
-        .bind(bytes)
+        .bind(last.seq)
+        .bind(last.version)
+        .bind(part.resources)
+        .bind(part.bytes)
+        .bind(&last.block)
+        .bind(last.after_patient)
+        .bind(part.continues)
         .execute(&self.pool)
         .await?;
         fenced(done.rows_affected())?;
         self.task.parts_done = seq + 1;
-        (self.task.checkpoint_seq, self.task.checkpoint_version) = last;
+        self.task.checkpoint_seq = last.seq;
+        self.task.checkpoint_version = last.version;
+        self.task.checkpoint_block = last.block;
+        self.task.checkpoint_after_patient = last.after_patient;
         Ok(())
     }
 
@@ -464,9 +501,8 @@ impl HeldTask {
     /// Reads the task's row again after a fault interrupted the attempt: whatever committed
     /// before the fault (a part, the finish) is taken as done.
     pub async fn resume(&mut self) -> Result<Resumed, Fenced> {
-        let row: Option<(TaskState, bool, i64, i32, i32)> = sqlx::query_as(
-            "SELECT status, coalesce(leased_until > now(), false), checkpoint_seq,
-                    checkpoint_version, parts_done
+        let row: Option<(TaskState, bool)> = sqlx::query_as(
+            "SELECT status, coalesce(leased_until > now(), false)
              FROM export_tasks WHERE id = $1 AND attempt = $2",
         )
         .bind(self.task.id)
@@ -474,13 +510,16 @@ impl HeldTask {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some((TaskState::Running, true, seq, version, parts)) => {
-                self.task.checkpoint_seq = seq;
-                self.task.checkpoint_version = version;
-                self.task.parts_done = parts;
+            Some((TaskState::Running, true)) => {
+                self.task = sqlx::query_as(&format!(
+                    "SELECT {TASK_COLUMNS} FROM export_tasks WHERE id = $1"
+                ))
+                .bind(self.task.id)
+                .fetch_one(&self.pool)
+                .await?;
                 Ok(Resumed::Held)
             }
-            Some((TaskState::Done, ..)) => Ok(Resumed::Finished),
+            Some((TaskState::Done, _)) => Ok(Resumed::Finished),
             _ => Err(Fenced::LeaseLost),
         }
     }
@@ -493,24 +532,31 @@ async fn insert_planned(
 ) -> sqlx::Result<()> {
     let (mut kinds, mut types, mut starts, mut ends, mut estimates) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut block_after, mut block_last) = (vec![], vec![]);
     for p in planned {
         kinds.push(p.kind);
         types.push(p.resource_type.as_str());
         starts.push(p.range_start);
         ends.push(p.range_end);
+        block_after.push(p.block_after.as_deref());
+        block_last.push(p.block_last.as_deref());
         estimates.push(p.estimate);
     }
     sqlx::query(
-        "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end, estimate)
-         SELECT $1, k, t, s, e, n
-         FROM unnest($2::task_kind[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
-             AS p(k, t, s, e, n)",
+        "INSERT INTO export_tasks (job_id, kind, resource_type, range_start, range_end,
+                                   block_after, block_last, estimate)
+         SELECT $1, k, t, s, e, a, l, n
+         FROM unnest($2::task_kind[], $3::text[], $4::bigint[], $5::bigint[], $6::text[],
+                     $7::text[], $8::bigint[])
+             AS p(k, t, s, e, a, l, n)",
     )
     .bind(job_id)
     .bind(&kinds)
     .bind(&types)
     .bind(&starts)
     .bind(&ends)
+    .bind(&block_after)
+    .bind(&block_last)
     .bind(&estimates)
     .execute(conn)
     .await?;

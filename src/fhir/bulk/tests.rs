@@ -137,7 +137,7 @@ fn unknown_and_unsupported_parameters() {
     );
     assert!(
         parse(
-            &p(&[("organizeOutputBy", "Patient")]),
+            &p(&[("organizeOutputBy", "Encounter")]),
             true,
             false,
             now(),
@@ -309,6 +309,59 @@ fn parameters_resource() {
 }
 
 #[test]
+fn organize_output_by_and_partial_manifests() {
+    let read = |pairs: &[(&str, &str)], lenient| parse(&p(pairs), true, lenient, now(), BASE);
+    let organized = read(&[("organizeOutputBy", "Patient")], false).unwrap();
+    assert_eq!(organized.organize_by.as_deref(), Some("Patient"));
+    assert!(
+        read(
+            &[
+                ("organizeOutputBy", "Patient"),
+                ("organizeOutputBy", "Patient")
+            ],
+            false
+        )
+        .is_err()
+    );
+    // Lenient: an unsupported type is ignored, and said.
+    let lenient = read(&[("organizeOutputBy", "Encounter")], true).unwrap();
+    assert_eq!(lenient.organize_by, None);
+    assert!(
+        lenient.ignored[0].contains("Encounter"),
+        "{:?}",
+        lenient.ignored
+    );
+    // Older versions are not organized: refused together, dropped (and said) when lenient.
+    let both = [
+        ("organizeOutputBy", "Patient"),
+        ("includeAssociatedData", "_history"),
+    ];
+    assert!(matches!(
+        read(&both, false),
+        Err(ParamError::NotSupported(_))
+    ));
+    let dropped = read(&both, true).unwrap();
+    assert!(!dropped.include_history && dropped.organize_by.is_some());
+    assert_eq!(dropped.ignored.len(), 1);
+    assert!(
+        read(&[("allowPartialManifests", "true")], false)
+            .unwrap()
+            .allow_partial_manifests
+    );
+    assert!(
+        !read(&[("allowPartialManifests", "false")], false)
+            .unwrap()
+            .allow_partial_manifests
+    );
+    for bad in ["yes", "TRUE", "1", ""] {
+        assert!(matches!(
+            read(&[("allowPartialManifests", bad)], true),
+            Err(ParamError::Invalid(_))
+        ));
+    }
+}
+
+#[test]
 fn what_the_server_does_not_offer_is_told_apart_from_a_wrong_value() {
     let refused = |pairs: &[(&str, &str)], system_level| {
         parse(&p(pairs), system_level, false, now(), BASE).unwrap_err()
@@ -318,7 +371,7 @@ fn what_the_server_does_not_offer_is_told_apart_from_a_wrong_value() {
         refused(&[("_till", "2025-01-01T00:00:00Z")], false),
         refused(&[("patient", "Patient/p1")], true),
         refused(&[("includeAssociatedData", "_relevant")], true),
-        refused(&[("organizeOutputBy", "Patient")], true),
+        refused(&[("organizeOutputBy", "Encounter")], true),
     ] {
         assert!(
             matches!(unsupported, ParamError::NotSupported(_)),
