@@ -9,8 +9,9 @@
 #   BENCH_BIN=/path/fhir-export bench/run.sh   # another build (e.g. the previous commit's), as is
 #
 # The first export runs right after `load`, before anything the server does not do itself
-# (`load` leaves what it wrote ready for readers). Also: the export again (steady state), a
-# Patient export of all, a Group export of a tenth of the patients, a `_typeFilter` export, a
+# (`load` leaves what it wrote ready for readers). Also: the export again (steady state), the
+# export organized by patient (`organizeOutputBy=Patient`, next to the plain one), a Patient
+# export of all, a Group export of a tenth of the patients, a `_typeFilter` export, a
 # de-identified export (bench/deid-config.json), large transaction Bundles, and (when Azurite
 # answers at 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
 #
@@ -151,6 +152,9 @@ for run in $(seq 1 "$RUNS"); do
   [ "$FIRST_EXPORTED" = "$ON_DISK" ] || { echo "manifest counts $FIRST_EXPORTED but files hold $ON_DISK" >&2; exit 1; }
   export_run steady "/\$export"
   STEADY_SECS=$EXPORT_SECS STEADY_RSS_KB=$RSS_KB
+  # Organized by patient: the same resources in blocks (a header line per block more).
+  export_run organized "/\$export?organizeOutputBy=Patient"
+  ORGANIZED_SECS=$EXPORT_SECS ORGANIZED_RSS_KB=$RSS_KB
   export_run patients "/Patient/\$export"
   PATIENT_SECS=$EXPORT_SECS PATIENT_EXPORTED=$EXPORTED
 
@@ -221,6 +225,7 @@ PY
   row "raw COPY FROM STDIN (one text column)" "$COPY_IN_SECS" "$(rate "$RESOURCES" "$COPY_IN_SECS")" ""
   row "\$export, first after load" "$FIRST_SECS" "$(rate "$FIRST_EXPORTED" "$FIRST_SECS")" "$(ratio "$COPY_OUT_SECS" "$FIRST_SECS") / $(ratio "$COPY_FILE_SECS" "$FIRST_SECS")"
   row "\$export again (steady state)" "$STEADY_SECS" "$(rate "$FIRST_EXPORTED" "$STEADY_SECS")" "$(ratio "$COPY_OUT_SECS" "$STEADY_SECS") / $(ratio "$COPY_FILE_SECS" "$STEADY_SECS")"
+  row "\$export organizeOutputBy=Patient" "$ORGANIZED_SECS" "$(rate "$FIRST_EXPORTED" "$ORGANIZED_SECS")" "$(ratio "$STEADY_SECS" "$ORGANIZED_SECS") of plain"
   row "raw COPY TO STDOUT > /dev/null" "$COPY_OUT_SECS" "$(rate "$FIRST_EXPORTED" "$COPY_OUT_SECS")" ""
   row "raw COPY TO STDOUT > file (synced)" "$COPY_FILE_SECS" "$(rate "$FIRST_EXPORTED" "$COPY_FILE_SECS")" ""
   row "Patient/\$export (all, $PATIENT_EXPORTED)" "$PATIENT_SECS" "$(rate "$PATIENT_EXPORTED" "$PATIENT_SECS")" ""
@@ -233,6 +238,6 @@ PY
     row "\$export to Azurite" "$AZ_SECS" "$(rate "$FIRST_EXPORTED" "$AZ_SECS")" ""
   fi
   echo "filter: $FILTER_MATCHED of $OBSERVATIONS Observations matched"
-  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB, de-identified $((DEID_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB})"
+  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB, organized $((ORGANIZED_RSS_KB / 1024)) MB, de-identified $((DEID_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB})"
   echo "database size after load: $DB_SIZE"
 done

@@ -95,6 +95,8 @@ pub struct ExportConfig {
     pub range_size: i64,
     pub poll_interval_ms: u64,
     pub throttle_ms: u64,
+    /// Files per manifest page (`allowPartialManifests=true`).
+    pub manifest_page_size: i64,
     pub output_urls: OutputUrls,
 }
 
@@ -175,6 +177,9 @@ impl Config {
         }
         if e.max_attempts < 1 {
             bail!("export.max_attempts must be at least 1");
+        }
+        if e.manifest_page_size < 1 {
+            bail!("export.manifest_page_size must be at least 1");
         }
         if e.range_size < 1 {
             bail!("export.range_size must be at least 1");

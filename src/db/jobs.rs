@@ -102,6 +102,8 @@ pub struct JobSpec {
     pub separate_status: bool,
     /// `organizeOutputBy`: the type whose instances organize the output in blocks (`Patient`).
     pub organize_by: Option<String>,
+    /// `allowPartialManifests=true`: the manifest comes in pages, the first while it runs.
+    pub allow_partial_manifests: bool,
 }
 
 impl JobSpec {
@@ -135,7 +137,7 @@ const SPEC_COLUMNS: &str = "level, request_url, transaction_time, since, types, 
     excluded_groups, elements, type_filters, include_history, include_deleted, notes, owner, \
     container, own_container, folder, part_size, part_max_bytes, range_size, created_at, \
     anonymization_name, anonymization_config, anonymization_seed, separate_status, until, \
-    organize_by";
+    organize_by, allow_partial_manifests";
 
 /// Where a job's files live.
 #[derive(Debug, Clone, FromRow)]
@@ -253,7 +255,7 @@ pub async fn create(
     sqlx::query(&format!(
         "INSERT INTO export_jobs (id, {SPEC_COLUMNS}, writers)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, ARRAY({WRITERS}))"
+                 $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, ARRAY({WRITERS}))"
     ))
     .bind(id)
     .bind(spec.level)
@@ -288,6 +290,7 @@ pub async fn create(
     .bind(spec.separate_status)
     .bind(spec.until)
     .bind(&spec.organize_by)
+    .bind(spec.allow_partial_manifests)
     .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT INTO export_tasks (job_id, kind) VALUES ($1, 'plan')")
@@ -395,7 +398,7 @@ pub async fn progress(pool: &PgPool, id: Uuid) -> sqlx::Result<Progress> {
 }
 
 /// A part's continuation: the committed part after it in its task.
-const CONTINUES_IN: &str = "CASE WHEN p.continues THEN
+pub(super) const CONTINUES_IN: &str = "CASE WHEN p.continues THEN
         (SELECT n.part_no FROM export_parts n
          WHERE n.task_id = p.task_id AND n.task_seq = p.task_seq + 1 AND n.resources IS NOT NULL)
     END AS continues_in";
@@ -411,15 +414,24 @@ pub async fn parts(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<Part>> {
     .await
 }
 
-/// Is `{kind}-{n}.ndjson` a committed file of this job?
-pub async fn has_part(pool: &PgPool, id: Uuid, kind: &str, part_no: i32) -> sqlx::Result<bool> {
+/// Is `{kind}-{n}.ndjson` a committed file of this job (and, if `published`, on a manifest
+/// page)?
+pub async fn has_part(
+    pool: &PgPool,
+    id: Uuid,
+    kind: &str,
+    part_no: i32,
+    published: bool,
+) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM export_parts WHERE job_id = $1 AND resource_type = $2
-                        AND part_no = $3 AND resources IS NOT NULL)",
+                        AND part_no = $3 AND resources IS NOT NULL
+                        AND (page IS NOT NULL OR NOT $4))",
     )
     .bind(id)
     .bind(kind)
     .bind(part_no)
+    .bind(published)
     .fetch_one(pool)
     .await
 }

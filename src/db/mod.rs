@@ -9,6 +9,7 @@ pub mod copy_out;
 pub mod deferred_vacuum;
 pub mod jobs;
 pub mod notify;
+pub mod pages;
 pub mod resources;
 pub mod snapshot;
 pub mod tasks;

@@ -8,7 +8,8 @@ use crate::{
 };
 
 impl Exporter {
-    /// The bytes of `file` (`Type-n.ndjson`) of a completed job the caller may see.
+    /// The bytes of `file` (`Type-n.ndjson`) of a job the caller may see: a completed job's,
+    /// or one a manifest page already lists.
     pub async fn file(
         &self,
         principal: &Principal,
@@ -22,9 +23,17 @@ impl Exporter {
             .and_then(|stem| stem.rsplit_once('-'))
             .and_then(|(t, n)| Some((t, n.parse::<i32>().ok()?)))
             .ok_or_else(no_file)?;
-        if job.status != JobState::Completed
-            || !jobs::has_part(&self.pool, job.id, resource_type, part_no).await?
-        {
+        // A running job's files are there once a manifest page lists them.
+        let ready = match job.status {
+            JobState::Completed => {
+                jobs::has_part(&self.pool, job.id, resource_type, part_no, false).await?
+            }
+            JobState::Running | JobState::Queued if job.spec.allow_partial_manifests => {
+                jobs::has_part(&self.pool, job.id, resource_type, part_no, true).await?
+            }
+            _ => false,
+        };
+        if !ready {
             return Err(no_file());
         }
         let name = format!("{}/{file}", job.spec.folder);

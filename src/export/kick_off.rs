@@ -247,6 +247,7 @@ impl Exporter {
             anonymization_config: None,
             separate_status: request.separate_status,
             organize_by: params.organize_by,
+            allow_partial_manifests: params.allow_partial_manifests,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct Manifest {
     /// `organizeOutputBy`: the output files hold resource blocks of this type's instances
     /// (their items carry no `type`).
     pub organized_by: Option<String>,
+    /// The next page of a paged manifest (`allowPartialManifests=true`).
+    pub next: Option<String>,
 }
 
 /// One file of the manifest.
@@ -77,6 +79,9 @@ pub mod v2 {
         if let Some(deleted) = &manifest.deleted {
             body["deleted"] = items(deleted, true);
         }
+        if let Some(next) = &manifest.next {
+            body["link"] = json!([{"relation": "next", "url": next}]);
+        }
         // The IG keeps `extension` for servers (a JSON object): this one says the files were
         // de-identified, and with which configuration.
         if let Some(name) = &manifest.de_identified_with {
@@ -114,6 +119,7 @@ mod tests {
             de_identified_with: None,
             expires: None,
             organized_by: None,
+            next: None,
         };
         assert_eq!(
             v2::json(&manifest),

@@ -9,6 +9,7 @@ pub mod files;
 pub mod kick_off;
 pub mod manifest;
 mod members;
+mod pages;
 pub mod status;
 
 use std::sync::Arc;

@@ -27,9 +27,11 @@ pub struct StatusReport {
 }
 
 pub enum Status {
-    /// Queued or running (a cancelled job keeps answering so until it is gone).
+    /// Queued or running (a cancelled job keeps answering so until it is gone); with
+    /// `allowPartialManifests=true`, a manifest page of the files complete so far.
     InProgress {
         progress: String,
+        manifest: Option<Manifest>,
     },
     Completed(Manifest),
     /// The cause is in the server log under this id.
@@ -69,17 +71,46 @@ impl Exporter {
         Ok(job)
     }
 
-    pub async fn status(&self, principal: &Principal, id: &str) -> Result<StatusReport, Error> {
+    /// The job's status; `page`: a page of a paged manifest (`allowPartialManifests=true`),
+    /// the first when not given.
+    pub async fn status(
+        &self,
+        principal: &Principal,
+        id: &str,
+        page: Option<i32>,
+    ) -> Result<StatusReport, Error> {
         let job = self.visible_job(principal, id).await?;
+        let paged = job.spec.allow_partial_manifests;
+        if page.is_some() && !paged {
+            return Err(Error::NotFound(format!(
+                "export {id} has one manifest, without pages (kick off with \
+                 allowPartialManifests=true for pages)"
+            )));
+        }
+        let page = page.unwrap_or(1);
         let status = match job.status {
-            JobState::Completed => Status::Completed(self.manifest(&job).await?),
+            JobState::Completed if paged => {
+                Status::Completed(match self.manifest_page(&job, page).await? {
+                    Some(manifest) => manifest,
+                    None => self.manifest_of(&job, &[]).await?,
+                })
+            }
+            JobState::Completed => {
+                let parts = jobs::parts(&self.pool, job.id).await?;
+                Status::Completed(self.manifest_of(&job, &parts).await?)
+            }
             JobState::Failed => Status::Failed {
                 correlation: job.error_id,
             },
             JobState::Queued | JobState::Running | JobState::Cancelled => {
                 let progress = jobs::progress(&self.pool, job.id).await?;
+                let manifest = match paged && job.status != JobState::Cancelled {
+                    true => self.manifest_page(&job, page).await?,
+                    false => None,
+                };
                 Status::InProgress {
                     progress: progress_text(&job, &progress),
+                    manifest,
                 }
             }
         };
@@ -89,9 +120,9 @@ impl Exporter {
         })
     }
 
-    async fn manifest(&self, job: &Job) -> Result<Manifest, Error> {
-        let parts = jobs::parts(&self.pool, job.id).await?;
-        let urls = self.file_urls(job, &parts).await?;
+    /// The manifest that lists `parts` of `job`.
+    pub(super) async fn manifest_of(&self, job: &Job, parts: &[Part]) -> Result<Manifest, Error> {
+        let urls = self.file_urls(job, parts).await?;
         let url_of: std::collections::HashMap<(&str, i32), &String> = parts
             .iter()
             .map(|p| (p.resource_type.as_str(), p.part_no))
@@ -136,6 +167,7 @@ impl Exporter {
             de_identified_with: job.spec.anonymization_name.clone(),
             expires: job.expires_at,
             organized_by: job.spec.organize_by.clone(),
+            next: None,
         })
     }
 

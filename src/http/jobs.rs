@@ -3,7 +3,7 @@
 use axum::{
     Extension, Router,
     body::Body,
-    extract::State,
+    extract::{RawQuery, State},
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -36,10 +36,12 @@ async fn status(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
-    let report = state.exports.status(&principal, &id).await?;
+    let page = manifest_page(&id, query.as_deref())?;
+    let report = state.exports.status(&principal, &id, page).await?;
     let answer = match report.status {
-        Status::Completed(manifest) => manifest_response(&manifest),
+        Status::Completed(manifest) => manifest_response(&manifest, StatusCode::OK),
         // The cause stays in the server log, under the id the client can quote.
         Status::Failed { correlation } => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -50,8 +52,12 @@ async fn status(
             ),
         )
         .into_response(),
-        Status::InProgress { progress } => {
-            let mut response = StatusCode::ACCEPTED.into_response();
+        Status::InProgress { progress, manifest } => {
+            // A page of the files complete so far (`allowPartialManifests=true`), if any.
+            let mut response = match manifest {
+                Some(manifest) => manifest_response(&manifest, StatusCode::ACCEPTED),
+                None => StatusCode::ACCEPTED.into_response(),
+            };
             let headers = response.headers_mut();
             if let Ok(progress) = HeaderValue::from_str(&progress) {
                 headers.insert("x-progress", progress);
@@ -83,8 +89,34 @@ fn separate_export_status(mut answer: Response) -> Response {
     answer
 }
 
-fn manifest_response(manifest: &Manifest) -> Response {
-    let mut response = (StatusCode::OK, v2::json(manifest).to_string()).into_response();
+/// `?page=n` of a status URL: a page of a paged manifest. Anything but a page number names
+/// no page.
+fn manifest_page(id: &str, query: Option<&str>) -> Result<Option<i32>, ApiError> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut page = None;
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if name != "page" {
+            continue;
+        }
+        let number = value.parse::<i32>().ok().filter(|n| *n > 0);
+        match (number, page) {
+            (Some(n), None) => page = Some(n),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    format!("export {id} has no manifest page '{value}'"),
+                ));
+            }
+        }
+    }
+    Ok(page)
+}
+
+fn manifest_response(manifest: &Manifest, status: StatusCode) -> Response {
+    let mut response = (status, v2::json(manifest).to_string()).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

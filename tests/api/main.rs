@@ -20,6 +20,7 @@ mod load;
 mod logs;
 mod metrics;
 mod organized;
+mod pages;
 mod queue;
 mod recovery;
 mod rest;

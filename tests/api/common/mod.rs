@@ -182,6 +182,13 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Stops the app's server (API and workers); the database and storage stay.
+    pub fn stop_server(&self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
