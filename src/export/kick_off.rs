@@ -57,6 +57,14 @@ impl Exporter {
             self.check_container(container)?;
         }
         params.types = exported_types(principal, &params)?;
+        // A Group's members are read from the Group: its export needs leave to read Groups.
+        if request.level == Level::Group
+            && let Some(why) = principal.denied(Access::Read, "Group")
+        {
+            return Err(Error::Forbidden(format!(
+                "{why}; a Group export reads the Group (grant system/Group.rs)"
+            )));
+        }
         let anonymization = match &params.anonymization_config {
             Some(name) => Some(
                 self.anonymization_config(name, params.anonymization_etag.as_deref())

@@ -945,3 +945,37 @@ async fn a_key_set_that_never_ends_is_cut_off_without_memory() {
         grown >> 20
     );
 }
+
+#[tokio::test]
+async fn a_group_export_needs_leave_to_read_the_group() {
+    let key = Key::ec("k");
+    let scopes = &["system/Patient.rs", "system/Observation.rs", "system/Group.cruds"];
+    let app = smart_app(vec![client("c", scopes, &[&key])]).await;
+    let group = json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
+                       "member": [{"entity": {"reference": "Patient/p"}}]});
+    let (writer, _) = access_token(&app, &key, "c", "system/Group.cruds").await;
+    let put = app
+        .client
+        .put(app.url("/Group/g"))
+        .bearer_auth(&writer)
+        .json(&group)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    let path = "/Group/g/$export?_type=Patient,Observation";
+    let (without, _) =
+        access_token(&app, &key, "c", "system/Patient.rs system/Observation.rs").await;
+    let refused = send(&app, reqwest::Method::GET, path, Some(&without)).await;
+    let text = assert_outcome(refused, 403).await;
+    assert!(text.contains("Group"), "{text}");
+    let (with, _) = access_token(
+        &app,
+        &key,
+        "c",
+        "system/Patient.rs system/Observation.rs system/Group.rs",
+    )
+    .await;
+    let accepted = kick_off_request(&app, path, "respond-async", Some(&with)).await;
+    assert_eq!(accepted.status(), 202);
+}
