@@ -98,6 +98,8 @@ pub struct ExportConfig {
     /// Files per manifest page (`allowPartialManifests=true`).
     pub manifest_page_size: i64,
     pub output_urls: OutputUrls,
+    /// Lifetime of a signed file link (`output_urls = "signed"`).
+    pub signed_url_lifetime_secs: u64,
 }
 
 /// What the manifest's file URLs point at.
@@ -110,6 +112,8 @@ pub enum OutputUrls {
     Blob,
     /// A short-lived read-only SAS URL, expiring with the manifest.
     Sas,
+    /// The server's URL with a short-lived signature: it opens without a token.
+    Signed,
 }
 
 /// The built-in defaults, which also name each key's environment variable (`Env: NAME` in the
@@ -177,6 +181,9 @@ impl Config {
         }
         if e.max_attempts < 1 {
             bail!("export.max_attempts must be at least 1");
+        }
+        if e.signed_url_lifetime_secs < 1 {
+            bail!("export.signed_url_lifetime_secs must be at least 1");
         }
         if e.manifest_page_size < 1 {
             bail!("export.manifest_page_size must be at least 1");

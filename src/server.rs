@@ -82,6 +82,7 @@ impl Server {
             config: config.clone(),
             base_url: base_url.clone(),
             auth_mode: auth.mode(),
+            url_signer: Arc::new(export::signed_urls::UrlSigner::shared(&pools.primary).await?),
         };
         let state = AppState {
             pool: pools.primary.clone(),

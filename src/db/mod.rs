@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod notify;
 pub mod pages;
 pub mod resources;
+pub mod secrets;
 pub mod snapshot;
 pub mod tasks;
 

@@ -10,6 +10,7 @@ pub mod kick_off;
 pub mod manifest;
 mod members;
 mod pages;
+pub mod signed_urls;
 pub mod status;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub struct Exporter {
     pub base_url: Arc<str>,
     /// Whether the API asks for tokens (the manifest's `requiresAccessToken`).
     pub auth_mode: AuthMode,
+    /// Signs the short-lived file links of `export.output_urls = "signed"`.
+    pub url_signer: Arc<signed_urls::UrlSigner>,
 }
 
 /// A 403 unless the caller's scopes allow exporting `resource_type`.

@@ -151,11 +151,11 @@ impl Exporter {
         }
         let mode = self.config.export.output_urls;
         // Server URLs need the API's token when auth is on; raw blob URLs the client's own
-        // storage access; SAS URLs carry their own signature.
+        // storage access; signed and SAS URLs carry their own signature.
         let requires_access_token = match mode {
             OutputUrls::Server => self.auth_mode != AuthMode::None,
             OutputUrls::Blob => true,
-            OutputUrls::Sas => false,
+            OutputUrls::Sas | OutputUrls::Signed => false,
         };
         Ok(Manifest {
             transaction_time: job.spec.transaction_time,
@@ -178,10 +178,27 @@ impl Exporter {
             .iter()
             .map(|p| format!("{}-{}.ndjson", p.resource_type, p.part_no));
         let mode = self.config.export.output_urls;
-        if mode == OutputUrls::Server {
-            return Ok(files
-                .map(|f| format!("{}/export/{}/{f}", self.base_url, job.id))
-                .collect());
+        match mode {
+            OutputUrls::Server => {
+                return Ok(files
+                    .map(|f| format!("{}/export/{}/{f}", self.base_url, job.id))
+                    .collect());
+            }
+            OutputUrls::Signed => {
+                let lifetime =
+                    i64::try_from(self.config.export.signed_url_lifetime_secs).unwrap_or(i64::MAX);
+                let expires = Utc::now().timestamp().saturating_add(lifetime);
+                return Ok(files
+                    .map(|f| {
+                        let signature = self.url_signer.sign(job.id, &f, expires);
+                        format!(
+                            "{}/export-files/{}/{f}?expires={expires}&signature={signature}",
+                            self.base_url, job.id
+                        )
+                    })
+                    .collect());
+            }
+            OutputUrls::Blob | OutputUrls::Sas => {}
         }
         let lifetime = chrono::TimeDelta::seconds(
             i64::try_from(self.config.storage.azure.sas_lifetime_secs).unwrap_or(i64::MAX),

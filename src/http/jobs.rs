@@ -16,6 +16,7 @@ use crate::{
     auth::Principal,
     db::jobs::Canceller,
     export::{
+        files::FileLink,
         manifest::{Manifest, v2},
         status::{Status, job_id},
     },
@@ -30,6 +31,11 @@ pub fn router() -> Router<AppState> {
 /// Output files: they stream for as long as they need (no request timeout).
 pub fn downloads() -> Router<AppState> {
     Router::new().route("/export/{id}/{file}", get(download))
+}
+
+/// Output files through signed links (`export.output_urls = "signed"`): no token needed.
+pub fn linked_downloads() -> Router<AppState> {
+    Router::new().route("/export-files/{id}/{file}", get(linked_download))
 }
 
 async fn status(
@@ -145,16 +151,47 @@ async fn cancel(
     Ok(fhir_response(StatusCode::ACCEPTED, body.to_string()))
 }
 
+/// The query of a signed file link.
+#[derive(serde::Deserialize)]
+struct LinkQuery {
+    expires: i64,
+    signature: String,
+}
+
+async fn linked_download(
+    State(state): State<AppState>,
+    Path((id, file)): Path<(String, String)>,
+    query: Result<axum::extract::Query<LinkQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Ok(axum::extract::Query(link)) = query else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a file link needs its expires and signature",
+        ));
+    };
+    let link = FileLink {
+        expires: link.expires,
+        signature: &link.signature,
+    };
+    let stream = state.exports.linked_file(&id, &file, link).await?;
+    Ok(ndjson_response(stream))
+}
+
 async fn download(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((id, file)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let stream = state.exports.file(&principal, &id, &file).await?;
+    Ok(ndjson_response(stream))
+}
+
+fn ndjson_response(stream: crate::storage::ByteStream) -> Response {
     let mut response = Body::from_stream(stream).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/fhir+ndjson"),
     );
-    Ok(response)
+    response
 }

@@ -7,8 +7,19 @@ use super::{AppState, fhir_response};
 use crate::{
     auth::Auth,
     auth::config::AuthMode,
-    fhir::{r4::RESOURCE_TYPES, search_param},
+    fhir::{
+        r4::{PATIENT_COMPARTMENT, RESOURCE_TYPES},
+        search_param,
+    },
 };
+
+/// The canonical base of the Bulk Data Access IG.
+const BULK_DATA: &str = "http://hl7.org/fhir/uv/bulkdata";
+
+/// The IG's extension (STU3) that marks a type or search parameter REST offers and a bulk
+/// operation does not; the published StructureDefinition's canonical, which validators resolve.
+const OPERATION_NOT_SUPPORTED: &str =
+    "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/operation-not-supported";
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metadata", get(metadata))
@@ -26,7 +37,7 @@ fn capability_statement(base_url: &str, auth: &Auth) -> Value {
         {"code": "read"}, {"code": "vread"}, {"code": "create"}, {"code": "update"},
         {"code": "delete"}
     ]);
-    let operation = |name: &str, definition: &str| json!({"name": name, "definition": format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}")});
+    let operation = |name: &str, definition: &str| json!({"name": name, "definition": format!("{BULK_DATA}/OperationDefinition/{definition}")});
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .map(|t| {
@@ -43,6 +54,12 @@ fn capability_statement(base_url: &str, auth: &Auth) -> Value {
                 "Patient" => resource["operation"] = json!([operation("export", "patient-export")]),
                 "Group" => resource["operation"] = json!([operation("export", "group-export")]),
                 _ => {}
+            }
+            // Readable here, but in no patient's compartment: Patient and Group export leave
+            // the type out.
+            if !in_compartment(t) {
+                resource["extension"] = json!(["patient-export", "group-export"]
+                    .map(|op| json!({"url": OPERATION_NOT_SUPPORTED, "valueCanonical": format!("{BULK_DATA}/OperationDefinition/{op}")})));
             }
             resource
         })
@@ -61,13 +78,17 @@ fn capability_statement(base_url: &str, auth: &Auth) -> Value {
         "status": "active",
         "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
         "kind": "instance",
-        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
+        "instantiates": [format!("{BULK_DATA}/CapabilityStatement/bulk-data")],
         "software": {"name": "fhir-export", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "fhir-export bulk data server", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [rest],
     })
+}
+
+fn in_compartment(resource_type: &str) -> bool {
+    resource_type == "Patient" || PATIENT_COMPARTMENT.iter().any(|(t, _)| *t == resource_type)
 }
 
 fn search_params(resource_type: &str) -> Vec<Value> {

@@ -76,10 +76,12 @@ pub fn router(state: AppState) -> Router {
         .route_layer(needs_database.clone());
     Router::new()
         .merge(auth::router())
-        .route_layer(needs_database)
+        .route_layer(needs_database.clone())
         .merge(health::router())
         .merge(metadata::router())
         .route_layer(timed)
+        // A signed link is its own leave; files stream without a request timeout.
+        .merge(jobs::linked_downloads().route_layer(needs_database))
         .merge(protected)
         // Outside auth: refused requests are counted too.
         .route_layer(middleware::from_fn(crate::metrics::track_http))

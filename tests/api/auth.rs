@@ -949,7 +949,11 @@ async fn a_key_set_that_never_ends_is_cut_off_without_memory() {
 #[tokio::test]
 async fn a_group_export_needs_leave_to_read_the_group() {
     let key = Key::ec("k");
-    let scopes = &["system/Patient.rs", "system/Observation.rs", "system/Group.cruds"];
+    let scopes = &[
+        "system/Patient.rs",
+        "system/Observation.rs",
+        "system/Group.cruds",
+    ];
     let app = smart_app(vec![client("c", scopes, &[&key])]).await;
     let group = json!({"resourceType": "Group", "id": "g", "type": "person", "actual": true,
                        "member": [{"entity": {"reference": "Patient/p"}}]});
@@ -978,4 +982,73 @@ async fn a_group_export_needs_leave_to_read_the_group() {
     .await;
     let accepted = kick_off_request(&app, path, "respond-async", Some(&with)).await;
     assert_eq!(accepted.status(), 202);
+}
+
+#[tokio::test]
+async fn signed_file_links_open_without_a_token_until_they_expire() {
+    let key = Key::ec("k");
+    let app = TestApp::spawn_with(|c: &mut Config| {
+        c.auth.mode = AuthMode::Smart;
+        c.auth.token_secret = SECRET.into();
+        c.auth.clients = vec![client("c", &["system/*.cruds"], &[&key])];
+        c.export.output_urls = fhir_export::config::OutputUrls::Signed;
+        c.export.signed_url_lifetime_secs = 2;
+    })
+    .await;
+    let (token, _) = access_token(&app, &key, "c", "system/*.cruds").await;
+    let patient = json!({"resourceType": "Patient", "id": "p"});
+    let put = app
+        .client
+        .put(app.url("/Patient/p"))
+        .bearer_auth(&token)
+        .json(&patient);
+    assert!(put.send().await.unwrap().status().is_success());
+    let kicked = kick_off_request(
+        &app,
+        "/$export?_type=Patient",
+        "respond-async",
+        Some(&token),
+    )
+    .await;
+    assert_eq!(kicked.status(), 202);
+    let manifest = wait_manifest_as(&app, &content_location(&kicked), Some(&token)).await;
+    assert_eq!(manifest["requiresAccessToken"], false);
+    let url = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    // No Authorization header: the link is the leave.
+    let file = app.client.get(&url).send().await.unwrap();
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.headers()["content-type"], "application/fhir+ndjson");
+    assert!(file.text().await.unwrap().contains("\"id\":\"p\""));
+    // Another file, expiry or signature: refused.
+    let tampered = [
+        url.replace("Patient-1", "Patient-2"),
+        url.replace("signature=", "signature=A"),
+        url.split("&signature").next().unwrap().to_string(),
+        {
+            let expires: i64 = url
+                .split("expires=")
+                .nth(1)
+                .unwrap()
+                .split('&')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            url.replace(
+                &format!("expires={expires}"),
+                &format!("expires={}", expires + 1000),
+            )
+        },
+    ];
+    for bad in tampered {
+        assert_outcome(app.client.get(&bad).send().await.unwrap(), 403).await;
+    }
+    // Expired: refused; the manifest fetched again has new links.
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let text = assert_outcome(app.client.get(&url).send().await.unwrap(), 403).await;
+    assert!(text.contains("expired"), "{text}");
+    let again = wait_manifest_as(&app, &content_location(&kicked), Some(&token)).await;
+    let fresh = again["output"][0]["url"].as_str().unwrap();
+    assert_ne!(fresh, url);
+    assert_eq!(app.client.get(fresh).send().await.unwrap().status(), 200);
 }

@@ -627,6 +627,38 @@ async fn metadata_declares_the_bulk_operations() {
                 .ends_with(def)
         );
     }
+    // Every R4 type is exportable (system level) and listed.
+    assert_eq!(resources.len(), fhir_export::fhir::r4::RESOURCE_TYPES.len());
+    // Types in no patient's compartment are marked as not in Patient and Group export.
+    let marks = |t: &str| -> Vec<String> {
+        let r = resources.iter().find(|r| r["type"] == t).unwrap();
+        r.get("extension")
+            .map(|e| e.as_array().unwrap().clone())
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                assert_eq!(
+                    e["url"],
+                    "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/operation-not-supported"
+                );
+                e["valueCanonical"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let definitions = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition";
+    for t in ["Practitioner", "Organization", "Medication"] {
+        assert_eq!(
+            marks(t),
+            [
+                format!("{definitions}/patient-export"),
+                format!("{definitions}/group-export")
+            ],
+            "{t}"
+        );
+    }
+    for t in ["Patient", "Observation", "Group", "Encounter"] {
+        assert!(marks(t).is_empty(), "{t}");
+    }
 }
 
 #[tokio::test]
