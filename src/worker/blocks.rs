@@ -137,14 +137,24 @@ impl<'a> Output<'a> {
         Ok(line)
     }
 
-    /// The header line of `block` in `file`: de-identified as every line is, so that it names
-    /// the patient as the Patient's own line does.
+    /// The header line of `block` in `file`. With de-identification it names the patient as
+    /// the block's other lines do: the reference goes through the rules inside a carrier
+    /// resource (a `Basic` whose `subject` it is); a configuration that removes references
+    /// leaves a header that names no patient.
     fn header(&self, block: &str, file: &str) -> Result<String, TaskError> {
-        let header = json!({
-            "resourceType": "Parameters",
-            "parameter": [{"name": "header", "valueReference": {"reference": format!("Patient/{block}")}}],
-        });
-        self.deidentified(&header.to_string(), file)
+        let mut reference = Some(format!("Patient/{block}"));
+        if self.deid.is_some() {
+            let carrier = json!({"resourceType": "Basic", "id": "header", "code": {"text": "header"},
+                                 "subject": {"reference": reference}});
+            let carried: Value =
+                serde_json::from_str(&self.deidentified(&carrier.to_string(), file)?)?;
+            reference = carried["subject"]["reference"].as_str().map(str::to_string);
+        }
+        let mut parameter = json!({"name": "header"});
+        if let Some(reference) = reference {
+            parameter["valueReference"] = json!({"reference": reference});
+        }
+        Ok(json!({"resourceType": "Parameters", "parameter": [parameter]}).to_string())
     }
 
     fn deidentified(&self, line: &str, file: &str) -> Result<String, TaskError> {

@@ -224,3 +224,215 @@ async fn organized_export_holds_the_plain_export_in_blocks_at_every_level() {
         );
     }
 }
+
+#[tokio::test]
+async fn filters_elements_since_and_deletions_apply_in_blocks_as_in_a_plain_export() {
+    let app = TestApp::spawn_with(|c| c.export.part_size = 200).await;
+    let loaded = load_generated(&app, 3).await;
+    // Changes after `_since`: a Patient, one of its Observations, and a deleted Observation.
+    let patient = &loaded["Patient"][1];
+    let mark = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut changed = patient.clone();
+    changed["active"] = json!(true);
+    put(&app, changed).await;
+    let observation = loaded["Observation"]
+        .iter()
+        .find(|o| {
+            o["subject"]["reference"] == format!("Patient/{}", patient["id"].as_str().unwrap())
+        })
+        .unwrap();
+    let mut changed = observation.clone();
+    changed["status"] = json!("amended");
+    put(&app, changed).await;
+    let gone = &loaded["Observation"][0];
+    let deleted = app
+        .delete(&format!("/Observation/{}", gone["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(deleted.status(), 204);
+    let since = fhir_export::fhir::instant::format(mark).replace('+', "%2B");
+
+    for query in [
+        // A filter on Patient leaves the block's header and its other resources.
+        "_type=Patient,Observation,Encounter&_typeFilter=Patient%3Fgender%3Dfemale\
+         &_elements=Observation.subject,Observation.status"
+            .to_string(),
+        format!("_since={since}"),
+    ] {
+        for path in ["/$export", "/Patient/$export"] {
+            let plain_manifest =
+                wait_manifest(&app, &kick_off(&app, &format!("{path}?{query}")).await).await;
+            let plain = resources_by_key(&download_all(&app, &plain_manifest).await);
+            let status_url =
+                kick_off(&app, &format!("{path}?{query}&organizeOutputBy=Patient")).await;
+            let manifest = wait_manifest(&app, &status_url).await;
+            let files = organized_files(&app, &manifest).await;
+            let (blocks, single): (Vec<_>, Vec<_>) = files
+                .into_iter()
+                .partition(|f| f.url.contains("/Patient-blocks-"));
+            let mut got = check_blocks(&blocks, 200);
+            for file in single {
+                for line in file.lines {
+                    got.insert(key(&line), line);
+                }
+            }
+            assert_eq!(got, plain, "{path}?{query}");
+            // Deletions keep their typed items.
+            let deletions = |m: &Value| -> Option<Vec<(Value, Value)>> {
+                let items = m.get("deleted")?.as_array()?;
+                Some(
+                    items
+                        .iter()
+                        .map(|d| (d["type"].clone(), d["count"].clone()))
+                        .collect(),
+                )
+            };
+            assert_eq!(
+                deletions(&manifest),
+                deletions(&plain_manifest),
+                "{path}?{query}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unsupported_organizing_type_is_refused_or_ignored_when_lenient() {
+    let app = TestApp::spawn().await;
+    load_generated(&app, 1).await;
+    for path in ["/$export", "/Patient/$export"] {
+        let refused = kick_off_request(
+            &app,
+            &format!("{path}?organizeOutputBy=Encounter"),
+            "respond-async",
+            None,
+        )
+        .await;
+        let text = assert_outcome(refused, 400).await;
+        assert!(text.contains("Encounter"), "{text}");
+        let post = json!({"resourceType": "Parameters", "parameter": [
+            {"name": "organizeOutputBy", "valueString": "Encounter"}]});
+        assert_outcome(post_kick_off(&app, path, &post, "respond-async").await, 400).await;
+        let lenient = post_kick_off(&app, path, &post, "respond-async, handling=lenient").await;
+        assert_eq!(lenient.status(), 202);
+        let manifest = wait_manifest(&app, &content_location(&lenient)).await;
+        // Ignored: files of one type each, no outputOrganizedBy, and the error file says so.
+        assert!(manifest.get("outputOrganizedBy").is_none());
+        assert!(
+            manifest["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|o| o["type"].is_string())
+        );
+        let error = app
+            .text_at(manifest["error"][0]["url"].as_str().unwrap())
+            .await;
+        assert!(error.contains("organizeOutputBy"), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_organized_export_is_rescued_with_exact_blocks() {
+    const PART_SIZE: usize = 60;
+    let app = TestApp::spawn_with(|c| {
+        c.export.workers = 0;
+        c.export.stale_after_secs = 2;
+        c.export.part_size = PART_SIZE as u32;
+        c.export.range_size = 300;
+    })
+    .await;
+    load_generated(&app, 2).await;
+    let status_url = kick_off(&app, "/$export?organizeOutputBy=Patient").await;
+    let mut doomed = spawn_process(
+        &app,
+        &[
+            ("FHIR_EXPORT_WORKERS", "1"),
+            ("FHIR_EXPORT_THROTTLE_MS", "250"),
+            ("FHIR_EXPORT_STALE_AFTER_SECS", "2"),
+            ("FHIR_EXPORT_POLL_INTERVAL_MS", "200"),
+        ],
+    );
+    wait_for_parts(&app.pool, 4).await;
+    doomed.kill();
+    let _rescuer = app.spawn_sibling(|_| {}).await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let files = organized_files(&app, &manifest).await;
+    let (blocks, single): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|f| f.url.contains("/Patient-blocks-"));
+    let mut got = check_blocks(&blocks, PART_SIZE);
+    for file in single {
+        for line in file.lines {
+            assert!(got.insert(key(&line), line).is_none());
+        }
+    }
+    assert_eq!(got, plain_resources(&app, "/$export").await);
+    let failures: i32 = sqlx::query_scalar("SELECT max(failures) FROM export_tasks")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 1, "the killed task was rescued once");
+    // Numbers run from 1 without gaps.
+    let mut numbers: Vec<u32> = blocks
+        .iter()
+        .map(|f| {
+            f.url
+                .rsplit('-')
+                .next()
+                .unwrap()
+                .trim_end_matches(".ndjson")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_de_identified_organized_export_names_each_block_as_its_patient_line() {
+    let app = TestApp::spawn_with(|c| c.export.part_size = 300).await;
+    let loaded = load_generated(&app, 2).await;
+    let config = json!({"fhirVersion": "R4", "fhirPathRules": [
+        {"path": "Resource.id", "method": "cryptoHash"},
+        {"path": "nodesByType('Reference').reference", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "organized-test-key"}});
+    let dir = app.storage.path().join("anonymization");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hash.json"), config.to_string()).unwrap();
+    let status_url = kick_off(
+        &app,
+        "/Patient/$export?organizeOutputBy=Patient&_anonymizationConfig=hash.json",
+    )
+    .await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let files = organized_files(&app, &manifest).await;
+    let real: Vec<&str> = loaded["Patient"]
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    let mut blocks = 0;
+    for file in &files {
+        let mut block = None;
+        for line in &file.lines {
+            if let Some(patient) = header_patient(line) {
+                assert!(
+                    !real.contains(&patient.as_str()),
+                    "a header names a real id"
+                );
+                block = Some(patient);
+                blocks += 1;
+            } else if line["resourceType"] == "Patient" {
+                assert_eq!(line["id"].as_str(), block.as_deref());
+            } else {
+                let mut refs = Vec::new();
+                references(line, &mut refs);
+                assert!(refs.contains(&format!("Patient/{}", block.as_ref().unwrap())));
+            }
+        }
+    }
+    assert!(blocks >= 2);
+}

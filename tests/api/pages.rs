@@ -261,3 +261,56 @@ async fn with_separate_export_status_a_partial_page_is_a_200_saying_202_accepted
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_block_split_over_files_is_published_with_all_its_files_on_one_page() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.part_size = 60;
+        c.export.manifest_page_size = 2;
+        c.export.workers = 1;
+        c.export.throttle_ms = 50;
+    })
+    .await;
+    load_generated(&app, 2).await;
+    let status_url = kick_off(
+        &app,
+        "/Patient/$export?organizeOutputBy=Patient&allowPartialManifests=true",
+    )
+    .await;
+    let (mut pages, mut files) = (BTreeMap::new(), BTreeMap::new());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !crawl(&app, &status_url, &mut pages, &mut files).await.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut continued = 0;
+    for page in pages.values() {
+        assert_eq!(page["outputOrganizedBy"], "Patient");
+        let urls: Vec<&str> = page["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["url"].as_str().unwrap())
+            .collect();
+        for item in page["output"].as_array().unwrap() {
+            if let Some(next) = item["continuesInFile"].as_str() {
+                assert!(
+                    urls.contains(&next),
+                    "{next} is not on the page that continues into it"
+                );
+                continued += 1;
+            }
+        }
+    }
+    assert!(continued > 0, "no block was split");
+    assert_eq!(
+        files.len(),
+        pages
+            .values()
+            .map(|p| p["output"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
+}
