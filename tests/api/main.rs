@@ -25,5 +25,6 @@ mod queue;
 mod recovery;
 mod rest;
 mod standby;
+mod stu3;
 mod type_filter;
 mod writers;
