@@ -10,6 +10,7 @@ pub mod deferred_vacuum;
 pub mod jobs;
 pub mod notify;
 pub mod pages;
+pub mod parts;
 pub mod resources;
 pub mod secrets;
 pub mod snapshot;

@@ -4,7 +4,7 @@
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::jobs::Part;
+use super::parts::{CONTINUES_IN, Part};
 
 /// A committed file not yet on a page, with what says whether it may be published yet.
 #[derive(Debug, Clone, FromRow)]
@@ -76,9 +76,8 @@ pub async fn publish(
 /// page).
 pub async fn files(pool: &PgPool, job: Uuid, page: i32) -> sqlx::Result<Vec<Part>> {
     sqlx::query_as(&format!(
-        "SELECT resource_type, part_no, resources, {} FROM export_parts p
-         WHERE job_id = $1 AND page = $2 ORDER BY resource_type, part_no",
-        super::jobs::CONTINUES_IN
+        "SELECT resource_type, part_no, resources, {CONTINUES_IN} FROM export_parts p
+         WHERE job_id = $1 AND page = $2 ORDER BY resource_type, part_no"
     ))
     .bind(job)
     .bind(page)

@@ -5,7 +5,10 @@ use uuid::Uuid;
 use super::{Error, Exporter, status::job_id};
 use crate::{
     auth::Principal,
-    db::jobs::{self, Job, JobState},
+    db::{
+        jobs::{self, Job, JobState},
+        parts,
+    },
     storage::ByteStream,
 };
 
@@ -64,10 +67,10 @@ impl Exporter {
         // A running job's files are there once a manifest page lists them.
         let ready = match job.status {
             JobState::Completed => {
-                jobs::has_part(&self.pool, job.id, resource_type, part_no, false).await?
+                parts::has_part(&self.pool, job.id, resource_type, part_no, false).await?
             }
             JobState::Running | JobState::Queued if job.spec.allow_partial_manifests => {
-                jobs::has_part(&self.pool, job.id, resource_type, part_no, true).await?
+                parts::has_part(&self.pool, job.id, resource_type, part_no, true).await?
             }
             _ => false,
         };

@@ -13,7 +13,8 @@ use crate::{
     auth::{Principal, config::AuthMode},
     config::OutputUrls,
     db::{
-        jobs::{self, Canceller, Job, JobState, Part},
+        jobs::{self, Canceller, Job, JobState},
+        parts::{self, Part},
         tasks,
     },
     storage,
@@ -96,7 +97,7 @@ impl Exporter {
                 })
             }
             JobState::Completed => {
-                let parts = jobs::parts(&self.pool, job.id).await?;
+                let parts = parts::parts(&self.pool, job.id).await?;
                 Status::Completed(self.manifest_of(&job, &parts).await?)
             }
             JobState::Failed => Status::Failed {
