@@ -8,7 +8,7 @@
 //! from the task's checkpoint (the last row of the part before) and committed like any other,
 //! so a retried task cuts the same parts; memory holds one part at most.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc};
 
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -49,32 +49,27 @@ pub async fn run(
 ) -> Result<Ended, TaskError> {
     let types = plan::block_types(job);
     let block_last = held.task.block_last.clone();
-    let output = Output::of(context, job, &types, block_last.as_deref())?;
-    let throttle = Duration::from_millis(context.config.export.throttle_ms);
-    let mut pages = PageSource::new(context, job);
-    loop {
-        if lease.is_lost() {
-            return Ok(Ended::LeaseLost);
-        }
-        if shutdown.is_cancelled() {
-            held.release().await?;
-            return Ok(Ended::Released);
-        }
-        if !write_part(context, job, held, &output, &mut pages).await? {
-            break;
-        }
-        lease.moved();
-        if !throttle.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(throttle) => {}
-                _ = lease.lost() => return Ok(Ended::LeaseLost),
-            }
-        }
+    let mut task = BlockParts {
+        context,
+        job,
+        output: Output::of(context, job, &types, block_last.as_deref())?,
+        pages: PageSource::new(context, job),
+    };
+    part::write_parts(context, job, held, lease, shutdown, &mut task).await
+}
+
+/// A blocks task being written.
+struct BlockParts<'a> {
+    context: &'a Context,
+    job: &'a Job,
+    output: Output<'a>,
+    pages: PageSource<'a>,
+}
+
+impl part::PartByPart for BlockParts<'_> {
+    async fn next_part(&mut self, held: &mut HeldTask) -> Result<bool, TaskError> {
+        write_part(self.context, self.job, held, &self.output, &mut self.pages).await
     }
-    if held.finish(&[], context.retention()).await? {
-        context.log_end(job.id, "completed").await;
-    }
-    Ok(Ended::Done)
 }
 
 impl<'a> Output<'a> {

@@ -9,7 +9,7 @@
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
-use std::{borrow::Cow, collections::BTreeSet, sync::Arc, time::Duration};
+use std::{borrow::Cow, collections::BTreeSet, sync::Arc};
 
 use futures::TryStreamExt;
 use serde_json::Value;
@@ -47,22 +47,30 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> Result<Ended, TaskError> {
     let task = held.task.clone();
-    let output = Output::of(context, job, &task)?;
-    let throttle = Duration::from_millis(context.config.export.throttle_ms);
-    let mut pages = PageSource::new(context, job);
-    loop {
-        if lease.is_lost() {
-            return Ok(Ended::LeaseLost);
-        }
-        if shutdown.is_cancelled() {
-            held.release().await?;
-            return Ok(Ended::Released);
-        }
+    let mut parts = ExportParts {
+        context,
+        job,
+        output: Output::of(context, job, &task)?,
+        pages: PageSource::new(context, job),
+    };
+    part::write_parts(context, job, held, lease, shutdown, &mut parts).await
+}
+
+/// An export task being written.
+struct ExportParts<'a> {
+    context: &'a Context,
+    job: &'a Job,
+    output: Output<'a>,
+    pages: PageSource<'a>,
+}
+
+impl part::PartByPart for ExportParts<'_> {
+    async fn next_part(&mut self, held: &mut HeldTask) -> Result<bool, TaskError> {
         // The checkpoint is the last row written; a fresh task starts at its range's lower
         // bound.
         let after = if held.task.parts_done == 0 {
             Position {
-                seq: task.range_start,
+                seq: held.task.range_start,
                 version_id: i32::MAX,
             }
         } else {
@@ -71,26 +79,13 @@ pub async fn run(
                 version_id: held.task.checkpoint_version,
             }
         };
-        let wrote = if output.streams_stored_text() {
-            copy_part(context, job, held, &output, &mut pages, after).await?
+        let (context, job, output) = (self.context, self.job, &self.output);
+        if output.streams_stored_text() {
+            copy_part(context, job, held, output, &mut self.pages, after).await
         } else {
-            write_part(context, job, held, &output, &mut pages, after).await?
-        };
-        if !wrote {
-            break;
-        }
-        lease.moved();
-        if !throttle.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(throttle) => {}
-                _ = lease.lost() => return Ok(Ended::LeaseLost),
-            }
+            write_part(context, job, held, output, &mut self.pages, after).await
         }
     }
-    if held.finish(&[], context.retention()).await? {
-        context.log_end(job.id, "completed").await;
-    }
-    Ok(Ended::Done)
 }
 
 impl<'j> Output<'j> {

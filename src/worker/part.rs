@@ -1,9 +1,11 @@
 //! One output file of a task: its number reserved, its lines written, then committed only if
 //! the lease still holds, and the task's checkpoint moved past it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{Context, TaskError};
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, Ended, TaskError, lease::Lease};
 use crate::{
     db::{
         jobs::Job,
@@ -127,4 +129,47 @@ impl OpenPart {
         );
         Ok(())
     }
+}
+
+/// A task that writes its output one part at a time, each from the task's checkpoint.
+pub(super) trait PartByPart {
+    /// Writes and commits the task's next part; `false`: nothing was left.
+    async fn next_part(&mut self, held: &mut HeldTask) -> Result<bool, TaskError>;
+}
+
+/// Runs a task part by part until nothing is left, then finishes it (completing the job when it
+/// was the last). Stops when the lease is lost, and gives the task back on shutdown; pauses
+/// `export.throttle_ms` after each part.
+pub(super) async fn write_parts(
+    context: &Context,
+    job: &Job,
+    held: &mut HeldTask,
+    lease: &Lease,
+    shutdown: &CancellationToken,
+    task: &mut impl PartByPart,
+) -> Result<Ended, TaskError> {
+    let throttle = Duration::from_millis(context.config.export.throttle_ms);
+    loop {
+        if lease.is_lost() {
+            return Ok(Ended::LeaseLost);
+        }
+        if shutdown.is_cancelled() {
+            held.release().await?;
+            return Ok(Ended::Released);
+        }
+        if !task.next_part(held).await? {
+            break;
+        }
+        lease.moved();
+        if !throttle.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(throttle) => {}
+                _ = lease.lost() => return Ok(Ended::LeaseLost),
+            }
+        }
+    }
+    if held.finish(&[], context.retention()).await? {
+        context.log_end(job.id, "completed").await;
+    }
+    Ok(Ended::Done)
 }

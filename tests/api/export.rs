@@ -234,16 +234,6 @@ async fn since_is_strictly_after_and_chains_with_transaction_time() {
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), vec!["Patient/c"]);
 }
 
-async fn put(app: &TestApp, resource: Value) {
-    let path = format!(
-        "/{}/{}",
-        resource["resourceType"].as_str().unwrap(),
-        resource["id"].as_str().unwrap()
-    );
-    let status = app.put_json(&path, &resource).await.status();
-    assert!(status.is_success(), "{path}: {status}");
-}
-
 fn observation(id: &str, subject: &str, performer: Option<&str>) -> Value {
     let mut o = json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
         "subject": {"reference": format!("Patient/{subject}")}});

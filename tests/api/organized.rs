@@ -140,16 +140,6 @@ async fn plain_resources(app: &TestApp, path: &str) -> BTreeMap<String, Value> {
     resources_by_key(&download_all(app, &manifest).await)
 }
 
-async fn put(app: &TestApp, resource: Value) {
-    let path = format!(
-        "/{}/{}",
-        resource["resourceType"].as_str().unwrap(),
-        resource["id"].as_str().unwrap()
-    );
-    let status = app.put_json(&path, &resource).await.status();
-    assert!(status.is_success(), "{path}: {status}");
-}
-
 #[tokio::test]
 async fn organized_export_holds_the_plain_export_in_blocks_at_every_level() {
     // The generated patients have 280 to 500 resources each: some blocks are split.

@@ -195,6 +195,17 @@ impl Drop for TestApp {
     }
 }
 
+/// Writes `resource` with PUT at its own type and id; panics unless that succeeds.
+pub async fn put(app: &TestApp, resource: Value) {
+    let path = format!(
+        "/{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    let status = app.put_json(&path, &resource).await.status();
+    assert!(status.is_success(), "{path}: {status}");
+}
+
 /// Asserts an OperationOutcome with `status`, returning its first diagnostics text.
 pub async fn assert_outcome(response: Response, status: u16) -> String {
     let got = response.status().as_u16();
