@@ -350,23 +350,56 @@ fn render<'r>(output: &Output, row: &'r PgRow) -> Result<Option<Cow<'r, str>>, T
 }
 
 /// De-identifies a rendered line (its scope is the file it goes into, `file` the part's
-/// storage name), then keeps only `_elements`.
+/// storage name), then keeps only `_elements`. A deletion's Bundle is neither: it names the
+/// deleted resource by its de-identified id, as the resource itself was exported.
 fn finish_line<'r>(
     output: &Output,
     mut line: Cow<'r, str>,
     file: &str,
     folder: &str,
 ) -> Result<Cow<'r, str>, TaskError> {
+    let resource_type = output.selection.resource_type;
     if let Some(deid) = &output.deid {
         let scope = Scope {
             file: file.rsplit('/').next().unwrap_or(file),
             folder,
         };
-        line = Cow::Owned(deid.apply(&line, &scope)?);
+        line = Cow::Owned(match output.selection.rows {
+            Rows::Deleted => de_identified_deletion(deid, resource_type, &line, &scope)?,
+            _ => deid.apply(&line, &scope)?,
+        });
+    }
+    if output.selection.rows == Rows::Deleted {
+        return Ok(line);
     }
     if let Some(keep) = &output.elements {
-        let resource_type = output.selection.resource_type;
         line = Cow::Owned(elements::subset(&line, resource_type, keep)?);
     }
     Ok(line)
+}
+
+/// The deletion Bundle `line` of a `resource_type` with the id the rules give that resource
+/// (`Resource.id` hashed, say), so that a de-identified copy can apply it.
+fn de_identified_deletion(
+    deid: &Deidentifier,
+    resource_type: &str,
+    line: &str,
+    scope: &Scope,
+) -> Result<String, TaskError> {
+    let bundle: Value = serde_json::from_str(line)?;
+    let url = bundle["entry"][0]["request"]["url"]
+        .as_str()
+        .unwrap_or_default();
+    let id = url.rsplit('/').next().unwrap_or_default();
+    let carrier = serde_json::json!({"resourceType": resource_type, "id": id}).to_string();
+    let carried: Value = serde_json::from_str(&deid.apply(&carrier, scope)?)?;
+    match carried["id"].as_str() {
+        Some(id) if !id.is_empty() => Ok(bulk::deletion_bundle(resource_type, id)),
+        _ => Err(TaskError::Unprocessable(crate::deid::ProcessingError(
+            format!(
+                "the de-identification rules remove the id of a deleted {resource_type}, so its \
+             deletion cannot be listed (keep or hash Resource.id)"
+            ),
+        ))),
+    }
 }

@@ -555,3 +555,56 @@ async fn a_rescued_task_writes_the_same_bytes_and_other_jobs_differ() {
         "hash keys differ per job"
     );
 }
+
+#[tokio::test]
+async fn an_incremental_de_identified_export_lists_deletions_by_their_de_identified_ids() {
+    let app = TestApp::spawn().await;
+    put_config(&app, "ids.json", &config().to_string());
+    for id in ["a", "b"] {
+        put(
+            &app,
+            json!({"resourceType": "Patient", "id": id, "gender": "female"}),
+        )
+        .await;
+    }
+    let mark: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let since = fhir_export::fhir::instant::format(mark).replace('+', "%2B");
+    put(
+        &app,
+        json!({"resourceType": "Patient", "id": "a", "active": true}),
+    )
+    .await;
+    assert_eq!(app.delete("/Patient/b").await.status(), 204);
+
+    let deletion = |id: &str| {
+        json!({"resourceType": "Bundle", "type": "transaction",
+               "entry": [{"request": {"method": "DELETE", "url": format!("Patient/{id}")}}]})
+    };
+    // De-identified: the deletion names b as its exported copy was named.
+    let path = format!("/$export?_type=Patient&_since={since}&_anonymizationConfig=ids.json");
+    let manifest = wait_manifest(&app, &kick_off(&app, &path).await).await;
+    let output = app
+        .text_at(manifest["output"][0]["url"].as_str().unwrap())
+        .await;
+    let exported: Value = serde_json::from_str(output.trim()).unwrap();
+    assert_eq!(exported["id"], hash("a"));
+    assert_eq!(manifest["deleted"][0]["type"], "Bundle");
+    let deleted = app
+        .text_at(manifest["deleted"][0]["url"].as_str().unwrap())
+        .await;
+    let line: Value = serde_json::from_str(deleted.trim()).unwrap();
+    assert_eq!(line, deletion(&hash("b")));
+    // `_elements` subsets resources, never the deletion Bundles.
+    let path = format!("/$export?_type=Patient&_since={since}&_elements=active");
+    let manifest = wait_manifest(&app, &kick_off(&app, &path).await).await;
+    let deleted = app
+        .text_at(manifest["deleted"][0]["url"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(deleted.trim()).unwrap(),
+        deletion("b")
+    );
+}
