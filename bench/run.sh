@@ -9,8 +9,8 @@
 #   BENCH_BIN=/path/fhir-export bench/run.sh   # another build (e.g. the previous commit's), as is
 #
 # The first export runs right after `load`, before anything the server does not do itself
-# (`load` leaves what it wrote ready for readers). Also: the export again (steady state), the
-# export organized by patient (`organizeOutputBy=Patient`, next to the plain one), a Patient
+# (`load` leaves what it wrote ready for readers). Also: the export again (steady state), and
+# again without TLS to Postgres (next to a raw COPY without TLS), the export organized by patient (`organizeOutputBy=Patient`, next to the plain one), a Patient
 # export of all, a Group export of a tenth of the patients, a `_typeFilter` export, a
 # de-identified export (bench/deid-config.json), large transaction Bundles, and (when Azurite
 # answers at 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
@@ -152,6 +152,10 @@ for run in $(seq 1 "$RUNS"); do
   [ "$FIRST_EXPORTED" = "$ON_DISK" ] || { echo "manifest counts $FIRST_EXPORTED but files hold $ON_DISK" >&2; exit 1; }
   export_run steady "/\$export"
   STEADY_SECS=$EXPORT_SECS STEADY_RSS_KB=$RSS_KB
+  # The same without TLS between the server and Postgres (the default `sslmode=prefer` takes
+  # TLS on loopback when the server offers it); the raw COPY below is measured both ways too.
+  export_run notls "/\$export" DATABASE_URL="$DB_URL?sslmode=disable"
+  NOTLS_SECS=$EXPORT_SECS
   # Organized by patient: the same resources in blocks (a header line per block more).
   export_run organized "/\$export?organizeOutputBy=Patient"
   ORGANIZED_SECS=$EXPORT_SECS ORGANIZED_RSS_KB=$RSS_KB
@@ -210,6 +214,10 @@ PY
   psql -q "$DB_URL" -c "COPY (SELECT line FROM raw_lines) TO STDOUT" >/dev/null
   t1=$(now)
   COPY_OUT_SECS=$(secs "$t0" "$t1")
+  t0=$(now)
+  psql -q "$DB_URL?sslmode=disable" -c "COPY (SELECT line FROM raw_lines) TO STDOUT" >/dev/null
+  t1=$(now)
+  COPY_OUT_NOTLS_SECS=$(secs "$t0" "$t1")
   # The same into a file: an export writes files, and that costs the kernel copies too.
   t0=$(now)
   psql -q "$DB_URL" -c "COPY (SELECT line FROM raw_lines) TO STDOUT" >"$OUT/raw-copy.ndjson"
@@ -225,8 +233,10 @@ PY
   row "raw COPY FROM STDIN (one text column)" "$COPY_IN_SECS" "$(rate "$RESOURCES" "$COPY_IN_SECS")" ""
   row "\$export, first after load" "$FIRST_SECS" "$(rate "$FIRST_EXPORTED" "$FIRST_SECS")" "$(ratio "$COPY_OUT_SECS" "$FIRST_SECS") / $(ratio "$COPY_FILE_SECS" "$FIRST_SECS")"
   row "\$export again (steady state)" "$STEADY_SECS" "$(rate "$FIRST_EXPORTED" "$STEADY_SECS")" "$(ratio "$COPY_OUT_SECS" "$STEADY_SECS") / $(ratio "$COPY_FILE_SECS" "$STEADY_SECS")"
+  row "\$export again, without TLS" "$NOTLS_SECS" "$(rate "$FIRST_EXPORTED" "$NOTLS_SECS")" "$(ratio "$COPY_OUT_NOTLS_SECS" "$NOTLS_SECS")"
   row "\$export organizeOutputBy=Patient" "$ORGANIZED_SECS" "$(rate "$FIRST_EXPORTED" "$ORGANIZED_SECS")" "$(ratio "$STEADY_SECS" "$ORGANIZED_SECS") of plain"
   row "raw COPY TO STDOUT > /dev/null" "$COPY_OUT_SECS" "$(rate "$FIRST_EXPORTED" "$COPY_OUT_SECS")" ""
+  row "raw COPY TO STDOUT, without TLS" "$COPY_OUT_NOTLS_SECS" "$(rate "$FIRST_EXPORTED" "$COPY_OUT_NOTLS_SECS")" ""
   row "raw COPY TO STDOUT > file (synced)" "$COPY_FILE_SECS" "$(rate "$FIRST_EXPORTED" "$COPY_FILE_SECS")" ""
   row "Patient/\$export (all, $PATIENT_EXPORTED)" "$PATIENT_SECS" "$(rate "$PATIENT_EXPORTED" "$PATIENT_SECS")" ""
   row "Group/\$export (a tenth, $GROUP_EXPORTED)" "$GROUP_SECS" "$(rate "$GROUP_EXPORTED" "$GROUP_SECS")" ""

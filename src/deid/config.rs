@@ -76,6 +76,10 @@ pub struct Params {
     pub partial_dates: bool,
     pub partial_zip_codes: bool,
     pub restricted_zip_codes: Vec<String>,
+    /// `toolCompatibleOutput`: write what FHIR Tools for Anonymization writes, byte for byte,
+    /// even where that is not valid R4 (an emptied required element dropped, an Extension
+    /// left without its `url`). Off: the output stays valid R4.
+    pub tool_compatible_output: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -396,6 +400,7 @@ impl Params {
             }
         };
         Ok(Params {
+            tool_compatible_output: flag("toolCompatibleOutput")?,
             date_shift_key: string("dateShiftKey")?,
             date_shift_scope,
             date_shift_fixed_offset,

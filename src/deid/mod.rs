@@ -203,7 +203,7 @@ impl Deidentifier {
             scope,
         };
         walk.visit(&mut tree, ROOT)?;
-        tree.prune(ROOT);
+        tree.prune(ROOT, !self.config.params.tool_compatible_output);
         Ok(tree.write())
     }
 }
@@ -285,6 +285,10 @@ impl Walk<'_> {
         }
         let mut done = self.process(tree, id, method)?;
         methods::mark(tree, id, &mut self.visited);
+        // Generalization sets a value: a primitive's id and extensions stay for later rules.
+        if matches!(method, Method::Generalize { .. }) && tree.is_primitive(id) {
+            return Ok(done);
+        }
         let children: Vec<NodeId> = tree.children(id).collect();
         for child in children {
             if !tree.is_resource(child) {

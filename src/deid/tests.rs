@@ -413,3 +413,56 @@ fn errors_say_where_not_what() {
     assert!(error.contains("Condition.onsetAge[0].value[0]"), "{error}");
     assert!(!error.contains("45.5"), "{error}");
 }
+
+fn masked() -> Value {
+    json!({"extension": [{"url": super::tree::DATA_ABSENT_REASON, "valueCode": "masked"}]})
+}
+
+#[test]
+fn an_emptied_required_element_stays_as_absent_data_unless_the_tool_output_is_asked_for() {
+    let config = |tool: bool| {
+        let mut c = rules(json!([
+            {"path": "nodesByType('CodeableConcept').text", "method": "redact"},
+            {"path": "Immunization.occurrence", "method": "redact"},
+            {"path": "nodesByType('Annotation')", "method": "redact"},
+            {"path": "nodesByType('Extension').url", "method": "redact"}
+        ]));
+        c["parameters"]["toolCompatibleOutput"] = json!(tool);
+        c
+    };
+    let observation = json!({"resourceType": "Observation", "id": "o", "status": "final",
+        "code": {"text": "a test"}, "note": [{"text": "said"}],
+        "extension": [{"url": "http://x/e", "valueString": "kept"}]});
+    let out = run(config(false), observation.clone());
+    // Observation.code is required: masked. The note (optional) and the extension whose
+    // `url` went are gone whole.
+    assert_eq!(out["code"], masked());
+    assert!(
+        out.get("note").is_none() && out.get("extension").is_none(),
+        "{out}"
+    );
+    let tool = run(config(true), observation);
+    assert!(tool.get("code").is_none(), "{tool}");
+    assert_eq!(tool["extension"], json!([{"valueString": "kept"}]));
+    // A required choice of a primitive type: its `_` companion holds the extension.
+    let immunization = json!({"resourceType": "Immunization", "id": "i", "status": "completed",
+        "vaccineCode": {"coding": [{"code": "1"}]}, "patient": {"reference": "Patient/p"},
+        "occurrenceDateTime": "2020-01-01"});
+    let out = run(config(false), immunization);
+    assert!(out.get("occurrenceDateTime").is_none());
+    assert_eq!(out["_occurrenceDateTime"], masked());
+}
+
+#[test]
+fn generalize_keeps_a_primitives_extension() {
+    let config = rules(json!([
+        {"path": "Patient.birthDate", "method": "generalize",
+         "cases": {"$this >= @1990-01-01 and $this <= @2000-01-01": "@1990"}}]));
+    let extension = json!({"extension": [{"url": "http://x/e", "valueString": "v"}]});
+    let out = run(
+        config,
+        json!({"resourceType": "Patient", "birthDate": "1995-05-05", "_birthDate": extension}),
+    );
+    assert_eq!(out["birthDate"], "1990");
+    assert_eq!(out["_birthDate"], extension);
+}

@@ -43,6 +43,9 @@ pub struct Invalid(pub String);
 
 pub const ROOT: NodeId = 0;
 
+/// R4's extension for a value that is missing, and why (`masked`: withheld).
+pub const DATA_ABSENT_REASON: &str = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+
 impl Tree {
     pub fn parse(json: &str) -> Result<Tree, Invalid> {
         let value: Value =
@@ -268,18 +271,55 @@ impl Tree {
     }
 
     /// Drops nodes left without a value and without children (what redaction emptied);
-    /// resources stay.
-    pub fn prune(&mut self, id: NodeId) -> bool {
+    /// resources stay. With `valid`, the result stays valid R4: an element R4 requires that
+    /// was emptied keeps its place, holding only the `data-absent-reason` extension (`masked`),
+    /// and an Extension left without its `url` goes whole.
+    pub fn prune(&mut self, id: NodeId, valid: bool) -> bool {
         let children: Vec<NodeId> = self.children(id).collect();
         let mut any = false;
+        let mut emptied = Vec::new();
         for child in children {
-            if self.prune(child) {
+            if self.prune(child, valid) {
                 any = true;
             } else {
                 self.remove(child);
+                emptied.push(child);
             }
         }
-        any || self.nodes[id].value.is_some() || self.is_resource(id)
+        let kept = any || self.nodes[id].value.is_some() || self.is_resource(id);
+        if valid && kept {
+            if self.nodes[id].ty == "Extension"
+                && !self.children(id).any(|c| self.nodes[c].name == "url")
+            {
+                return false;
+            }
+            // What stays keeps what R4 requires of it; what went entirely, its parent decides.
+            for child in emptied {
+                self.mask_if_required(id, child);
+            }
+        }
+        kept
+    }
+
+    /// Puts an emptied `child` of `parent` back as absent data (`masked`) when R4 requires
+    /// the element and no other item of it is left.
+    fn mask_if_required(&mut self, parent: NodeId, child: NodeId) {
+        let (name, key) = (self.nodes[child].name, self.nodes[child].key);
+        let required =
+            model::element(self.nodes[parent].children_key, key).is_some_and(|e| e.required);
+        if !required || self.children(parent).any(|c| self.nodes[c].name == name) {
+            return;
+        }
+        let dropped: Vec<NodeId> = self.nodes[child].children.clone();
+        for c in dropped {
+            self.remove(c);
+        }
+        let node = &mut self.nodes[child];
+        node.removed = false;
+        node.value = None;
+        let absent = serde_json::json!([{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]);
+        self.add_from_json(child, "extension", &absent)
+            .expect("every element may carry extensions");
     }
 
     /// The resource as JSON: members in the order they came in (`resourceType` first).

@@ -608,3 +608,105 @@ async fn an_incremental_de_identified_export_lists_deletions_by_their_de_identif
         deletion("b")
     );
 }
+
+/// A configuration written after the kinds of rules of the tool's published sample that empty
+/// required elements: codes and texts of codings redacted, reference displays redacted and
+/// references hashed, values and dates of events redacted, extensions redacted.
+fn emptying_config(tool_output: bool) -> Value {
+    json!({
+        "fhirVersion": "R4",
+        "processingErrors": "raise",
+        "fhirPathRules": [
+            {"path": "nodesByType('Extension').url", "method": "redact"},
+            {"path": "nodesByType('HumanName').use", "method": "keep"},
+            {"path": "Resource.id", "method": "cryptoHash"},
+            {"path": "Observation.value", "method": "redact"},
+            {"path": "Immunization.occurrence", "method": "redact"},
+            {"path": "Condition.onset", "method": "redact"},
+            {"path": "Claim.insurance.coverage", "method": "redact"},
+            {"path": "nodesByType('CodeableConcept').text", "method": "redact"},
+            {"path": "nodesByType('Coding').display", "method": "redact"},
+            {"path": "nodesByType('Coding').code", "method": "redact"},
+            {"path": "nodesByType('Identifier').value", "method": "redact"},
+            {"path": "nodesByType('Reference').display", "method": "redact"},
+            {"path": "nodesByType('Reference').reference", "method": "cryptoHash"},
+            {"path": "nodesByType('dateTime')", "method": "dateShift"},
+            {"path": "nodesByType('HumanName')", "method": "redact"},
+            {"path": "nodesByType('Address')", "method": "redact"}
+        ],
+        "parameters": {"dateShiftKey": "k", "cryptoHashKey": HASH_KEY,
+                       "toolCompatibleOutput": tool_output}
+    })
+}
+
+#[tokio::test]
+async fn de_identified_lines_are_valid_r4_unless_the_tools_output_is_asked_for() {
+    let app = TestApp::spawn().await;
+    load_generated(&app, 3).await;
+    // Resources whose required elements the rules empty.
+    put(
+        &app,
+        json!({"resourceType": "Observation", "id": "text-only", "status": "final",
+                     "code": {"text": "a finding"}, "subject": {"reference": "Patient/x"},
+                     "extension": [{"url": "http://example.org/e", "valueString": "v"}]}),
+    )
+    .await;
+    put(&app, json!({"resourceType": "Claim", "id": "c", "status": "active",
+                     "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "oral"}]},
+                     "use": "claim", "patient": {"reference": "Patient/x"},
+                     "created": "2024-01-01", "provider": {"reference": "Organization/o"},
+                     "priority": {"coding": [{"code": "normal"}]},
+                     "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "a plan"}}]}))
+    .await;
+    put_config(&app, "valid.json", &emptying_config(false).to_string());
+    put_config(&app, "tool.json", &emptying_config(true).to_string());
+    put_config(
+        &app,
+        "bench.json",
+        include_str!("../../bench/deid-config.json"),
+    );
+    let mut schema = R4Schema::load();
+    for (name, valid) in [
+        ("valid.json", true),
+        ("bench.json", true),
+        ("tool.json", false),
+    ] {
+        let path = format!("/$export?_anonymizationConfig={name}");
+        let manifest = wait_manifest(&app, &kick_off(&app, &path).await).await;
+        let files = download_all(&app, &manifest).await;
+        let lines: Vec<&str> = files.iter().flat_map(|f| f.text.lines()).collect();
+        assert!(lines.len() > 1000, "{name}");
+        let problems: Vec<String> = lines.iter().flat_map(|l| schema.problems(l)).collect();
+        if name == "valid.json" {
+            let text_only = files
+                .iter()
+                .flat_map(|f| f.text.lines())
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .find(|r| r["id"] == hash("text-only"))
+                .unwrap();
+            let absent = "http://hl7.org/fhir/StructureDefinition/data-absent-reason";
+            assert_eq!(
+                text_only["code"],
+                json!({"extension": [{"url": absent, "valueCode": "masked"}]})
+            );
+            assert!(
+                text_only.get("extension").is_none(),
+                "an extension without its url stayed"
+            );
+        }
+        if valid {
+            assert!(
+                problems.is_empty(),
+                "{name}: {} problems, e.g. {:?}",
+                problems.len(),
+                &problems[..problems.len().min(5)]
+            );
+        } else {
+            // The tool's output drops the emptied Claim.insurance.coverage.
+            assert!(
+                problems.iter().any(|p| p.contains("coverage")),
+                "{name}: {problems:?}"
+            );
+        }
+    }
+}

@@ -1,7 +1,10 @@
 //! Test harness: a fresh database per test and the real server on a free port.
 
 pub mod keys;
+mod r4_schema;
 pub mod services;
+
+pub use r4_schema::R4Schema;
 
 use std::{path::PathBuf, time::Duration};
 
