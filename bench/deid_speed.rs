@@ -7,6 +7,9 @@ use std::{io::Read, time::Instant};
 
 use fhir_export::deid::{Deidentifier, Scope};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let config = std::fs::read_to_string(args.next().expect("a configuration file"))?;

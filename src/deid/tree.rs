@@ -28,6 +28,8 @@ pub struct Node {
     pub many: bool,
     /// A resource (the root, a contained one, a Bundle entry's).
     pub resource: bool,
+    /// Its type is a primitive one (asked for every node the rules visit).
+    pub primitive: bool,
     pub removed: bool,
 }
 
@@ -90,6 +92,7 @@ impl Tree {
             parent,
             many,
             resource: resource_type.is_some(),
+            primitive: resource_type.is_none() && element.primitive,
             removed: false,
         });
         if let Some(parent) = parent {
@@ -226,7 +229,7 @@ impl Tree {
     }
 
     pub fn is_primitive(&self, id: NodeId) -> bool {
-        model::is_primitive(self.nodes[id].ty)
+        self.nodes[id].primitive
     }
 
     /// The live children of `id`.

@@ -273,6 +273,16 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
     if let Some(internal) = reference.strip_prefix('#') {
         return format!("#{}", transform(internal));
     }
+    // Most references are `Type/id`: what the first pattern below makes of them, without it.
+    if let Some((resource_type, id)) = reference.split_once('/')
+        && RESOURCE_TYPES.binary_search(&resource_type).is_ok()
+        && (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return format!("{resource_type}/{}", transform(id));
+    }
     static PATTERNS: OnceLock<Vec<Regex>> = OnceLock::new();
     let patterns = PATTERNS.get_or_init(|| {
         [
