@@ -96,7 +96,9 @@ impl<'j> Output<'j> {
         // Group members, or the patients a `patient` parameter named.
         let patients = match (spec.named_patients, spec.level) {
             // What is in a compartment is in the blocks of an organized export.
-            _ if spec.organize_by.is_some() && task.kind == TaskKind::Export => {
+            (false, Level::System)
+                if spec.organize_by.is_some() && task.kind == TaskKind::Export =>
+            {
                 PatientFilter::Unattached
             }
             (true, _) => PatientFilter::JobPatients(job.id),

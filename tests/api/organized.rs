@@ -212,6 +212,19 @@ async fn organized_export_holds_the_plain_export_in_blocks_at_every_level() {
             path == "/$export",
             "{path}"
         );
+        // Types in no compartment: at system level in files of their own, elsewhere none.
+        let query = format!("{path}?_type=Practitioner,Organization");
+        let plain = plain_resources(&app, &query).await;
+        let organized = format!("{query}&organizeOutputBy=Patient");
+        let manifest = wait_manifest(&app, &kick_off(&app, &organized).await).await;
+        let mut got = BTreeMap::new();
+        for file in organized_files(&app, &manifest).await {
+            for line in file.lines {
+                got.insert(key(&line), line);
+            }
+        }
+        assert_eq!(got, plain, "{query}");
+        assert_eq!(got.is_empty(), path != "/$export", "{query}");
     }
 }
 
