@@ -172,6 +172,22 @@ async fn page_urls_that_name_no_page_are_404_and_unpaged_jobs_have_no_pages() {
         "/$export?allowPartialManifests=true&_type=Patient,Encounter,Observation,Condition",
     )
     .await;
+    // Polls while it runs would make pages of what is done by then: wait without polling.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: String = sqlx::query_scalar("SELECT status::text FROM export_jobs")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if status == "completed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let manifest = wait_manifest(&app, &paged).await;
     assert_eq!(manifest["output"].as_array().unwrap().len(), 2);
     let second = next_link(&manifest).expect("a second page");
