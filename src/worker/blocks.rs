@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, sync::Arc};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Ended, TaskError, lease::Lease, part, plan, read_source::PageSource};
+use super::{Context, Ended, TaskError, export, lease::Lease, part, plan, read_source::PageSource};
 use crate::{
     db::{
         blocks::{self, BlockPosition, BlockRow, BlockSelection},
@@ -88,23 +88,17 @@ impl<'a> Output<'a> {
             let elements = elements::for_type(&spec.elements, t);
             per_type.insert(t.clone(), TypeOutput { filter, elements });
         }
-        let deid = match (&spec.anonymization_config, &spec.anonymization_seed) {
-            (Some(config), Some(seed)) => Some(Deidentifier::new(config, seed).map_err(|e| {
-                TaskError::failed(format!("the job's de-identification configuration: {e}"))
-            })?),
-            _ => None,
-        };
         Ok(Output {
             selection: BlockSelection {
                 types,
                 block_last,
                 transaction_time: spec.snapshot_time(),
                 since: spec.since,
-                patients: plan::blocks_patients(job),
+                patients: plan::patients_read(job),
                 excluded_groups: &spec.excluded_groups,
             },
             per_type,
-            deid,
+            deid: export::deidentifier(spec)?,
             folder: &spec.folder,
         })
     }

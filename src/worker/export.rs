@@ -16,11 +16,11 @@ use serde_json::Value;
 use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Ended, TaskError, lease::Lease, part, read_source::PageSource};
+use super::{Context, Ended, TaskError, lease::Lease, part, plan, read_source::PageSource};
 use crate::{
     db::{
         copy_out::{self, CopyRows},
-        jobs::{Job, JobSpec, Level},
+        jobs::{Job, JobSpec},
         snapshot::{self, PatientFilter, Position, Rows, Selection},
         tasks::{Checkpoint, HeldTask, Task, TaskKind},
     },
@@ -94,16 +94,12 @@ impl<'j> Output<'j> {
         let spec = &job.spec;
         let resource_type = task.resource_type.as_deref().unwrap_or_default();
         // Group members, or the patients a `patient` parameter named.
-        let patients = match (spec.named_patients, spec.level) {
+        let patients = match plan::patients_read(job) {
             // What is in a compartment is in the blocks of an organized export.
-            (false, Level::System)
-                if spec.organize_by.is_some() && task.kind == TaskKind::Export =>
-            {
+            PatientFilter::None if spec.organize_by.is_some() && task.kind == TaskKind::Export => {
                 PatientFilter::Unattached
             }
-            (true, _) => PatientFilter::JobPatients(job.id),
-            (false, Level::System) => PatientFilter::None,
-            (false, Level::Patient | Level::Group) => PatientFilter::AnyPatient,
+            patients => patients,
         };
         let excluded: &[String] = if resource_type == "Group" {
             &spec.excluded_groups
@@ -161,7 +157,7 @@ impl<'j> Output<'j> {
 }
 
 /// The job's de-identification, if it has one.
-fn deidentifier(spec: &JobSpec) -> Result<Option<Deidentifier>, TaskError> {
+pub(super) fn deidentifier(spec: &JobSpec) -> Result<Option<Deidentifier>, TaskError> {
     match (&spec.anonymization_config, &spec.anonymization_seed) {
         (Some(config), Some(seed)) => Deidentifier::new(config, seed).map(Some).map_err(|e| {
             TaskError::failed(format!("the job's de-identification configuration: {e}"))

@@ -45,13 +45,14 @@ pub async fn run(
     let mut planned = Vec::new();
     let mut block_estimate = 0;
     let mut has_blocks = false;
+    let compartment = compartment_types();
     for resource_type in types {
         let Some(span) = resources::type_span(pool, &resource_type).await? else {
             continue;
         };
         let organized = spec.organize_by.is_some();
         // What is in a compartment goes in blocks.
-        let in_blocks = organized && compartment_types().contains(&resource_type.as_str());
+        let in_blocks = organized && compartment.contains(&resource_type.as_str());
         if in_blocks {
             has_blocks = true;
             block_estimate += span.count;
@@ -187,7 +188,7 @@ async fn block_tasks(
 ) -> Result<Vec<PlannedTask>, TaskError> {
     let spec = &job.spec;
     let slices = div_ceil(estimate, spec.range_size).max(1);
-    let patients = blocks_patients(job);
+    let patients = patients_read(job);
     let bounds = blocks::slice_bounds(&context.pools.primary, patients, slices).await?;
     let per_task = estimate / i64::try_from(bounds.len() + 1).unwrap_or(1);
     let mut after = None;
@@ -207,8 +208,9 @@ async fn block_tasks(
     Ok(planned)
 }
 
-/// Whose blocks an organized export writes.
-pub fn blocks_patients(job: &Job) -> PatientFilter {
+/// Whose compartments a job reads: every resource (system level), or those in the
+/// compartment of any patient or of the patients stored with the job.
+pub fn patients_read(job: &Job) -> PatientFilter {
     match (job.spec.named_patients, job.spec.level) {
         (true, _) => PatientFilter::JobPatients(job.id),
         (false, Level::System) => PatientFilter::None,
