@@ -650,3 +650,61 @@ async fn export_output_never_goes_to_the_configuration_container() {
     config.storage.default_container = "anonymization".into();
     assert!(config.validate().is_err());
 }
+
+#[tokio::test]
+async fn page_and_signed_link_urls_refuse_hostile_values_with_4xx() {
+    let app = TestApp::spawn_with(|c| {
+        c.export.output_urls = fhir_export::config::OutputUrls::Signed;
+    })
+    .await;
+    put(&app, json!({"resourceType": "Patient", "id": "p"})).await;
+    let status_url = kick_off(&app, "/$export?_type=Patient&allowPartialManifests=true").await;
+    let manifest = wait_manifest(&app, &status_url).await;
+    let link = manifest["output"][0]["url"].as_str().unwrap().to_string();
+    let long = "9".repeat(10_000);
+    let job = status_url.rsplit('/').next().unwrap().to_string();
+    let hostile = [
+        format!("{status_url}?page=%00"),
+        format!("{status_url}?page=%FF"),
+        format!("{status_url}?page={long}"),
+        format!("{status_url}?page=1%0A"),
+        link.replace("expires=", "expires=%00"),
+        link.replace("signature=", "signature=%FF"),
+        link.replace("expires=", &format!("expires={long}")),
+        format!(
+            "{}&signature={long}",
+            link.split("&signature").next().unwrap()
+        ),
+        app.url(&format!(
+            "/export-files/{job}/..%2F..%2Fetc%2Fpasswd?expires=1&signature=x"
+        )),
+        app.url(&format!("/export-files/{job}/Patient-1.ndjson")),
+        app.url(&format!(
+            "/export-files/not-a-job/Patient-1.ndjson?expires={long}&signature=x"
+        )),
+    ];
+    for url in hostile {
+        let response = app.client.get(&url).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(
+            (400..500).contains(&status),
+            "{status} for {}",
+            &url[..url.len().min(120)]
+        );
+    }
+    // The real link still opens.
+    assert_eq!(app.client.get(&link).send().await.unwrap().status(), 200);
+    for (name, value) in [
+        ("organizeOutputBy", "Patient%00"),
+        ("allowPartialManifests", "true%00"),
+    ] {
+        let response = kick_off_request(
+            &app,
+            &format!("/$export?{name}={value}"),
+            "respond-async",
+            None,
+        )
+        .await;
+        assert_outcome(response, 400).await;
+    }
+}
