@@ -201,9 +201,10 @@ impl Config {
             );
         }
         self.storage.validate()?;
-        if self.storage.kind != StorageKind::Azure && self.export.output_urls != OutputUrls::Server
+        if self.storage.kind == StorageKind::Filesystem
+            && matches!(self.export.output_urls, OutputUrls::Blob | OutputUrls::Sas)
         {
-            bail!("export.output_urls = blob or sas needs storage.kind = azure");
+            bail!("export.output_urls = blob or sas needs storage.kind = azure, s3 or gcs");
         }
         let server = &self.server;
         if server.header_read_timeout_secs == 0

@@ -173,7 +173,7 @@ impl Exporter {
     }
 
     /// The URLs of a job's files: the server's own, or the storage's (signed for each
-    /// manifest request, living at most `sas_lifetime_secs` and never past the job).
+    /// manifest request, living at most the storage's signed URL lifetime and never past the job).
     async fn file_urls(&self, job: &Job, parts: &[Part]) -> Result<Vec<String>, Error> {
         let files = parts
             .iter()
@@ -202,7 +202,7 @@ impl Exporter {
             OutputUrls::Blob | OutputUrls::Sas => {}
         }
         let lifetime = chrono::TimeDelta::seconds(
-            i64::try_from(self.config.storage.azure.sas_lifetime_secs).unwrap_or(i64::MAX),
+            i64::try_from(self.config.storage.signed_url_lifetime_secs()).unwrap_or(i64::MAX),
         );
         let expires = job
             .expires_at

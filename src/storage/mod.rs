@@ -2,9 +2,12 @@
 //! `{container}/{folder}/{Type}-{n}.ndjson`.
 
 mod azure;
+mod cloud;
 pub mod config;
 mod direct_file;
 mod filesystem;
+mod gcs;
+mod s3;
 mod sas;
 
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, stream::BoxStream};
 
 pub use azure::AzureStorage;
+pub use cloud::CloudStorage;
 pub use filesystem::FilesystemStorage;
 
 use config::{StorageConfig, StorageKind};
@@ -58,7 +62,7 @@ pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
 
 #[async_trait]
 pub trait Storage: Send + Sync + 'static {
-    /// `filesystem` or `azure` (a label of the metrics).
+    /// `filesystem`, `azure`, `s3` or `gcs` (a label of the metrics).
     fn kind(&self) -> &'static str;
 
     /// Starts a file `name` (may contain `/`) in `container` for `owner`, creating the container
@@ -185,6 +189,8 @@ pub fn from_config(config: &StorageConfig) -> anyhow::Result<Arc<dyn Storage>> {
     match config.kind {
         StorageKind::Filesystem => Ok(Arc::new(FilesystemStorage::new(&config.dir))),
         StorageKind::Azure => Ok(Arc::new(AzureStorage::from_config(&config.azure)?)),
+        StorageKind::S3 => Ok(Arc::new(s3::storage(&config.s3)?)),
+        StorageKind::Gcs => Ok(Arc::new(gcs::GcsStorage::from_config(&config.gcs)?)),
     }
 }
 

