@@ -563,3 +563,57 @@ async fn populate(app: &TestApp) {
         put(app, json!({"resourceType": "Patient", "id": p})).await;
     }
 }
+
+/// What `serve` says when the storage cannot be used.
+async fn refused_at_startup(cloud: &Cloud, adjust: impl FnOnce(&mut Config)) -> String {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&db.url, dir.path());
+    cloud.configure(&mut config);
+    adjust(&mut config);
+    let refused = fhir_export::Server::build(config)
+        .await
+        .err()
+        .expect("refused");
+    format!("{refused:#}")
+}
+
+#[tokio::test]
+async fn a_missing_gcs_bucket_or_a_wrong_s3_key_is_refused_at_startup_with_a_clear_message() {
+    let gcs = Cloud::gcs().await;
+    let message =
+        refused_at_startup(&gcs, |c| c.storage.gcs.bucket = "no-such-bucket".into()).await;
+    assert!(
+        message.contains("gs://no-such-bucket") && message.contains("check that the bucket exists"),
+        "{message}"
+    );
+    // A wrong secret: SeaweedFS refuses the signature. (A missing S3 bucket is not tried:
+    // SeaweedFS makes one on the first write.)
+    let s3 = Cloud::s3().await;
+    let Cloud::S3(seaweed) = &s3 else {
+        unreachable!()
+    };
+    let mut command = std::process::Command::new(binary());
+    command
+        .args(["serve"])
+        .env("DATABASE_URL", TestDb::new().await.url.clone())
+        .env("FHIR_EXPORT_LISTEN", "127.0.0.1:0")
+        .env("FHIR_EXPORT_STORAGE", "s3")
+        .env("FHIR_EXPORT_S3_BUCKET", BUCKET)
+        .env("FHIR_EXPORT_S3_ENDPOINT", seaweed.endpoint())
+        .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        .env_remove("FHIR_EXPORT_CONFIG");
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("the export storage is not usable")
+            && stderr.contains("authorization failed"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("not-the-secret"),
+        "the secret leaked: {stderr}"
+    );
+}
