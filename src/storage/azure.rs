@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 
 use super::config::{AzureConfig, AzureCredentialKind};
-use super::{AttemptTag, ByteStream, Error, Fence, PartWriter, Storage, sas};
+use super::{AttemptTag, ByteStream, Error, Fence, PartWriter, REQUEST_LIMIT, Storage, sas};
 
 /// How requests are authorized.
 enum Auth {
@@ -257,10 +257,6 @@ fn from_connection_string(text: &str) -> anyhow::Result<(Url, Auth)> {
 fn k_only(part: &str) -> &str {
     part.split('=').next().unwrap_or("")
 }
-
-/// A request that has had no answer for this long has failed, transiently: a storage that
-/// hangs (paused, cut off) must not hold a writing worker for ever.
-const REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `request`'s answer, or a transient error if it had none within `REQUEST_LIMIT`.
 async fn answered<T>(

@@ -24,9 +24,11 @@ use object_store::{
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::cloud::{REQUEST_LIMIT, checked_key, client_options};
 use super::config::GcsConfig;
-use super::{AttemptTag, ByteStream, Error, Fence, PartWriter, Storage};
+use super::{
+    AttemptTag, ByteStream, Error, Fence, PartWriter, REQUEST_LIMIT, Storage, object_key,
+    object_store_options,
+};
 
 const GOOGLE: &str = "https://storage.googleapis.com";
 
@@ -80,7 +82,7 @@ impl GcsStorage {
             }
         };
         let google = builder
-            .with_client_options(client_options().with_allow_http(emulator.is_some()))
+            .with_client_options(object_store_options().with_allow_http(emulator.is_some()))
             .build()
             .with_context(|| format!("storage.gcs (bucket '{bucket}')"))?;
         let http = reqwest::Client::builder()
@@ -243,7 +245,7 @@ impl Storage for GcsStorage {
     ) -> Result<Box<dyn PartWriter>, Error> {
         Ok(Box::new(GcsWriter {
             storage: self.clone(),
-            key: checked_key(container, name)?,
+            key: object_key(container, name)?,
             buffer: Vec::new(),
             session: None,
             sent: 0,
@@ -251,7 +253,7 @@ impl Storage for GcsStorage {
     }
 
     async fn read(&self, container: &str, name: &str) -> anyhow::Result<Option<ByteStream>> {
-        let key = checked_key(container, name)?;
+        let key = object_key(container, name)?;
         let request = self
             .request(Method::GET, &self.object_url(&key))
             .await?
@@ -269,12 +271,12 @@ impl Storage for GcsStorage {
     }
 
     async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()> {
-        self.delete_under(&format!("{}/", checked_key(container, folder)?))
+        self.delete_under(&format!("{}/", object_key(container, folder)?))
             .await
     }
 
     async fn delete_container(&self, container: &str) -> anyhow::Result<()> {
-        self.delete_under(&format!("{}/", checked_key(container, "")?))
+        self.delete_under(&format!("{}/", object_key(container, "")?))
             .await
     }
 
@@ -311,7 +313,7 @@ impl Storage for GcsStorage {
             .max(Duration::from_secs(1));
         let mut urls = Vec::with_capacity(names.len());
         for name in names {
-            let key = checked_key(container, name)?;
+            let key = object_key(container, name)?;
             let url = if signed {
                 let path = object_store::path::Path::parse(&key)?;
                 self.google

@@ -2,7 +2,6 @@
 //! `{container}/{folder}/{Type}-{n}.ndjson`.
 
 mod azure;
-mod cloud;
 pub mod config;
 mod direct_file;
 mod filesystem;
@@ -17,7 +16,6 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, stream::BoxStream};
 
 pub use azure::AzureStorage;
-pub use cloud::CloudStorage;
 pub use filesystem::FilesystemStorage;
 
 use config::{StorageConfig, StorageKind};
@@ -170,6 +168,32 @@ pub trait PartWriter: Send {
     async fn commit(self: Box<Self>, fence: Fence<'_>) -> Result<bool, Error>;
 }
 
+/// The key of `name` in `container`, or of the container itself (a prefix) when `name` is
+/// empty. Names are built by the server, but never let one climb or hide in an empty segment.
+pub fn object_key(container: &str, name: &str) -> Result<String, Error> {
+    let safe = |s: &str| s.split('/').all(|p| !p.is_empty() && p != "." && p != "..");
+    let key = if name.is_empty() {
+        container.to_string()
+    } else {
+        format!("{container}/{name}")
+    };
+    if !safe(container) || container.contains('/') || !safe(&key) {
+        return Err(Error::Failed(anyhow::anyhow!("invalid storage path {key}")));
+    }
+    Ok(key)
+}
+
+/// A request that has had no answer for this long has failed (and is retried): a storage that
+/// hangs (paused, cut off) must not hold a writing worker for ever.
+pub const REQUEST_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// HTTP settings of the `object_store` clients (S3; GCS's credentials).
+pub fn object_store_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_timeout(REQUEST_LIMIT)
+        .with_connect_timeout(std::time::Duration::from_secs(5))
+}
+
 /// Deletes an export's files: its container when it had one of its own, else its folder.
 pub async fn delete_export(
     storage: &dyn Storage,
@@ -189,7 +213,7 @@ pub fn from_config(config: &StorageConfig) -> anyhow::Result<Arc<dyn Storage>> {
     match config.kind {
         StorageKind::Filesystem => Ok(Arc::new(FilesystemStorage::new(&config.dir))),
         StorageKind::Azure => Ok(Arc::new(AzureStorage::from_config(&config.azure)?)),
-        StorageKind::S3 => Ok(Arc::new(s3::storage(&config.s3)?)),
+        StorageKind::S3 => Ok(Arc::new(s3::S3Storage::from_config(&config.s3)?)),
         StorageKind::Gcs => Ok(Arc::new(gcs::GcsStorage::from_config(&config.gcs)?)),
     }
 }

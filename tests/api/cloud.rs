@@ -579,7 +579,8 @@ async fn refused_at_startup(cloud: &Cloud, adjust: impl FnOnce(&mut Config)) -> 
 }
 
 #[tokio::test]
-async fn a_missing_gcs_bucket_or_a_wrong_s3_key_is_refused_at_startup_with_a_clear_message() {
+async fn startup_refuses_a_missing_gcs_bucket_and_a_wrong_s3_secret_and_takes_keys_from_an_aws_profile()
+ {
     let gcs = Cloud::gcs().await;
     let message =
         refused_at_startup(&gcs, |c| c.storage.gcs.bucket = "no-such-bucket".into()).await;
@@ -593,18 +594,26 @@ async fn a_missing_gcs_bucket_or_a_wrong_s3_key_is_refused_at_startup_with_a_cle
     let Cloud::S3(seaweed) = &s3 else {
         unreachable!()
     };
-    let mut command = std::process::Command::new(binary());
-    command
-        .args(["serve"])
-        .env("DATABASE_URL", TestDb::new().await.url.clone())
-        .env("FHIR_EXPORT_LISTEN", "127.0.0.1:0")
-        .env("FHIR_EXPORT_STORAGE", "s3")
-        .env("FHIR_EXPORT_S3_BUCKET", BUCKET)
-        .env("FHIR_EXPORT_S3_ENDPOINT", seaweed.endpoint())
+    let db = TestDb::new().await;
+    let serve = |port: u16| {
+        let mut command = std::process::Command::new(binary());
+        command
+            .args(["serve"])
+            .env("DATABASE_URL", &db.url)
+            .env("FHIR_EXPORT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FHIR_EXPORT_STORAGE", "s3")
+            .env("FHIR_EXPORT_S3_BUCKET", BUCKET)
+            .env("FHIR_EXPORT_S3_ENDPOINT", seaweed.endpoint())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("FHIR_EXPORT_CONFIG");
+        command
+    };
+    let output = serve(0)
         .env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-        .env_remove("FHIR_EXPORT_CONFIG");
-    let output = command.output().unwrap();
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(
@@ -616,4 +625,40 @@ async fn a_missing_gcs_bucket_or_a_wrong_s3_key_is_refused_at_startup_with_a_cle
         !stderr.contains("not-the-secret"),
         "the secret leaked: {stderr}"
     );
+
+    // The keys of a named profile in the shared credentials file (the default one is wrong).
+    let aws = tempfile::tempdir().unwrap();
+    let credentials = aws.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = {S3_ACCESS_KEY}\naws_secret_access_key = wrong\n\n\
+             [exporter]\naws_access_key_id = {S3_ACCESS_KEY}\n\
+             aws_secret_access_key = {S3_SECRET_KEY}\n"
+        ),
+    )
+    .unwrap();
+    let port = crate::common::services::free_port();
+    let mut server = ChildProcess::spawn(
+        serve(port)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .env("AWS_CONFIG_FILE", aws.path().join("config"))
+            .env("AWS_PROFILE", "exporter")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let health = format!("http://127.0.0.1:{port}/health");
+    let mut up = false;
+    for _ in 0..300 {
+        if reqwest::get(&health).await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        assert!(
+            !server.exited(),
+            "serve stopped: the profile's keys were not used"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "serve with the profile's keys never answered");
 }
