@@ -307,10 +307,7 @@ impl Storage for GcsStorage {
         signed: bool,
         expires: DateTime<Utc>,
     ) -> anyhow::Result<Option<Vec<String>>> {
-        let lifetime = (expires - Utc::now())
-            .to_std()
-            .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_secs(1));
+        let lifetime = super::lifetime_until(expires);
         let mut urls = Vec::with_capacity(names.len());
         for name in names {
             let key = object_key(container, name)?;
@@ -322,8 +319,7 @@ impl Storage for GcsStorage {
                     .with_context(|| format!("signing a URL of {}", self.label()))?
                     .to_string()
             } else {
-                let segments: Vec<String> = key.split('/').map(escaped).collect();
-                format!("{}/{}/{}", self.base, self.bucket, segments.join("/"))
+                format!("{}/{}/{}", self.base, self.bucket, super::url_path(&key))
             };
             urls.push(url);
         }

@@ -194,6 +194,26 @@ pub fn object_store_options() -> object_store::ClientOptions {
         .with_connect_timeout(std::time::Duration::from_secs(5))
 }
 
+/// The lifetime of a signed URL that must expire at `expires` (a second at least).
+pub fn lifetime_until(expires: chrono::DateTime<chrono::Utc>) -> std::time::Duration {
+    (expires - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default()
+        .max(std::time::Duration::from_secs(1))
+}
+
+/// An object key as a URL path: each segment percent-encoded, `/` kept between them.
+pub fn url_path(key: &str) -> String {
+    key.split('/')
+        .map(|segment| {
+            form_urlencoded::byte_serialize(segment.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Deletes an export's files: its container when it had one of its own, else its folder.
 pub async fn delete_export(
     storage: &dyn Storage,

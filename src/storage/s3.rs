@@ -153,18 +153,6 @@ fn explain(label: &str, e: object_store::Error, doing: &str) -> Error {
     }
 }
 
-/// Each URL-unsafe byte of a key segment escaped, `/` kept between segments.
-fn escaped_key(key: &Path) -> String {
-    key.parts()
-        .map(|part| {
-            form_urlencoded::byte_serialize(part.as_ref().as_bytes())
-                .collect::<String>()
-                .replace('+', "%20")
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 /// How long a startup check may wait for an answer: a bucket that never answers must not hang
 /// `serve`.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -254,10 +242,7 @@ impl Storage for S3Storage {
         signed: bool,
         expires: DateTime<Utc>,
     ) -> anyhow::Result<Option<Vec<String>>> {
-        let lifetime = (expires - Utc::now())
-            .to_std()
-            .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_secs(1));
+        let lifetime = super::lifetime_until(expires);
         let mut urls = Vec::with_capacity(names.len());
         for name in names {
             let key = self.key(container, name)?;
@@ -268,7 +253,7 @@ impl Storage for S3Storage {
                     .with_context(|| format!("signing a URL of {}", self.label))?
                     .to_string()
             } else {
-                format!("{}/{}", self.object_base_url, escaped_key(&key))
+                format!("{}/{}", self.object_base_url, super::url_path(key.as_ref()))
             };
             urls.push(url);
         }

@@ -662,3 +662,49 @@ async fn startup_refuses_a_missing_gcs_bucket_and_a_wrong_s3_secret_and_takes_ke
     }
     assert!(up, "serve with the profile's keys never answered");
 }
+
+/// The configuration of `_anonymizationConfig` is read from the `anonymization` folder of the
+/// bucket, as from Azure's container of that name.
+async fn de_identified_from_the_buckets_configuration(cloud: Cloud) {
+    let app = TestApp::spawn_with(|c| cloud.configure(c)).await;
+    populate(&app).await;
+    let name = format!("{}.json", unique_container());
+    let config = json!({"fhirPathRules": [{"path": "Resource.id", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "k"}});
+    let storage = cloud.storage();
+    let mut file = storage.create("anonymization", &name, TAG).await.unwrap();
+    file.write(config.to_string().as_bytes()).await.unwrap();
+    assert!(file.commit(Box::pin(async { true })).await.unwrap());
+
+    let missing = kick_off_request(
+        &app,
+        "/$export?_anonymizationConfig=none.json",
+        "respond-async",
+        None,
+    )
+    .await;
+    assert_outcome(missing, 400).await;
+    let query = format!("/$export?_type=Patient&_anonymizationConfig={name}");
+    let manifest = wait_manifest(&app, &kick_off(&app, &query).await).await;
+    assert_eq!(manifest["extension"]["valueString"], name.as_str());
+    let got: BTreeSet<String> = resources_by_key(&download_all(&app, &manifest).await)
+        .into_keys()
+        .collect();
+    let hash = |id: &str| {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"k");
+        let tag = aws_lc_rs::hmac::sign(&key, id.as_bytes());
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("Patient/{hex}")
+    };
+    assert_eq!(got, ["p1", "p2", "p3"].map(hash).into());
+}
+
+#[tokio::test]
+async fn s3_de_identified_export_reads_its_configuration_from_the_bucket() {
+    de_identified_from_the_buckets_configuration(Cloud::s3().await).await;
+}
+
+#[tokio::test]
+async fn gcs_de_identified_export_reads_its_configuration_from_the_bucket() {
+    de_identified_from_the_buckets_configuration(Cloud::gcs().await).await;
+}
