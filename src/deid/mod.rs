@@ -243,7 +243,7 @@ impl Walk<'_> {
         if resource {
             done |= self.process_resource(tree, id)?;
         }
-        let children: Vec<NodeId> = tree.children(id).collect();
+        let children = tree.children_now(id);
         for child in children {
             done |= self.visit(tree, child)?;
         }
@@ -289,7 +289,7 @@ impl Walk<'_> {
         if matches!(method, Method::Generalize { .. }) && tree.is_primitive(id) {
             return Ok(done);
         }
-        let children: Vec<NodeId> = tree.children(id).collect();
+        let children = tree.children_now(id);
         for child in children {
             if !tree.is_resource(child) {
                 done |= self.process_recursive(tree, child, method)?;

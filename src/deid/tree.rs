@@ -10,6 +10,9 @@ use crate::fhir::{model, r4::RESOURCE_TYPES, resource::push_json_string};
 
 pub type NodeId = usize;
 
+/// A node's children taken at one moment, without a heap allocation for the usual few.
+pub type Children = smallvec::SmallVec<[NodeId; 16]>;
+
 #[derive(Debug, Clone)]
 pub struct Node {
     /// The element name (`value` for `valueQuantity`); a root resource's is its type.
@@ -67,7 +70,7 @@ impl Tree {
             required: true,
         };
         tree.push(None, &root, Some(ty), None, false);
-        tree.read_object(ROOT, &map, ty)?;
+        tree.read_object(ROOT, map, ty)?;
         Ok(tree)
     }
 
@@ -101,21 +104,38 @@ impl Tree {
         id
     }
 
-    /// Reads the members of `map` as the children of `id`, whose type key is `type_key`.
+    /// Reads the members of `map` as the children of `id`, whose type key is `type_key`. The
+    /// values move into the nodes (no copies).
     fn read_object(
         &mut self,
         id: NodeId,
-        map: &Map<String, Value>,
+        mut map: Map<String, Value>,
         type_key: &str,
     ) -> Result<(), Invalid> {
         let elements = model::elements_of(type_key).unwrap_or_default();
+        // `_name` (a primitive's id and extensions) goes with `name` when both are there; most
+        // objects have neither.
+        let mut companions: Vec<(String, Value)> = Vec::new();
+        if map.keys().any(|k| k.starts_with('_')) {
+            let paired: Vec<String> = map
+                .keys()
+                .filter(|k| {
+                    k.strip_prefix('_')
+                        .is_some_and(|base| map.contains_key(base))
+                })
+                .cloned()
+                .collect();
+            for key in paired {
+                let value = map.shift_remove(&key).expect("listed above");
+                companions.push((key, value));
+            }
+        }
         for (key, value) in map {
             if key == "resourceType" && self.is_resource(id) {
                 continue;
             }
-            // `_name` goes with `name`; alone it is a primitive without a value.
+            // What is left of `_name` is a primitive without a value.
             let (base, companion_only) = match key.strip_prefix('_') {
-                Some(base) if map.contains_key(base) => continue,
                 Some(base) => (base, true),
                 None => (key.as_str(), false),
             };
@@ -125,13 +145,13 @@ impl Tree {
                     self.nodes[id].ty
                 ))
             })?;
-            let companion = if companion_only {
-                Some(value)
+            let (value, companion) = if companion_only {
+                (None, Some(value))
             } else {
-                map.get(&format!("_{base}"))
+                let at = companions.iter().position(|(k, _)| &k[1..] == base);
+                (Some(value), at.map(|at| companions.swap_remove(at).1))
             };
-            let values = if companion_only { None } else { Some(value) };
-            self.read_element(id, element, values, companion)?;
+            self.read_element(id, element, value, companion)?;
         }
         Ok(())
     }
@@ -140,49 +160,63 @@ impl Tree {
         &mut self,
         parent: NodeId,
         element: &'static model::ElementType,
-        value: Option<&Value>,
-        companion: Option<&Value>,
+        value: Option<Value>,
+        companion: Option<Value>,
     ) -> Result<(), Invalid> {
-        let many = matches!(value.or(companion), Some(Value::Array(_)));
+        let many = matches!(value.as_ref().or(companion.as_ref()), Some(Value::Array(_)));
+        if !many {
+            let present = |v: Option<Value>| v.filter(|v| !v.is_null());
+            return self.read_item(parent, element, present(value), present(companion), false);
+        }
         // Items by position; JSON `null`s (placeholders in arrays) are none.
-        fn items(v: Option<&Value>) -> Vec<Option<&Value>> {
+        fn items(v: Option<Value>) -> std::vec::IntoIter<Value> {
             match v {
-                None => Vec::new(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|i| Some(i).filter(|i| !i.is_null()))
-                    .collect(),
-                Some(v) => vec![Some(v).filter(|v| !v.is_null())],
+                None => Vec::new().into_iter(),
+                Some(Value::Array(items)) => items.into_iter(),
+                Some(v) => vec![v].into_iter(),
             }
         }
-        let values = items(value);
-        let companions = items(companion);
-        for i in 0..values.len().max(companions.len()) {
-            let item = values.get(i).copied().flatten();
-            let extra = companions.get(i).copied().flatten();
-            if element.primitive {
-                if matches!(item, Some(Value::Object(_) | Value::Array(_))) {
-                    return Err(Invalid(format!("'{}' must be a primitive", element.key)));
-                }
-                let node = self.push(Some(parent), element, None, item.cloned(), many);
-                if let Some(Value::Object(extra)) = extra {
-                    self.read_object(node, extra, element.ty)?;
-                }
-                continue;
+        let (mut values, mut companions) = (items(value), items(companion));
+        loop {
+            let (item, extra) = (values.next(), companions.next());
+            if item.is_none() && extra.is_none() {
+                return Ok(());
             }
-            let Some(Value::Object(map)) = item else {
-                return Err(Invalid(format!("'{}' must be an object", element.key)));
-            };
-            if element.ty == "Resource" {
-                let ty = resource_type(map, element.key)?;
-                let node = self.push(Some(parent), element, Some(ty), None, many);
-                self.read_object(node, map, ty)?;
-            } else {
-                let node = self.push(Some(parent), element, None, None, many);
-                self.read_object(node, map, element.children)?;
-            }
+            let present = |v: Option<Value>| v.filter(|v| !v.is_null());
+            self.read_item(parent, element, present(item), present(extra), true)?;
         }
-        Ok(())
+    }
+
+    /// One occurrence of `element`: its value and its `_element` companion.
+    fn read_item(
+        &mut self,
+        parent: NodeId,
+        element: &'static model::ElementType,
+        item: Option<Value>,
+        extra: Option<Value>,
+        many: bool,
+    ) -> Result<(), Invalid> {
+        if element.primitive {
+            if matches!(item, Some(Value::Object(_) | Value::Array(_))) {
+                return Err(Invalid(format!("'{}' must be a primitive", element.key)));
+            }
+            let node = self.push(Some(parent), element, None, item, many);
+            if let Some(Value::Object(extra)) = extra {
+                self.read_object(node, extra, element.ty)?;
+            }
+            return Ok(());
+        }
+        let Some(Value::Object(map)) = item else {
+            return Err(Invalid(format!("'{}' must be an object", element.key)));
+        };
+        if element.ty == "Resource" {
+            let ty = resource_type(&map, element.key)?;
+            let node = self.push(Some(parent), element, Some(ty), None, many);
+            self.read_object(node, map, ty)
+        } else {
+            let node = self.push(Some(parent), element, None, None, many);
+            self.read_object(node, map, element.children)
+        }
     }
 
     /// Adds children of `parent` from JSON (a substitution's replacement); the element must
@@ -197,7 +231,7 @@ impl Tree {
         let element = model::element(type_key, key)
             .ok_or_else(|| Invalid(format!("'{key}' is not an element of {type_key}")))?;
         let before = self.nodes[parent].children.len();
-        self.read_element(parent, element, Some(value), None)?;
+        self.read_element(parent, element, Some(value.clone()), None)?;
         Ok(self.nodes[parent].children[before..].to_vec())
     }
 
@@ -230,6 +264,11 @@ impl Tree {
 
     pub fn is_primitive(&self, id: NodeId) -> bool {
         self.nodes[id].primitive
+    }
+
+    /// The live children of `id` as they are now (to walk while the tree changes).
+    pub fn children_now(&self, id: NodeId) -> Children {
+        self.children(id).collect()
     }
 
     /// The live children of `id`.
@@ -278,7 +317,7 @@ impl Tree {
     /// was emptied keeps its place, holding only the `data-absent-reason` extension (`masked`),
     /// and an Extension left without its `url` goes whole.
     pub fn prune(&mut self, id: NodeId, valid: bool) -> bool {
-        let children: Vec<NodeId> = self.children(id).collect();
+        let children = self.children_now(id);
         let mut any = false;
         let mut emptied = Vec::new();
         for child in children {
@@ -341,15 +380,15 @@ impl Tree {
             first = false;
         }
         // Children grouped by JSON key, in the order each key first appears.
-        let children: Vec<NodeId> = self.children(id).collect();
-        let mut keys: Vec<&'static str> = Vec::new();
+        let children = self.children_now(id);
+        let mut keys: smallvec::SmallVec<[&'static str; 16]> = smallvec::SmallVec::new();
         for &c in &children {
             if !keys.contains(&self.nodes[c].key) {
                 keys.push(self.nodes[c].key);
             }
         }
         for key in keys {
-            let group: Vec<NodeId> = children
+            let group: Children = children
                 .iter()
                 .copied()
                 .filter(|&c| self.nodes[c].key == key)

@@ -427,7 +427,7 @@ pub fn mark(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
 
 pub fn mark_subtree(tree: &Tree, id: NodeId, visited: &mut Vec<bool>) {
     mark(tree, id, visited);
-    let children: Vec<NodeId> = tree.children(id).collect();
+    let children = tree.children_now(id);
     for child in children {
         mark_subtree(tree, child, visited);
     }
