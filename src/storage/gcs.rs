@@ -70,7 +70,9 @@ impl GcsStorage {
                     )
                     .with_context(|| format!("the key file {path} is not JSON"))?,
                 };
-                key["gcs_base_url"] = json!(emulator);
+                key.as_object_mut()
+                    .ok_or_else(|| anyhow!("the key file is not a JSON object"))?
+                    .insert("gcs_base_url".into(), json!(emulator));
                 builder = builder.with_service_account_key(key.to_string());
                 emulator.clone()
             }
@@ -86,6 +88,8 @@ impl GcsStorage {
             .build()
             .with_context(|| format!("storage.gcs (bucket '{bucket}')"))?;
         let http = reqwest::Client::builder()
+            // A chunk's answer is 308 (resume incomplete), never a redirect to follow.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(REQUEST_LIMIT)
             .connect_timeout(Duration::from_secs(5))
             .build()?;

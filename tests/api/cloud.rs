@@ -708,3 +708,18 @@ async fn s3_de_identified_export_reads_its_configuration_from_the_bucket() {
 async fn gcs_de_identified_export_reads_its_configuration_from_the_bucket() {
     de_identified_from_the_buckets_configuration(Cloud::gcs().await).await;
 }
+
+#[tokio::test]
+async fn a_gcs_key_file_that_is_not_a_key_is_refused_with_a_message() {
+    let gcs = Cloud::gcs().await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [("array.json", "[1, 2]"), ("text.json", "not json")] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let message = refused_at_startup(&gcs, |c| {
+            c.storage.gcs.service_account_path = path.to_str().unwrap().to_string();
+        })
+        .await;
+        assert!(message.contains("key file"), "{message}");
+    }
+}
