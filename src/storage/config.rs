@@ -89,6 +89,7 @@ impl StorageConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_clouds()?;
+        self.validate_lifetimes()?;
         let azure = &self.azure;
         if self.kind == StorageKind::Azure {
             if azure.connection_string.is_empty() && azure.account_url.is_empty() {
@@ -123,7 +124,7 @@ impl StorageConfig {
         let (bucket, part_size, section) = match self.kind {
             StorageKind::S3 => (&s3.bucket, s3.part_size, "s3"),
             StorageKind::Gcs => (&gcs.bucket, gcs.part_size, "gcs"),
-            StorageKind::Azure | StorageKind::Filesystem => return self.validate_lifetimes(),
+            StorageKind::Azure | StorageKind::Filesystem => return Ok(()),
         };
         if let Err(why) = bucket_name(bucket) {
             bail!("storage.{section}.bucket: {why}");
@@ -134,7 +135,7 @@ impl StorageConfig {
         if self.kind == StorageKind::Gcs && part_size % super::gcs::CHUNK_GRANULE != 0 {
             bail!("storage.gcs.part_size must be a multiple of 256 KiB");
         }
-        self.validate_lifetimes()
+        Ok(())
     }
 
     fn validate_lifetimes(&self) -> anyhow::Result<()> {

@@ -132,8 +132,21 @@ impl GcsStorage {
 
     /// Sends a request; an answer that is not a success is an error that says what it means.
     async fn send(&self, request: RequestBuilder, doing: &str) -> Result<Response, Error> {
-        let label = self.label();
-        send(request, &label, doing).await
+        self.send_found(request, doing).await?.ok_or_else(|| {
+            Error::Failed(anyhow!(
+                "{doing} in {}: 404 Not Found (not found: check that the bucket exists)",
+                self.label()
+            ))
+        })
+    }
+
+    /// Like `send`, but `None` when what the request names is not there (a 404).
+    async fn send_found(
+        &self,
+        request: RequestBuilder,
+        doing: &str,
+    ) -> Result<Option<Response>, Error> {
+        send(request, &self.label(), doing).await
     }
 
     async fn names_under(&self, prefix: &str) -> Result<Vec<String>, Error> {
@@ -172,11 +185,9 @@ impl GcsStorage {
             let request = self
                 .request(Method::DELETE, &self.object_url(&name))
                 .await?;
-            match self.send(request, &format!("deleting {name}")).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
+            // Gone already is as good as deleted.
+            self.send_found(request, &format!("deleting {name}"))
+                .await?;
         }
         Ok(())
     }
@@ -202,12 +213,12 @@ fn escaped(key: &str) -> String {
         .replace('+', "%20")
 }
 
-/// Errors that say "not found" (a 404), which deleting treats as done.
-fn is_not_found(e: &Error) -> bool {
-    matches!(e, Error::Failed(e) if e.to_string().contains("404 Not Found"))
-}
-
-async fn send(request: RequestBuilder, label: &str, doing: &str) -> Result<Response, Error> {
+/// Sends a request: its answer, `None` for a 404, or an error that says what the answer means.
+async fn send(
+    request: RequestBuilder,
+    label: &str,
+    doing: &str,
+) -> Result<Option<Response>, Error> {
     let response = match request.send().await {
         Ok(response) => response,
         // No answer, a timeout, a connection cut: gone by itself later.
@@ -215,7 +226,10 @@ async fn send(request: RequestBuilder, label: &str, doing: &str) -> Result<Respo
     };
     let status = response.status();
     if status.is_success() || status == StatusCode::PERMANENT_REDIRECT {
-        return Ok(response);
+        return Ok(Some(response));
+    }
+    if status == StatusCode::NOT_FOUND {
+        return Ok(None);
     }
     let body = response.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
@@ -229,7 +243,6 @@ async fn send(request: RequestBuilder, label: &str, doing: &str) -> Result<Respo
             " (authorization failed: the credential needs storage.objects.create, get, list and \
              delete on the bucket)"
         }
-        404 => " (not found: check that the bucket exists)",
         _ => "",
     };
     Err(Error::Failed(anyhow!("{message}{hint}")))
@@ -262,16 +275,13 @@ impl Storage for GcsStorage {
             .request(Method::GET, &self.object_url(&key))
             .await?
             .query(&[("alt", "media")]);
-        match self.send(request, &format!("reading {key}")).await {
-            Ok(response) => Ok(Some(
-                response
-                    .bytes_stream()
-                    .map_err(std::io::Error::other)
-                    .boxed(),
-            )),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let found = self.send_found(request, &format!("reading {key}")).await?;
+        Ok(found.map(|response| {
+            response
+                .bytes_stream()
+                .map_err(std::io::Error::other)
+                .boxed()
+        }))
     }
 
     async fn delete_folder(&self, container: &str, folder: &str) -> anyhow::Result<()> {
