@@ -12,6 +12,8 @@
 mod config;
 mod fhirpath;
 mod methods;
+mod plan;
+mod stream;
 mod tree;
 
 use std::{
@@ -68,6 +70,17 @@ impl Operation {
             [self as usize]
     }
 
+    /// The label as JSON text.
+    fn label_json(self) -> &'static str {
+        static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+        &LABELS.get_or_init(|| {
+            Operation::ALL
+                .iter()
+                .map(|o| o.label().to_string())
+                .collect()
+        })[self as usize]
+    }
+
     fn make_label(self) -> Value {
         const V3: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
         match self {
@@ -120,6 +133,8 @@ impl BitOrAssign for Operations {
 /// A job's compiled configuration with its keys.
 pub struct Deidentifier {
     config: Config,
+    /// The single-pass engine's plan, for configurations it runs.
+    plan: Option<plan::Plan>,
     seed: hmac::Key,
     crypto_hash_key: hmac::Key,
     date_shift_key: String,
@@ -159,6 +174,7 @@ impl Deidentifier {
             key => key.as_bytes().to_vec(),
         };
         Ok(Deidentifier {
+            plan: plan::Plan::of(&config),
             config,
             seed: seed_key,
             crypto_hash_key,
@@ -191,6 +207,16 @@ impl Deidentifier {
     }
 
     fn run(&self, line: &str, scope: &Scope) -> Result<String, ProcessingError> {
+        if let Some(plan) = &self.plan
+            && let Ok(out) = stream::run(self, plan, line, scope)
+        {
+            return Ok(out);
+        }
+        self.run_tree(line, scope)
+    }
+
+    /// The tree engine: any configuration, any resource.
+    fn run_tree(&self, line: &str, scope: &Scope) -> Result<String, ProcessingError> {
         let mut tree = Tree::parse(line).map_err(|e| ProcessingError(e.0))?;
         let mut walk = Walk {
             engine: self,
@@ -504,5 +530,7 @@ fn derive(key: &hmac::Key, data: &[u8]) -> Vec<u8> {
     hmac::sign(key, data).as_ref().to_vec()
 }
 
+#[cfg(test)]
+mod stream_tests;
 #[cfg(test)]
 mod tests;

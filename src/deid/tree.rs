@@ -469,13 +469,14 @@ fn resource_type(map: &Map<String, Value>, what: &str) -> Result<&'static str, I
 /// A primitive value as its type writes it: numbers and booleans bare (when they are ones),
 /// everything else as a JSON string.
 fn push_primitive(out: &mut String, ty: &str, value: &Value) {
-    let text = match value {
-        Value::String(s) => s.as_str(),
-        other => {
-            let text = other.to_string();
-            return push_primitive(out, ty, &Value::String(text));
-        }
-    };
+    match value {
+        Value::String(s) => push_primitive_text(out, ty, s),
+        other => push_primitive_text(out, ty, &other.to_string()),
+    }
+}
+
+/// A primitive's text as its type writes it (see `push_primitive`).
+pub fn push_primitive_text(out: &mut String, ty: &str, text: &str) {
     let bare = match ty {
         "boolean" => text == "true" || text == "false",
         "integer" | "positiveInt" | "unsignedInt" | "decimal" => is_json_number(text),

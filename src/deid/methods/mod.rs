@@ -33,14 +33,35 @@ pub fn text(tree: &Tree, id: NodeId) -> Option<String> {
     match tree.nodes[id].value.as_ref()? {
         Value::String(s) if s.is_empty() => None,
         Value::String(s) => Some(s.clone()),
-        Value::Bool(true) => Some("True".into()),
-        Value::Bool(false) => Some("False".into()),
+        Value::Bool(b) => Some(bool_text(*b).into()),
         other => Some(other.to_string()),
     }
 }
 
+/// A boolean as the tool's text of it.
+pub fn bool_text(b: bool) -> &'static str {
+    if b { "True" } else { "False" }
+}
+
 fn set(tree: &mut Tree, id: NodeId, value: Option<String>) {
     tree.nodes[id].value = value.map(Value::String);
+}
+
+/// `YYYY-MM-DD` (chrono's formatter costs more than the rest of a date shift).
+fn iso_date(date: NaiveDate) -> String {
+    let (year, month, day) = (date.year(), date.month(), date.day());
+    if !(0..=9999).contains(&year) {
+        return date.format("%Y-%m-%d").to_string();
+    }
+    let digit = |n: u32| char::from_digit(n % 10, 10).unwrap_or('0');
+    let year = year.unsigned_abs();
+    let mut out = String::with_capacity(10);
+    out.extend([year / 1000, year / 100, year / 10, year].map(digit));
+    for part in [month, day] {
+        out.push('-');
+        out.extend([part / 10, part].map(digit));
+    }
+    out
 }
 
 /// Every digit as `0` (times of day and zip codes keep their shape).
@@ -122,15 +143,21 @@ pub fn redact_date(tree: &mut Tree, id: NodeId, partial: bool, with_time: bool) 
     let Some(value) = text(tree, id) else {
         return Operations::default();
     };
-    if partial {
-        if let Some(parts) = date_parts(&value, with_time) {
-            let year = (!over_age_threshold(&parts)).then(|| value[..4].to_string());
-            set(tree, id, year);
-        }
-    } else {
-        set(tree, id, None);
-    }
+    let redacted = redacted_date(&value, partial, with_time);
+    set(tree, id, redacted);
     Operations::of(Operation::Redact)
+}
+
+/// A redacted date: its year with `partial` (none for someone over 89), else nothing; with
+/// `partial`, a value that is not a date stays as it is.
+pub fn redacted_date(value: &str, partial: bool, with_time: bool) -> Option<String> {
+    if !partial {
+        return None;
+    }
+    match date_parts(value, with_time) {
+        Some(parts) => (!over_age_threshold(&parts)).then(|| value[..4].to_string()),
+        None => Some(value.to_string()),
+    }
 }
 
 /// The date shift of `prefix` + `key`: a number of days in [-50, 50].
@@ -152,16 +179,36 @@ pub fn shift_date(
     let Some(value) = text(tree, id) else {
         return Ok(Operations::default());
     };
-    let parts = match date_parts(&value, with_time) {
+    let (shifted, done) =
+        shifted_date(&value, days, partial, with_time).map_err(|NotCalendar| {
+            ProcessingError(format!("{} is not a calendar date", tree.location(id)))
+        })?;
+    set(tree, id, shifted);
+    Ok(done)
+}
+
+/// A date that names no day of the calendar (`2021-02-30`).
+pub struct NotCalendar;
+
+/// A date moved by `days`: its time of day zeroed, its zone kept. A date without a day, or
+/// of someone over 89, is redacted instead.
+pub fn shifted_date(
+    value: &str,
+    days: i64,
+    partial: bool,
+    with_time: bool,
+) -> Result<(Option<String>, Operations), NotCalendar> {
+    let parts = match date_parts(value, with_time) {
         Some(parts) if parts.day.is_some() && !over_age_threshold(&parts) => parts,
-        _ => return Ok(redact_date(tree, id, partial, with_time)),
+        _ => {
+            let redacted = redacted_date(value, partial, with_time);
+            return Ok((redacted, Operations::of(Operation::Redact)));
+        }
     };
     let date =
         NaiveDate::from_ymd_opt(parts.year, parts.month.unwrap_or(1), parts.day.unwrap_or(1))
-            .ok_or_else(|| {
-                ProcessingError(format!("{} is not a calendar date", tree.location(id)))
-            })?;
-    let shifted = (date + Duration::days(days)).format("%Y-%m-%d").to_string();
+            .ok_or(NotCalendar)?;
+    let shifted = iso_date(date + Duration::days(days));
     let new = match parts.time {
         // The time of day goes (every digit of it becomes 0); the zone stays.
         Some(time) => {
@@ -173,8 +220,7 @@ pub fn shift_date(
         }
         None => shifted,
     };
-    set(tree, id, Some(new));
-    Ok(Operations::of(Operation::Perturb))
+    Ok((Some(new), Operations::of(Operation::Perturb)))
 }
 
 pub fn redact_age(
@@ -185,20 +231,26 @@ pub fn redact_age(
     let Some(value) = text(tree, id) else {
         return Ok(Operations::default());
     };
-    if partial {
-        let age: i64 = value.parse().map_err(|_| {
-            ProcessingError(format!(
-                "the age {} is not a whole number",
-                tree.location(id)
-            ))
-        })?;
-        if age > i64::from(AGE_THRESHOLD) {
-            set(tree, id, None);
-        }
-    } else {
-        set(tree, id, None);
-    }
+    let redacted = redacted_age(&value, partial).map_err(|NotWhole| {
+        ProcessingError(format!(
+            "the age {} is not a whole number",
+            tree.location(id)
+        ))
+    })?;
+    set(tree, id, redacted);
     Ok(Operations::of(Operation::Redact))
+}
+
+/// An age that is not a whole number of years.
+pub struct NotWhole;
+
+/// A redacted age: with `partial`, ages up to 89 stay.
+pub fn redacted_age(value: &str, partial: bool) -> Result<Option<String>, NotWhole> {
+    if !partial {
+        return Ok(None);
+    }
+    let age: i64 = value.parse().map_err(|_| NotWhole)?;
+    Ok((age <= i64::from(AGE_THRESHOLD)).then(|| value.to_string()))
 }
 
 pub fn redact_postal_code(
@@ -210,25 +262,29 @@ pub fn redact_postal_code(
     let Some(value) = text(tree, id) else {
         return Operations::default();
     };
+    let (redacted, done) = redacted_postal_code(&value, partial, restricted);
+    set(tree, id, redacted);
+    done
+}
+
+/// A redacted zip code: with `partial`, its first 3 digits stay (none for a restricted area).
+pub fn redacted_postal_code(
+    value: &str,
+    partial: bool,
+    restricted: &[String],
+) -> (Option<String>, Operations) {
     if !partial {
-        set(tree, id, None);
-        return Operations::of(Operation::Redact);
+        return (None, Operations::of(Operation::Redact));
     }
-    if restricted.iter().any(|r| value.starts_with(r.as_str())) {
-        set(tree, id, Some(zero_digits(&value)));
+    let redacted = if restricted.iter().any(|r| value.starts_with(r.as_str())) {
+        zero_digits(value)
     } else if value.chars().count() >= 3 {
         let split = value.char_indices().nth(3).map_or(value.len(), |(i, _)| i);
-        set(
-            tree,
-            id,
-            Some(format!(
-                "{}{}",
-                &value[..split],
-                zero_digits(&value[split..])
-            )),
-        );
-    }
-    Operations::of(Operation::Abstract)
+        format!("{}{}", &value[..split], zero_digits(&value[split..]))
+    } else {
+        value.to_string()
+    };
+    (Some(redacted), Operations::of(Operation::Abstract))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -257,13 +313,17 @@ pub fn crypto_hash(tree: &mut Tree, id: NodeId, key: &hmac::Key) -> Operations {
         && tree.nodes[id]
             .parent
             .is_some_and(|p| tree.nodes[p].ty == "Reference");
-    let hashed = if is_reference {
-        transform_reference_id(&value, |id| hmac_hex(key, id))
-    } else {
-        hmac_hex(key, &value)
-    };
-    set(tree, id, Some(hashed));
+    set(tree, id, Some(hashed(&value, is_reference, key)));
     Operations::of(Operation::CryptoHash)
+}
+
+/// The hash of a value; of a literal reference (`Reference.reference`), only its id's.
+pub fn hashed(value: &str, is_reference: bool, key: &hmac::Key) -> String {
+    if is_reference {
+        transform_reference_id(value, |id| hmac_hex(key, id))
+    } else {
+        hmac_hex(key, value)
+    }
 }
 
 /// Applies `transform` to the id part of a literal reference (`Patient/123`,
@@ -281,7 +341,12 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     {
-        return format!("{resource_type}/{}", transform(id));
+        let id = transform(id);
+        let mut out = String::with_capacity(resource_type.len() + 1 + id.len());
+        out.push_str(resource_type);
+        out.push('/');
+        out.push_str(&id);
+        return out;
     }
     static PATTERNS: OnceLock<Vec<Regex>> = OnceLock::new();
     let patterns = PATTERNS.get_or_init(|| {
@@ -348,7 +413,7 @@ pub fn encrypt(
 // ---------------------------------------------------------------------------------------
 // Perturbation
 
-const QUANTITY_TYPES: &[&str] = &[
+pub const QUANTITY_TYPES: &[&str] = &[
     "Quantity",
     "Age",
     "Count",
@@ -385,12 +450,28 @@ pub fn perturb(
     }
     let value_ty = tree.nodes[value_node].ty;
     let text = text(tree, value_node).unwrap_or_default();
-    let origin: f64 = text.parse().map_err(|_| {
+    let formatted = perturbed(value_ty, text, how, || uniform(tree)).map_err(|NotNumber| {
         ProcessingError(format!(
             "{} is not a number to perturb",
             tree.location(value_node)
         ))
     })?;
+    set(tree, value_node, Some(formatted));
+    mark_subtree(tree, id, visited);
+    Ok(Operations::of(Operation::Perturb))
+}
+
+/// A value to perturb that is not a number.
+pub struct NotNumber;
+
+/// `text` (a number of type `value_ty`) with noise: `uniform` draws in [0, 1).
+pub fn perturbed(
+    value_ty: &str,
+    text: String,
+    how: &Perturbation,
+    uniform: impl FnOnce() -> f64,
+) -> Result<String, NotNumber> {
+    let origin: f64 = text.parse().map_err(|_| NotNumber)?;
     let integer = matches!(value_ty, "integer" | "positiveInt" | "unsignedInt");
     let places = if integer { 0 } else { how.round_to };
     let span = if how.proportional {
@@ -398,7 +479,7 @@ pub fn perturb(
     } else {
         how.span
     };
-    let noise = -span / 2.0 + uniform(tree) * span;
+    let noise = -span / 2.0 + uniform() * span;
     let scale = 10f64.powi(places as i32);
     let mut perturbed = ((origin + noise) * scale).round_ties_even() / scale;
     if value_ty == "positiveInt" && perturbed <= 0.0 {
@@ -407,14 +488,11 @@ pub fn perturb(
     if value_ty == "unsignedInt" && perturbed < 0.0 {
         perturbed = 0.0;
     }
-    let formatted = if span == 0.0 {
+    Ok(if span == 0.0 {
         text // no noise: the value as it was
     } else {
         format!("{perturbed:.prec$}", prec = places as usize)
-    };
-    set(tree, value_node, Some(formatted));
-    mark_subtree(tree, id, visited);
-    Ok(Operations::of(Operation::Perturb))
+    })
 }
 
 /// Marks a node as reached by a rule (`visited` grows with nodes added since it was made).
