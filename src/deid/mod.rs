@@ -2,6 +2,8 @@
 //! the behaviour of Microsoft's FHIR Tools for Anonymization, applied to each resource as it
 //! is written into a part.
 //!
+//! A configuration of simple rules (`plan`) runs in a single pass over each resource
+//! (`stream`); any other, and any resource that pass leaves, runs on the tree engine here.
 //! A resource is parsed once into a typed tree (`tree`), every resource in it (the resource,
 //! its contained resources, a Bundle's entries) is walked once by the rules in order — the
 //! first rule that reaches a node decides what happens to it and everything under it

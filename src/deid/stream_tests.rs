@@ -165,6 +165,12 @@ fn what_the_single_pass_does_not_take_goes_to_the_tree() {
         r#"{"resourceType":"Patient","id":"a""#,
         r#"{"resourceType":"Patient","id":"a"} x"#,
         r#"{"resourceType":"Patient","id":"a","multipleBirthInteger":01}"#,
+        // nested deeper than any parser here reads
+        &*format!(
+            r#"{{"resourceType":"Patient","id":"a","extension":{}{{"url":"u"}}{}}}"#,
+            r#"[{"url":"u","extension":"#.repeat(5000),
+            "}]".repeat(5000)
+        ),
     ] {
         let streamed = stream::run(&engine, engine.plan.as_ref().unwrap(), line, &SCOPE);
         assert!(streamed.is_err(), "streamed: {line}");

@@ -32,6 +32,9 @@ pub struct Fallback;
 
 type Step<T> = Result<T, Fallback>;
 
+/// Elements deep, at most (JSON objects and arrays nest twice as deep).
+const MAX_DEPTH: usize = 64;
+
 pub fn run(engine: &Deidentifier, plan: &Plan, line: &str, scope: &Scope) -> Step<String> {
     let mut pass = Pass {
         engine,
@@ -225,6 +228,11 @@ impl<'a> Pass<'a> {
         element: &'static model::ElementType,
         root: bool,
     ) -> Step<bool> {
+        // The tree engine's JSON parser stops at this depth: so does the pass (with the
+        // resource left to it), long before the stack would.
+        if self.path.len() >= MAX_DEPTH {
+            return Err(Fallback);
+        }
         self.comma();
         self.push_key(element.key);
         self.path.push(element.name);
