@@ -21,7 +21,7 @@ mod tree;
 use std::{
     cell::OnceCell,
     ops::{BitOr, BitOrAssign},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
 };
 
 use aws_lc_rs::hmac;
@@ -139,7 +139,9 @@ pub struct Deidentifier {
     plan: Option<plan::Plan>,
     seed: hmac::Key,
     crypto_hash_key: hmac::Key,
-    date_shift_key: String,
+    /// Hashes made lately: a part names the same patients and encounters again and again.
+    hashes: Mutex<FxHashMap<String, String>>,
+    date_shift: methods::DateShifter,
     encrypt_key: Vec<u8>,
 }
 
@@ -180,9 +182,25 @@ impl Deidentifier {
             config,
             seed: seed_key,
             crypto_hash_key,
-            date_shift_key,
+            hashes: Mutex::default(),
+            date_shift: methods::DateShifter::new(&date_shift_key),
             encrypt_key,
         })
+    }
+
+    /// `cryptoHash` of `value`, from the recent hashes when it is one of them.
+    fn hash(&self, value: &str) -> String {
+        const KEPT: usize = 4096;
+        let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hash) = hashes.get(value) {
+            return hash.clone();
+        }
+        let hash = methods::hmac_hex(&self.crypto_hash_key, value);
+        if hashes.len() == KEPT {
+            hashes.clear();
+        }
+        hashes.insert(value.to_string(), hash.clone());
+        hash
     }
 
     /// The de-identified line of one resource. With `processingErrors: skip` a resource the
@@ -367,7 +385,7 @@ impl Walk<'_> {
                 methods::shift_date(tree, id, days, params.partial_dates, is_date_time)?
             }
             Method::DateShift => Operations::default(),
-            Method::CryptoHash => methods::crypto_hash(tree, id, &engine.crypto_hash_key),
+            Method::CryptoHash => methods::crypto_hash(tree, id, |v| engine.hash(v)),
             Method::Encrypt => methods::encrypt(tree, id, &engine.encrypt_key, |tree| {
                 let iv = self.draws.draw(tree, "iv", id);
                 iv[..16].try_into().expect("a 32-byte HMAC")
@@ -399,7 +417,7 @@ impl Walk<'_> {
             DateShiftScope::File => self.scope.file,
             DateShiftScope::Folder => self.scope.folder,
         };
-        methods::date_shift_days(prefix, &self.engine.date_shift_key)
+        self.engine.date_shift.days(prefix)
     }
 }
 

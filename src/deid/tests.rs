@@ -72,7 +72,7 @@ fn references_keep_all_but_their_id() {
 #[test]
 fn date_shift_follows_the_tools_algorithm() {
     // The tool's format tests: key "dummy", no prefix, shifts by -21 days.
-    assert_eq!(methods::date_shift_days("", "dummy"), -21);
+    assert_eq!(methods::DateShifter::new("dummy").days(""), -21);
     let config = rules(
         json!([{"path": "nodesByType('dateTime')", "method": "dateShift"},
         {"path": "nodesByType('date')", "method": "dateShift"}]),
@@ -106,7 +106,7 @@ fn date_shift_scope_resource_uses_the_id_as_hashed_by_then() {
     );
     let hashed = methods::hmac_hex(&key(b"123"), "abc");
     assert_eq!(out["id"], hashed.as_str());
-    let days = methods::date_shift_days(&hashed, "k");
+    let days = methods::DateShifter::new("k").days(&hashed);
     let expected =
         chrono::NaiveDate::from_ymd_opt(2000, 6, 15).unwrap() + chrono::Duration::days(days);
     assert_eq!(out["birthDate"], expected.format("%Y-%m-%d").to_string());
@@ -128,14 +128,14 @@ fn fixed_offsets_file_and_folder_scopes() {
         shift(json!({"dateShiftFixedOffsetInDays": 30})),
         "2000-07-15"
     );
-    let by_file = methods::date_shift_days("Patient-1.ndjson", "k");
+    let by_file = methods::DateShifter::new("k").days("Patient-1.ndjson");
     let expected =
         chrono::NaiveDate::from_ymd_opt(2000, 6, 15).unwrap() + chrono::Duration::days(by_file);
     assert_eq!(
         shift(json!({"dateShiftKey": "k", "dateShiftScope": "file"})),
         expected.format("%Y-%m-%d").to_string()
     );
-    let by_folder = methods::date_shift_days("export-1", "k");
+    let by_folder = methods::DateShifter::new("k").days("export-1");
     let expected =
         chrono::NaiveDate::from_ymd_opt(2000, 6, 15).unwrap() + chrono::Duration::days(by_folder);
     assert_eq!(
@@ -465,4 +465,50 @@ fn generalize_keeps_a_primitives_extension() {
     );
     assert_eq!(out["birthDate"], "1990");
     assert_eq!(out["_birthDate"], extension);
+}
+
+#[test]
+fn times_are_split_as_the_tools_pattern_splits_them() {
+    let pattern = regex::Regex::new(
+        r"^T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))",
+    )
+    .unwrap();
+    let mut cases: Vec<String> = [
+        "T12:30:00Z",
+        "T12:30:00.123Z",
+        "T23:59:60+14:00",
+        "T00:00:00-13:59",
+        "T24:00:00Z",
+        "T12:60:00Z",
+        "T12:30:61Z",
+        "T12:30:00.Z",
+        "T12:30:00+14:01",
+        "T12:30:00+1400",
+        "T12:30:00",
+        "T1:30:00Z",
+        "12:30:00Z",
+        "T12:30:00Zextra",
+        "T09:05:07.5-05:00x",
+        "",
+        "T",
+        "T12:30:00+13:60",
+        "T12:30:00+15:00",
+        "T19:59:59.999999+00:00",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Every one-byte change of a valid time, too.
+    let base = "T12:34:56.78+05:30";
+    for i in 0..base.len() {
+        for c in ['0', '1', '2', '4', '6', '9', ':', '.', 'Z', '+', '-', 'x'] {
+            let mut s = base.to_string();
+            s.replace_range(i..=i, &c.to_string());
+            cases.push(s);
+        }
+    }
+    for case in &cases {
+        let expected = pattern.find(case).map(|m| m.as_str());
+        assert_eq!(methods::time_prefix(case), expected, "{case}");
+    }
 }

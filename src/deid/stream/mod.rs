@@ -412,7 +412,7 @@ impl<'a> Pass<'a> {
             }
             Method::CryptoHash => {
                 let is_reference = element.name == "reference" && node.ty == "Reference";
-                let hashed = methods::hashed(&value, is_reference, &self.engine.crypto_hash_key);
+                let hashed = methods::hashed(&value, is_reference, |v| self.engine.hash(v));
                 (Some(hashed), Operations::of(Operation::CryptoHash))
             }
             Method::Perturb(how) if numeric => {
@@ -453,8 +453,8 @@ impl<'a> Pass<'a> {
             DateShiftScope::File => (self.scope.file, false),
             DateShiftScope::Folder => (self.scope.folder, false),
         };
-        let key = &self.engine.date_shift_key;
-        Ok(*self.shifts[usize::from(after)].get_or_init(|| methods::date_shift_days(prefix, key)))
+        let shifter = &self.engine.date_shift;
+        Ok(*self.shifts[usize::from(after)].get_or_init(|| shifter.days(prefix)))
     }
 
     /// The draw for the node at `location[..depth]` (the tree engine's `Draws::draw`).
