@@ -115,6 +115,11 @@ fn edge_cases() -> Vec<Value> {
             {"resource": {"resourceType": "Observation", "id": "e2", "meta": {"versionId": "1"}, "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": 3}}},
             {"resource": {"resourceType": "Group", "id": "g", "type": "person", "actual": true, "name": "n"}}]}),
         json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true, "quantity": 3, "name": "x"}),
+        // required elements in the other JSON shape (an array for one, one for many)
+        json!({"resourceType": "Group", "id": "g2", "type": ["person"], "actual": [true]}),
+        json!({"resourceType": "Claim", "id": "cl2", "status": "active", "type": {"text": "t"}, "use": "claim",
+            "patient": {"reference": "Patient/p1"}, "created": "2020-01-01", "provider": {"display": "x"}, "priority": {"text": "p"},
+            "insurance": {"sequence": 1, "focal": true, "coverage": [{"display": "x"}]}}),
         json!({"resourceType": "Encounter", "id": "e", "status": "finished", "class": {"system": "s", "code": "c"},
             "period": {"start": "2020-01-01T00:00:00Z"}, "length": {"value": 3, "unit": "d"}}),
     ]

@@ -190,14 +190,14 @@ impl<'a> Pass<'a> {
                 return Err(Fallback);
             }
             let start = self.out.len();
-            let kept = self.member(focus, node, element, root)?;
+            let (kept, many) = self.member(focus, node, element, root)?;
             if kept {
                 kept_any = true;
                 kept_url |= element.name == "url";
             } else {
                 self.out.truncate(start);
                 if self.valid && element.required {
-                    self.mask(start, element);
+                    self.mask(start, element, many);
                 }
             }
             if node.focus && element.name == "id" {
@@ -220,14 +220,15 @@ impl<'a> Pass<'a> {
         Ok(kept_any && !extension_without_url)
     }
 
-    /// One member: its key and its value or items. Returns whether anything of it is left.
+    /// One member: its key and its value or items. Returns whether anything of it is left,
+    /// and whether it came as an array (what the tree engine writes it as).
     fn member(
         &mut self,
         focus: &mut Focus,
         node: &Parent,
         element: &'static model::ElementType,
         root: bool,
-    ) -> Step<bool> {
+    ) -> Step<(bool, bool)> {
         // The tree engine's JSON parser stops at this depth: so does the pass (with the
         // resource left to it), long before the stack would.
         if self.path.len() >= MAX_DEPTH {
@@ -236,7 +237,8 @@ impl<'a> Pass<'a> {
         self.comma();
         self.push_key(element.key);
         self.path.push(element.name);
-        let kept = if self.peek()? == b'[' {
+        let many = self.peek()? == b'[';
+        let kept = if many {
             self.at += 1;
             self.out.push('[');
             let mut kept = false;
@@ -268,7 +270,7 @@ impl<'a> Pass<'a> {
             self.item(focus, node, element, 0, root)?
         };
         self.path.pop();
-        Ok(kept)
+        Ok((kept, many))
     }
 
     /// One item of an element. Returns whether anything of it is left.
@@ -515,7 +517,7 @@ impl<'a> Pass<'a> {
     }
 
     /// An emptied required element, put back at `at` as absent data (`masked`).
-    fn mask(&mut self, at: usize, element: &model::ElementType) {
+    fn mask(&mut self, at: usize, element: &model::ElementType, many: bool) {
         let mut member = String::with_capacity(128);
         if !self.out[..at].ends_with('{') {
             member.push(',');
@@ -529,7 +531,7 @@ impl<'a> Pass<'a> {
         let absent = format!(
             "{{\"extension\":[{{\"url\":\"{DATA_ABSENT_REASON}\",\"valueCode\":\"masked\"}}]}}"
         );
-        if element.many {
+        if many {
             member.push('[');
             member.push_str(&absent);
             member.push(']');
