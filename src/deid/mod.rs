@@ -188,9 +188,15 @@ impl Deidentifier {
         })
     }
 
-    /// `cryptoHash` of `value`, from the recent hashes when it is one of them.
+    /// `cryptoHash` of `value`, from the recent hashes when it is one of them. Only short
+    /// values (ids, references) are kept, so the memory this takes stays small whatever a
+    /// configuration hashes.
     fn hash(&self, value: &str) -> String {
         const KEPT: usize = 4096;
+        const LONGEST: usize = 128;
+        if value.len() > LONGEST {
+            return methods::hmac_hex(&self.crypto_hash_key, value);
+        }
         let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hash) = hashes.get(value) {
             return hash.clone();

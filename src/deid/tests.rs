@@ -512,3 +512,21 @@ fn times_are_split_as_the_tools_pattern_splits_them() {
         assert_eq!(methods::time_prefix(case), expected, "{case}");
     }
 }
+
+#[test]
+fn recent_hashes_are_the_hashes_and_stay_few_and_short() {
+    let engine = Deidentifier::new(&rules(json!([])).to_string(), b"job seed").unwrap();
+    let hash = |s: &str| methods::hmac_hex(&key(b"123"), s);
+    let long = "x".repeat(10_000);
+    for round in 0..2 {
+        assert_eq!(engine.hash("p1"), hash("p1"), "round {round}");
+        assert_eq!(engine.hash(&long), hash(&long), "round {round}");
+    }
+    for i in 0..10_000 {
+        let value = format!("Patient/{i}");
+        assert_eq!(engine.hash(&value), hash(&value));
+    }
+    let kept = engine.hashes.lock().unwrap();
+    assert!(kept.len() <= 4096, "{} kept", kept.len());
+    assert!(kept.keys().all(|k| k.len() <= 128));
+}
