@@ -5,6 +5,7 @@
 //! job's seed and the resource, so a retried part is the same bytes. Error messages name where
 //! (`Patient.birthDate[0]`), never the value: they are logged.
 
+mod dates;
 mod substitute;
 
 use std::sync::OnceLock;
@@ -23,6 +24,7 @@ use super::{
 };
 use crate::fhir::r4::RESOURCE_TYPES;
 
+pub use dates::{DateShifter, time_prefix};
 pub use substitute::substitute;
 
 const AGE_THRESHOLD: i32 = 89;
@@ -123,48 +125,6 @@ fn date_parts(value: &str, with_time: bool) -> Option<DateParts> {
     Some(parts)
 }
 
-/// The time and zone at the start of `rest`, as the tool's pattern takes them:
-/// `^T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))`
-/// (matched by hand: a regular expression for every dateTime cost more than the shift).
-pub fn time_prefix(rest: &str) -> Option<&str> {
-    let b = rest.as_bytes();
-    let digit = |i: usize| b.get(i).filter(|c| c.is_ascii_digit()).map(|c| c - b'0');
-    let at = |i: usize, c: u8| b.get(i) == Some(&c);
-    let (h1, h2) = (digit(1)?, digit(2)?);
-    let (m1, s1, s2) = (digit(4)?, digit(7)?, digit(8)?);
-    digit(5)?;
-    let clock = at(0, b'T')
-        && (h1 <= 1 || (h1 == 2 && h2 <= 3))
-        && at(3, b':')
-        && m1 <= 5
-        && at(6, b':')
-        && (s1 <= 5 || (s1 == 6 && s2 == 0));
-    if !clock {
-        return None;
-    }
-    let mut i = 9;
-    if at(i, b'.') && digit(i + 1).is_some() {
-        i += 1;
-        while digit(i).is_some() {
-            i += 1;
-        }
-    }
-    match b.get(i)? {
-        b'Z' => i += 1,
-        b'+' | b'-' => {
-            let (z1, z2, z3, z4) = (digit(i + 1)?, digit(i + 2)?, digit(i + 4)?, digit(i + 5)?);
-            let hours = (z1 == 0 || (z1 == 1 && z2 <= 3)) && z3 <= 5;
-            let fourteen = z1 == 1 && z2 == 4 && z3 == 0 && z4 == 0;
-            if !at(i + 3, b':') || !(hours || fourteen) {
-                return None;
-            }
-            i += 6;
-        }
-        _ => return None,
-    }
-    Some(&rest[..i])
-}
-
 /// Would a person born on this date be over 89 today (HIPAA Safe Harbor)?
 fn over_age_threshold(parts: &DateParts) -> bool {
     let today = Utc::now().date_naive();
@@ -191,34 +151,6 @@ pub fn redacted_date(value: &str, partial: bool, with_time: bool) -> Option<Stri
     match date_parts(value, with_time) {
         Some(parts) => (!over_age_threshold(&parts)).then(|| value[..4].to_string()),
         None => Some(value.to_string()),
-    }
-}
-
-/// The tool's date shift of `prefix` + `key`, a number of days in [-50, 50] (a hash of the prefix and the key, byte by byte, modulo 101) with the
-/// key's part worked out once for every state the prefix can leave: a shift then costs the
-/// prefix's bytes alone.
-pub struct DateShifter {
-    after_key: Vec<i32>,
-}
-
-const SHIFT_STATES: i32 = 2 * DATE_SHIFT_RANGE + 1;
-
-fn shift_step(offset: i32, byte: u8) -> i32 {
-    (offset * 131 + i32::from(byte)) % SHIFT_STATES
-}
-
-impl DateShifter {
-    pub fn new(key: &str) -> DateShifter {
-        let after_key = (0..SHIFT_STATES)
-            .map(|state| key.bytes().fold(state, shift_step))
-            .collect();
-        DateShifter { after_key }
-    }
-
-    pub fn days(&self, prefix: &str) -> i64 {
-        let state = prefix.bytes().fold(0, shift_step);
-        let offset = self.after_key[usize::try_from(state).unwrap_or_default()];
-        i64::from(offset - DATE_SHIFT_RANGE)
     }
 }
 
