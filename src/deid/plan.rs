@@ -163,11 +163,9 @@ impl Plan {
                 .by_name_child
                 .iter()
                 .any(|(name, _, _)| name == nested.name)
-            || [resource_type, ""].iter().any(|scope| {
-                self.paths.get(*scope).into_iter().flatten().any(|p| {
-                    p.steps.len() > nested.path.len()
-                        && p.steps.iter().zip(nested.path).all(|(s, n)| s == n)
-                })
+            || self.paths(resource_type).into_iter().flatten().any(|p| {
+                p.steps.len() > nested.path.len()
+                    && p.steps.iter().zip(nested.path).all(|(s, n)| s == n)
             })
     }
 }

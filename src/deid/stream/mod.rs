@@ -57,7 +57,7 @@ pub fn run(engine: &Deidentifier, plan: &Plan, line: &str, scope: &Scope) -> Ste
     pass.expect(b'{')?;
     let ty = pass.resource_type()?;
     pass.root_ty = ty;
-    pass.resource(ty, true, true)?;
+    pass.resource(ty, true)?;
     pass.ws();
     if pass.at != pass.input.len() {
         return Err(Fallback);
@@ -106,6 +106,13 @@ struct Focus<'p> {
     meta: Meta,
 }
 
+impl Focus<'_> {
+    /// Is it the root resource (not one inside it)?
+    fn root(&self) -> bool {
+        self.path_base == 0
+    }
+}
+
 enum Meta {
     Absent,
     /// Written; new labels go at this offset.
@@ -130,7 +137,7 @@ impl<'a> Pass<'a> {
 
     /// A resource after its `resourceType`: its members, then its labels. Returns what was
     /// done in it and in the resources inside it.
-    fn resource(&mut self, ty: &'static str, labelled: bool, root: bool) -> Step<Operations> {
+    fn resource(&mut self, ty: &'static str, labelled: bool) -> Step<Operations> {
         self.out.push_str("{\"resourceType\":\"");
         self.out.push_str(ty);
         self.out.push('"');
@@ -149,7 +156,7 @@ impl<'a> Pass<'a> {
             focus: true,
             meta: false,
         };
-        self.members(&mut focus, &node, root)?;
+        self.members(&mut focus, &node)?;
         if labelled && focus.done != Operations::default() {
             self.insert_labels(&focus);
         }
@@ -158,7 +165,7 @@ impl<'a> Pass<'a> {
 
     /// The members of an object after its `{` (and a resource's `resourceType`), through its
     /// `}`. Returns whether any member is left (an emptied object is the caller's to cut).
-    fn members(&mut self, focus: &mut Focus, node: &Parent, root: bool) -> Step<bool> {
+    fn members(&mut self, focus: &mut Focus, node: &Parent) -> Step<bool> {
         if !node.focus {
             self.out.push('{');
         }
@@ -190,7 +197,7 @@ impl<'a> Pass<'a> {
                 return Err(Fallback);
             }
             let start = self.out.len();
-            let (kept, many) = self.member(focus, node, element, root)?;
+            let (kept, many) = self.member(focus, node, element)?;
             if kept {
                 kept_any = true;
                 kept_url |= element.name == "url";
@@ -227,7 +234,6 @@ impl<'a> Pass<'a> {
         focus: &mut Focus,
         node: &Parent,
         element: &'static model::ElementType,
-        root: bool,
     ) -> Step<(bool, bool)> {
         // The tree engine's JSON parser stops at this depth: so does the pass (with the
         // resource left to it), long before the stack would.
@@ -253,7 +259,7 @@ impl<'a> Pass<'a> {
                 }
                 let start = self.out.len();
                 self.comma();
-                if self.item(focus, node, element, index, root)? {
+                if self.item(focus, node, element, index)? {
                     kept = true;
                 } else {
                     self.out.truncate(start);
@@ -267,7 +273,7 @@ impl<'a> Pass<'a> {
             self.out.push(']');
             kept
         } else {
-            self.item(focus, node, element, 0, root)?
+            self.item(focus, node, element, 0)?
         };
         self.path.pop();
         Ok((kept, many))
@@ -280,7 +286,6 @@ impl<'a> Pass<'a> {
         node: &Parent,
         element: &'static model::ElementType,
         index: usize,
-        root: bool,
     ) -> Step<bool> {
         self.location.push((element.key, index));
         let parent_ty = (!node.focus).then_some(node.ty);
@@ -296,7 +301,7 @@ impl<'a> Pass<'a> {
             if self.plan.reaches_inside(focus.ty, &nested) {
                 return Err(Fallback);
             }
-            focus.done |= self.resource(ty, element.name != "contained", false)?;
+            focus.done |= self.resource(ty, element.name != "contained")?;
             true
         } else {
             let seen = Seen {
@@ -308,7 +313,7 @@ impl<'a> Pass<'a> {
             let rule = node.rule.min(self.plan.first_match(focus.paths, &seen));
             if element.primitive {
                 let scalar = self.scalar()?;
-                self.primitive(focus, node, element, rule, scalar, root)?
+                self.primitive(focus, node, element, rule, scalar)?
             } else {
                 self.expect(b'{')?;
                 let child = Parent {
@@ -318,7 +323,7 @@ impl<'a> Pass<'a> {
                     focus: false,
                     meta: node.focus && element.name == "meta",
                 };
-                self.members(focus, &child, root)?
+                self.members(focus, &child)?
             }
         };
         self.location.pop();
@@ -333,7 +338,6 @@ impl<'a> Pass<'a> {
         element: &'static model::ElementType,
         rule: u16,
         scalar: Scalar,
-        root: bool,
     ) -> Step<bool> {
         let method = match rule {
             NONE => None,
@@ -343,7 +347,7 @@ impl<'a> Pass<'a> {
             None | Some(Method::Keep) => None,
             Some(method) => self.apply(focus, node, element, rule, method, &scalar)?,
         };
-        if root && node.focus && element.name == "id" {
+        if node.focus && focus.root() && element.name == "id" {
             let Scalar::Str { raw, escaped } = scalar else {
                 return Err(Fallback);
             };
@@ -445,7 +449,7 @@ impl<'a> Pass<'a> {
                 // The root's id as the rules before this one left it (all of them, for a
                 // nested resource, walked after the root).
                 let id = self.root_id.as_ref().ok_or(Fallback)?;
-                let nested = focus.path_base > 0;
+                let nested = !focus.root();
                 if nested || id.rule < rule {
                     (id.after.as_str(), true)
                 } else {
