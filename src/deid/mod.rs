@@ -13,6 +13,7 @@
 
 mod config;
 mod fhirpath;
+mod invariants;
 mod methods;
 mod plan;
 mod stream;
@@ -298,6 +299,12 @@ impl Walk<'_> {
         let children = tree.children_now(id);
         for child in children {
             done |= self.visit(tree, child)?;
+        }
+        if resource
+            && !self.engine.config.params.tool_compatible_output
+            && invariants::keep_on_tree(tree, id)
+        {
+            done |= Operations::of(Operation::Redact);
         }
         if resource && tree.nodes[id].name != "contained" {
             add_labels(tree, id, done);

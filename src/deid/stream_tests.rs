@@ -79,12 +79,67 @@ fn generated_data_streams_with_the_trees_bytes() {
             let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
             for line in text.lines() {
                 lines += 1;
-                streamed += usize::from(both(&engine, line).is_some());
+                streamed += usize::from(streams_unless_con4(&engine, line));
             }
         }
-        // The generated data has nothing the single pass leaves to the tree.
-        assert_eq!(streamed, lines);
+        // Some resolved Conditions lose their abatement under `Coding.code` rules.
+        assert!(streamed > lines * 9 / 10, "{streamed} of {lines}");
     }
+}
+
+/// Both engines on `line`, which the single pass must take unless it is a Condition whose
+/// abatement would outlive its clinical status (con-4, kept by the tree engine in valid
+/// output). Whether the pass took it.
+fn streams_unless_con4(engine: &Deidentifier, line: &str) -> bool {
+    if both(engine, line).is_some() {
+        return true;
+    }
+    let out = engine.run_tree(line, &SCOPE).unwrap();
+    assert!(!engine.config.params.tool_compatible_output, "{line}");
+    assert!(
+        line.contains("abatement") && !out.contains("abatement"),
+        "left to the tree: {line}"
+    );
+    false
+}
+
+#[test]
+fn con4_is_kept_by_the_tree_engine() {
+    let line = json!({"resourceType": "Condition", "id": "c", "clinicalStatus": {"coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "resolved"}]},
+        "abatementDateTime": "2015-03-04"})
+    .to_string();
+    let hash_system =
+        json!({"fhirPathRules": [{"path": "nodesByName('system')", "method": "cryptoHash"}],
+        "parameters": {"cryptoHashKey": "h", "toolCompatibleOutput": false}})
+        .to_string();
+    let valid = engine(&hash_system);
+    assert!(!streams_unless_con4(&valid, &line));
+    let out: Value = serde_json::from_str(&valid.apply(&line, &SCOPE).unwrap()).unwrap();
+    assert!(out.get("abatementDateTime").is_none(), "{out}");
+    let labels = &out["meta"]["security"];
+    assert!(
+        labels
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["code"] == "REDACTED"),
+        "{out}"
+    );
+    // The tool's output keeps it; a rule that leaves the status alone keeps it too.
+    let tool = hash_system.replace(
+        "\"toolCompatibleOutput\":false",
+        "\"toolCompatibleOutput\":true",
+    );
+    let tool = engine(&tool);
+    assert!(streams_unless_con4(&tool, &line));
+    assert!(
+        tool.apply(&line, &SCOPE)
+            .unwrap()
+            .contains("abatementDateTime")
+    );
+    let keep = engine(&bench_config());
+    assert!(streams_unless_con4(&keep, &line));
 }
 
 /// Resources that make every part of the single pass work: nested resources, masking, labels
@@ -136,10 +191,10 @@ fn edge_cases_stream_with_the_trees_bytes() {
         let engine = engine(&config);
         for resource in edge_cases() {
             let line = resource.to_string();
-            assert!(both(&engine, &line).is_some(), "left to the tree: {line}");
+            let streamed = streams_unless_con4(&engine, &line);
             // Whitespace and key order within objects change nothing.
             let spaced = serde_json::to_string_pretty(&resource).unwrap();
-            both(&engine, &spaced).expect("whitespace streams");
+            assert_eq!(streams_unless_con4(&engine, &spaced), streamed, "{spaced}");
         }
     }
 }

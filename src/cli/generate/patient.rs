@@ -101,7 +101,7 @@ fn conditions(
         let (code, display) = CONDITIONS[*which];
         let onset = born + Duration::days(rng.range(0, span_days));
         let active = rng.chance(40);
-        out.write("Condition", &json!({
+        let mut condition = json!({
             "resourceType": "Condition",
             "id": cid,
             "clinicalStatus": cc("http://terminology.hl7.org/CodeSystem/condition-clinical", if active { "active" } else { "resolved" }, if active { "Active" } else { "Resolved" }),
@@ -111,7 +111,12 @@ fn conditions(
             "subject": subject,
             "onsetDateTime": instant(onset),
             "recordedDate": instant(onset),
-        }))?;
+        });
+        // A resolved condition ended, as real records say (R4's con-4 ties the two together).
+        if !active {
+            condition["abatementDateTime"] = json!(instant(onset + Duration::days(30)));
+        }
+        out.write("Condition", &condition)?;
     }
 
     Ok(conditions)

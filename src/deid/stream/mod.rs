@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use super::{
     Deidentifier, Operation, Operations, Scope,
     config::{DateShiftScope, Method},
-    derive, methods,
+    derive, invariants, methods,
     plan::{NONE, PathRule, Plan, Seen},
     tree::{DATA_ABSENT_REASON, push_primitive_text},
 };
@@ -59,7 +59,8 @@ pub fn run(engine: &Deidentifier, plan: &Plan, line: &str, scope: &Scope) -> Ste
     pass.root_ty = ty;
     pass.resource(ty, true)?;
     pass.ws();
-    if pass.at != pass.input.len() {
+    // A rule may break an invariant between elements; the tree engine keeps it.
+    if pass.at != pass.input.len() || (pass.valid && invariants::broken_in_json(&pass.out)) {
         return Err(Fallback);
     }
     Ok(pass.out)
