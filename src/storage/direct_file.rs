@@ -16,6 +16,8 @@ use std::{
 
 use tokio::task::{JoinHandle, spawn_blocking};
 
+use super::spare::Buffer;
+
 /// Offsets, lengths and buffer addresses of direct writes are multiples of this.
 const BLOCK: usize = 4096;
 /// Bytes per write (a multiple of `BLOCK`).
@@ -115,17 +117,18 @@ impl DirectFile {
     }
 }
 
-/// `BUFFER` bytes that start at a `BLOCK` boundary of a plain allocation (which does not move
-/// when the buffer does).
+/// `BUFFER` bytes that start at a `BLOCK` boundary of a spare buffer (whose memory does not
+/// move when the buffer does).
 struct AlignedBuffer {
-    memory: Vec<u8>,
+    memory: Buffer,
     start: usize,
     len: usize,
 }
 
 impl AlignedBuffer {
     fn new() -> AlignedBuffer {
-        let memory = vec![0; BUFFER + BLOCK];
+        let mut memory = Buffer::take();
+        memory.resize(BUFFER + BLOCK, 0);
         let start = memory.as_ptr().align_offset(BLOCK);
         AlignedBuffer {
             memory,

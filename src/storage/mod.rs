@@ -8,6 +8,7 @@ mod filesystem;
 mod gcs;
 mod s3;
 mod sas;
+pub mod spare;
 
 use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use crate::{
         tasks::{Checkpoint, Fenced, HeldTask, PartDone},
     },
     metrics,
-    storage::{AttemptTag, PartWriter},
+    storage::{AttemptTag, PartWriter, spare::Buffer},
 };
 
 /// Lines are gathered into writes of about this many bytes.
@@ -25,7 +25,7 @@ pub struct OpenPart {
     storage: &'static str,
     opened: Instant,
     /// Lines not yet handed to the writer.
-    buffer: Vec<u8>,
+    buffer: Buffer,
     /// The storage name, `{folder}/{kind}-{n}.ndjson`.
     pub name: String,
     /// The task's part number (the key of its reserved file number).
@@ -58,7 +58,11 @@ pub async fn open(
         kind: kind.to_string(),
         storage: context.storage.kind(),
         opened: Instant::now(),
-        buffer: Vec::with_capacity(WRITE_CHUNK + 64 * 1024),
+        buffer: {
+            let mut buffer = Buffer::take();
+            buffer.clear();
+            buffer
+        },
         name,
         seq,
         lines: 0,

@@ -57,7 +57,7 @@ fn iso_date(date: NaiveDate) -> String {
     }
     let digit = |n: u32| char::from_digit(n % 10, 10).unwrap_or('0');
     let year = year.unsigned_abs();
-    let mut out = String::with_capacity(10);
+    let mut out = String::with_capacity(32);
     out.extend([year / 1000, year / 100, year / 10, year].map(digit));
     for part in [month, day] {
         out.push('-');
@@ -68,9 +68,16 @@ fn iso_date(date: NaiveDate) -> String {
 
 /// Every digit as `0` (times of day and zip codes keep their shape).
 fn zero_digits(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_ascii_digit() { '0' } else { c })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    push_zeroed_digits(&mut out, s);
+    out
+}
+
+/// `s` onto `out` with every ASCII digit a `0`.
+fn push_zeroed_digits(out: &mut String, s: &str) {
+    for c in s.chars() {
+        out.push(if c.is_ascii_digit() { '0' } else { c });
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -193,18 +200,17 @@ pub fn shifted_date(
     let date =
         NaiveDate::from_ymd_opt(parts.year, parts.month.unwrap_or(1), parts.day.unwrap_or(1))
             .ok_or(NotCalendar)?;
-    let shifted = iso_date(date + Duration::days(days));
-    let new = match parts.time {
-        // The time of day goes (every digit of it becomes 0); the zone stays.
-        Some(time) => {
-            let clock_end = time
-                .find(['Z', '+'])
-                .or_else(|| time[1..].find('-').map(|i| i + 1));
-            let (clock, zone) = time.split_at(clock_end.unwrap_or(time.len()));
-            format!("{shifted}{}{zone}", zero_digits(clock))
-        }
-        None => shifted,
-    };
+    let mut new = iso_date(date + Duration::days(days));
+    // The time of day goes (every digit of it becomes 0); the zone stays.
+    if let Some(time) = parts.time {
+        let clock_end = time
+            .find(['Z', '+'])
+            .or_else(|| time[1..].find('-').map(|i| i + 1));
+        let (clock, zone) = time.split_at(clock_end.unwrap_or(time.len()));
+        new.reserve(time.len());
+        push_zeroed_digits(&mut new, clock);
+        new.push_str(zone);
+    }
     Ok((Some(new), Operations::of(Operation::Perturb)))
 }
 

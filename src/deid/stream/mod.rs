@@ -472,9 +472,15 @@ impl<'a> Pass<'a> {
                 &derive(&self.engine.seed, self.line.as_bytes()),
             )
         });
-        let mut place = format!("noise {}", self.root_ty);
+        let mut place = String::with_capacity(128);
+        place.push_str("noise ");
+        place.push_str(self.root_ty);
         for (key, index) in &self.location[..depth] {
-            place.push_str(&format!(".{key}[{index}]"));
+            place.push('.');
+            place.push_str(key);
+            place.push('[');
+            place.push_str(itoa::Buffer::new().format(*index));
+            place.push(']');
         }
         derive(key, place.as_bytes())
     }
