@@ -191,11 +191,12 @@ impl Deidentifier {
 
     /// `cryptoHash` of `value`, from the recent hashes when it is one of them. Only short
     /// values (ids, references) are kept, so the memory this takes stays small whatever a
-    /// configuration hashes.
-    fn hash(&self, value: &str) -> String {
+    /// configuration hashes; and only those worth keeping (`remember`: the ids references
+    /// name, again and again), so a resource's own id does not push them out.
+    fn hash(&self, value: &str, remember: bool) -> String {
         const KEPT: usize = 4096;
         const LONGEST: usize = 128;
-        if value.len() > LONGEST {
+        if !remember || value.len() > LONGEST {
             return methods::hmac_hex(&self.crypto_hash_key, value);
         }
         let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,7 +252,7 @@ impl Deidentifier {
             draws: Draws {
                 seed: &self.seed,
                 line,
-                key: OnceCell::new(),
+                print: OnceCell::new(),
             },
             scope,
         };
@@ -274,16 +275,18 @@ struct Walk<'a> {
 struct Draws<'a> {
     seed: &'a hmac::Key,
     line: &'a str,
-    /// The resource's key, made at its first draw.
-    key: OnceCell<hmac::Key>,
+    /// The resource's fingerprint, taken at its first draw.
+    print: OnceCell<[u8; 16]>,
 }
 
 impl Draws<'_> {
     fn draw(&self, tree: &Tree, what: &str, id: NodeId) -> Vec<u8> {
-        let key = self.key.get_or_init(|| {
-            hmac::Key::new(hmac::HMAC_SHA256, &derive(self.seed, self.line.as_bytes()))
-        });
-        derive(key, format!("{what} {}", tree.location(id)).as_bytes())
+        let print = self.print.get_or_init(|| fingerprint(self.line));
+        draw(
+            self.seed,
+            print,
+            format!("{what} {}", tree.location(id)).as_bytes(),
+        )
     }
 }
 
@@ -398,7 +401,7 @@ impl Walk<'_> {
                 methods::shift_date(tree, id, days, params.partial_dates, is_date_time)?
             }
             Method::DateShift => Operations::default(),
-            Method::CryptoHash => methods::crypto_hash(tree, id, |v| engine.hash(v)),
+            Method::CryptoHash => methods::crypto_hash(tree, id, |v, keep| engine.hash(v, keep)),
             Method::Encrypt => methods::encrypt(tree, id, &engine.encrypt_key, |tree| {
                 let iv = self.draws.draw(tree, "iv", id);
                 iv[..16].try_into().expect("a 32-byte HMAC")
@@ -561,6 +564,27 @@ fn add_labels(tree: &mut Tree, resource: NodeId, done: Operations) {
 
 fn derive(key: &hmac::Key, data: &[u8]) -> Vec<u8> {
     hmac::sign(key, data).as_ref().to_vec()
+}
+
+/// A resource's fingerprint for its random draws: the resource as stored, hashed fast (its
+/// length and 64 bits of foldhash). The draws' secret is the job's seed, not this: SHA-256
+/// over every perturbed resource whole was a tenth of a de-identified export's time.
+fn fingerprint(line: &str) -> [u8; 16] {
+    use std::hash::BuildHasher;
+    let hash = foldhash::quality::FixedState::default().hash_one(line);
+    let mut print = [0u8; 16];
+    print[..8].copy_from_slice(&hash.to_le_bytes());
+    print[8..].copy_from_slice(&(line.len() as u64).to_le_bytes());
+    print
+}
+
+/// A random draw (32 bytes): the job's seed over a resource's fingerprint and the draw's
+/// place in the resource.
+fn draw(seed: &hmac::Key, print: &[u8; 16], place: &[u8]) -> Vec<u8> {
+    let mut context = hmac::Context::with_key(seed);
+    context.update(print);
+    context.update(place);
+    context.sign().as_ref().to_vec()
 }
 
 #[cfg(test)]

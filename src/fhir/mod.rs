@@ -20,9 +20,18 @@ mod table_types;
 pub mod type_filter;
 pub mod validate;
 
-/// Is `name` an R4 resource type?
+/// Is `name` an R4 resource type? (Asked for every reference de-identification hashes: most
+/// steps of the search are decided by the first byte, without a call to compare the rest.)
 pub fn is_resource_type(name: &str) -> bool {
-    r4::RESOURCE_TYPES.binary_search(&name).is_ok()
+    let Some(&first) = name.as_bytes().first() else {
+        return false;
+    };
+    r4::RESOURCE_TYPES
+        .binary_search_by(|t| {
+            let t = t.as_bytes();
+            t[0].cmp(&first).then_with(|| t.cmp(name.as_bytes()))
+        })
+        .is_ok()
 }
 
 /// Why request parameters (a kick-off's, a `_typeFilter` query's) are refused.
@@ -45,6 +54,12 @@ mod tests {
         assert!(super::is_resource_type("ExplanationOfBenefit"));
         assert!(!super::is_resource_type("patient"));
         assert!(!super::is_resource_type("Resource"));
+        for t in super::r4::RESOURCE_TYPES {
+            assert!(super::is_resource_type(t), "{t}");
+            assert!(!super::is_resource_type(&t[..t.len() - 1]), "{t}");
+            assert!(!super::is_resource_type(&format!("{t}x")), "{t}");
+        }
+        assert!(!super::is_resource_type(""));
     }
 
     fn r4_sorted() -> bool {

@@ -296,7 +296,8 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
-pub fn crypto_hash(tree: &mut Tree, id: NodeId, hash: impl Fn(&str) -> String) -> Operations {
+/// `hash(value, remember)`: see `hashed`.
+pub fn crypto_hash(tree: &mut Tree, id: NodeId, hash: impl Fn(&str, bool) -> String) -> Operations {
     let Some(value) = text(tree, id) else {
         return Operations::default();
     };
@@ -309,11 +310,12 @@ pub fn crypto_hash(tree: &mut Tree, id: NodeId, hash: impl Fn(&str) -> String) -
 }
 
 /// The hash of a value; of a literal reference (`Reference.reference`), only its id's.
-pub fn hashed(value: &str, is_reference: bool, hash: impl Fn(&str) -> String) -> String {
+/// `hash(value, remember)`: a reference's id is worth remembering (others name it too).
+pub fn hashed(value: &str, is_reference: bool, hash: impl Fn(&str, bool) -> String) -> String {
     if is_reference {
-        transform_reference_id(value, hash)
+        transform_reference_id(value, |id| hash(id, true))
     } else {
-        hash(value)
+        hash(value, false)
     }
 }
 
@@ -326,7 +328,7 @@ pub fn transform_reference_id(reference: &str, transform: impl Fn(&str) -> Strin
     }
     // Most references are `Type/id`: what the first pattern below makes of them, without it.
     if let Some((resource_type, id)) = reference.split_once('/')
-        && RESOURCE_TYPES.binary_search(&resource_type).is_ok()
+        && crate::fhir::is_resource_type(resource_type)
         && (1..=64).contains(&id.len())
         && id
             .bytes()

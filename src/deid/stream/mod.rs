@@ -10,13 +10,12 @@
 
 use std::cell::OnceCell;
 
-use aws_lc_rs::hmac;
 use smallvec::SmallVec;
 
 use super::{
     Deidentifier, Operation, Operations, Scope,
     config::{DateShiftScope, Method},
-    derive, invariants, methods,
+    draw, fingerprint, invariants, methods,
     plan::{NONE, PathRule, Plan, Seen},
     tree::{DATA_ABSENT_REASON, push_primitive_text},
 };
@@ -49,7 +48,7 @@ pub fn run(engine: &Deidentifier, plan: &Plan, line: &str, scope: &Scope) -> Ste
         location: Vec::with_capacity(16),
         root_ty: "",
         root_id: None,
-        draw_key: OnceCell::new(),
+        print: OnceCell::new(),
         shifts: [OnceCell::new(), OnceCell::new()],
         scope,
     };
@@ -81,7 +80,7 @@ struct Pass<'a> {
     location: Vec<(&'static str, usize)>,
     root_ty: &'static str,
     root_id: Option<RootId>,
-    draw_key: OnceCell<hmac::Key>,
+    print: OnceCell<[u8; 16]>,
     /// Date shifts keyed by the root's id before and after its rule.
     shifts: [OnceCell<i64>; 2],
     scope: &'a Scope<'a>,
@@ -419,7 +418,8 @@ impl<'a> Pass<'a> {
             }
             Method::CryptoHash => {
                 let is_reference = element.name == "reference" && node.ty == "Reference";
-                let hashed = methods::hashed(&value, is_reference, |v| self.engine.hash(v));
+                let hashed =
+                    methods::hashed(&value, is_reference, |v, keep| self.engine.hash(v, keep));
                 (Some(hashed), Operations::of(Operation::CryptoHash))
             }
             Method::Perturb(how) if numeric => {
@@ -466,12 +466,7 @@ impl<'a> Pass<'a> {
 
     /// The draw for the node at `location[..depth]` (the tree engine's `Draws::draw`).
     fn draw(&self, depth: usize) -> Vec<u8> {
-        let key = self.draw_key.get_or_init(|| {
-            hmac::Key::new(
-                hmac::HMAC_SHA256,
-                &derive(&self.engine.seed, self.line.as_bytes()),
-            )
-        });
+        let print = self.print.get_or_init(|| fingerprint(self.line));
         let mut place = String::with_capacity(128);
         place.push_str("noise ");
         place.push_str(self.root_ty);
@@ -482,7 +477,7 @@ impl<'a> Pass<'a> {
             place.push_str(itoa::Buffer::new().format(*index));
             place.push(']');
         }
-        derive(key, place.as_bytes())
+        draw(&self.engine.seed, print, place.as_bytes())
     }
 
     // ---- writing -------------------------------------------------------------------
