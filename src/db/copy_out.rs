@@ -16,11 +16,13 @@ use super::snapshot::{PatientFilter, Position, Rows, Selection, snapshot_sql};
 #[derive(Debug)]
 pub struct CopiedRow {
     pub position: Position,
-    /// The stored JSON text, exactly as exported.
-    pub body: Bytes,
+    /// The stored JSON text, exactly as stored; for a deletion (`Rows::Deleted`, which has no
+    /// body) the deleted resource's id.
+    pub text: Bytes,
 }
 
-/// Streams up to `limit` rows of the snapshot after `after` as `(seq, version_id, body)`.
+/// Streams up to `limit` rows of the snapshot after `after` as `(seq, version_id, text)`:
+/// the body, or the id of a deletion.
 ///
 /// The stream must be read to its end: the connection is in the middle of a COPY until then
 /// (on an error, drop the connection instead of returning it to a pool).
@@ -36,8 +38,13 @@ pub async fn snapshot_page<'c>(
         after,
         limit,
     );
-    let sql =
-        format!("COPY (SELECT seq, version_id, body FROM ({page}) page) TO STDOUT (FORMAT binary)");
+    let text = match selection.rows {
+        Rows::Deleted => "id",
+        Rows::Live | Rows::History { .. } | Rows::LastState => "body",
+    };
+    let sql = format!(
+        "COPY (SELECT seq, version_id, {text} FROM ({page}) page) TO STDOUT (FORMAT binary)"
+    );
     conn.copy_out_raw(&sql).await
 }
 
@@ -167,7 +174,7 @@ impl CopyRows {
             return Ok(None);
         }
         anyhow::ensure!(fields == 3, "a copied row has {fields} fields, not 3");
-        // seq (int8), version_id (int4), body (text): lengths and values.
+        // seq (int8), version_id (int4), text: lengths and values.
         let mut at = 2;
         let mut field = |data: &Bytes| -> anyhow::Result<Option<(usize, usize)>> {
             if data.len() < at + 4 {
@@ -179,7 +186,7 @@ impl CopyRows {
             at = start + len as usize;
             Ok((data.len() >= at).then_some((start, len as usize)))
         };
-        let (Some(seq), Some(version), Some(body)) = (field(data)?, field(data)?, field(data)?)
+        let (Some(seq), Some(version), Some(text)) = (field(data)?, field(data)?, field(data)?)
         else {
             return Ok(None);
         };
@@ -195,9 +202,9 @@ impl CopyRows {
         };
         let row = CopiedRow {
             position,
-            body: data.slice(body.0..body.0 + body.1),
+            text: data.slice(text.0..text.0 + text.1),
         };
-        data.advance(body.0 + body.1);
+        data.advance(text.0 + text.1);
         Ok(Some(row))
     }
 }
@@ -251,7 +258,7 @@ mod tests {
                     version_id: 1
                 }
             );
-            assert_eq!(&rows[0].body[..], br#"{"a":"\\n"}"#);
+            assert_eq!(&rows[0].text[..], br#"{"a":"\\n"}"#);
             assert_eq!(
                 rows[1].position,
                 Position {
@@ -259,7 +266,7 @@ mod tests {
                     version_id: 3
                 }
             );
-            assert_eq!(&rows[1].body[..], b"{}");
+            assert_eq!(&rows[1].text[..], b"{}");
         }
     }
 

@@ -2,7 +2,6 @@
 //! as they were at the job's transaction time), and the page queries that read them.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 
 /// Which patients' compartments an export reads.
 #[derive(Debug, Clone, Copy)]
@@ -102,44 +101,6 @@ pub(super) fn snapshot_sql(patients: PatientFilter, rows: Rows) -> &'static str 
         Rows::History { .. } => &SQL[older],
         Rows::LastState => &SQL[older + 1],
     }
-}
-
-/// Streams up to `limit` rows `(seq, body, id, version_id)` of the snapshot after `after`, in
-/// page order.
-pub fn snapshot_page<'c>(
-    conn: &'c mut PgConnection,
-    selection: &'c Selection<'c>,
-    after: Position,
-    limit: i64,
-) -> futures::stream::BoxStream<'c, sqlx::Result<sqlx::postgres::PgRow>> {
-    let job = match selection.patients {
-        PatientFilter::JobPatients(job) => Some(job),
-        PatientFilter::None | PatientFilter::AnyPatient | PatientFilter::Unattached => None,
-    };
-    let skip_last_state = matches!(
-        selection.rows,
-        Rows::History {
-            skip_last_state: true
-        }
-    );
-    // Not a persistent statement: each page is planned with its real bounds, so Postgres
-    // picks the index that fits this snapshot instead of one generic plan for all.
-    sqlx::query(snapshot_sql(selection.patients, selection.rows))
-        .persistent(false)
-        .bind(selection.resource_type)
-        .bind(after.seq)
-        .bind(selection.range_end)
-        .bind(selection.transaction_time)
-        .bind(selection.since)
-        .bind(limit)
-        .bind(selection.excluded_ids)
-        .bind(job)
-        .bind(selection.ids.as_deref())
-        .bind(selection.updated_from)
-        .bind(selection.updated_before)
-        .bind(after.version_id)
-        .bind(skip_last_state)
-        .fetch(conn)
 }
 
 /// The patient conditions of `PatientFilter::None`, `AnyPatient`, `JobPatients` and

@@ -3,9 +3,10 @@
 //! or older versions and the last state of deleted resources (`history`, `softdeleted`).
 //!
 //! Per part: stream up to `part_size` rows (and at most `part_max_bytes`) into a new file,
-//! reserve the file's number, commit the file if the lease still holds, then checkpoint. Rows
-//! that go out as stored come from `COPY … TO STDOUT` without being decoded; rows that a filter,
-//! de-identification, `_elements` or a deletion mark must change are read row by row.
+//! reserve the file's number, commit the file if the lease still holds, then checkpoint. Pages
+//! come from `COPY … TO STDOUT`: rows that go out as stored are written as their bytes came;
+//! rows that a filter, de-identification, `_elements` or a deletion mark must change are
+//! rendered one by one.
 //! A retried task resumes at its checkpoint and rewrites the same file names with the same
 //! content, so a crash at any instant yields neither duplicates nor gaps.
 
@@ -13,7 +14,6 @@ use std::{borrow::Cow, collections::BTreeSet, sync::Arc};
 
 use futures::TryStreamExt;
 use serde_json::Value;
-use sqlx::{Row, postgres::PgRow};
 use tokio_util::sync::CancellationToken;
 
 use super::{Context, Ended, TaskError, lease::Lease, part, plan, read_source::PageSource};
@@ -21,7 +21,7 @@ use crate::{
     db::{
         copy_out::{self, CopyRows},
         jobs::{Job, JobSpec},
-        snapshot::{self, PatientFilter, Position, Rows, Selection},
+        snapshot::{PatientFilter, Position, Rows, Selection},
         tasks::{Checkpoint, HeldTask, Task, TaskKind},
     },
     deid::{Deidentifier, Scope},
@@ -79,12 +79,15 @@ impl part::PartByPart for ExportParts<'_> {
                 version_id: held.task.checkpoint_version,
             }
         };
-        let (context, job, output) = (self.context, self.job, &self.output);
-        if output.streams_stored_text() {
-            copy_part(context, job, held, output, &mut self.pages, after).await
-        } else {
-            write_part(context, job, held, output, &mut self.pages, after).await
-        }
+        write_part(
+            self.context,
+            self.job,
+            held,
+            &self.output,
+            &mut self.pages,
+            after,
+        )
+        .await
     }
 }
 
@@ -176,72 +179,6 @@ impl Output<'_> {
     }
 }
 
-/// Writes the task's next part from `COPY … TO STDOUT (FORMAT binary)`: the stored text goes
-/// straight into the file. `false`: nothing was left.
-async fn copy_part(
-    context: &Context,
-    job: &Job,
-    held: &mut HeldTask,
-    output: &Output<'_>,
-    pages: &mut PageSource<'_>,
-    after: Position,
-) -> Result<bool, TaskError> {
-    let started = std::time::Instant::now();
-    let mut conn = pages.connection(held).await?;
-    let copied = copy_rows_into_part(context, job, held, output, after, &mut conn).await;
-    let (file, last) = match copied {
-        Ok(copied) => copied,
-        Err(e) => {
-            // It may have stopped in the middle of the COPY: never reuse that connection.
-            conn.close_on_drop();
-            return Err(e);
-        }
-    };
-    drop(conn);
-    commit(held, file.zip(last), started).await
-}
-
-/// Reads one page's COPY to its end, writing rows into a part until it holds `part_size` rows
-/// or reaching `part_max_bytes` would be next; returns the part and its last row.
-async fn copy_rows_into_part(
-    context: &Context,
-    job: &Job,
-    held: &HeldTask,
-    output: &Output<'_>,
-    after: Position,
-    conn: &mut sqlx::PgConnection,
-) -> Result<(Option<part::OpenPart>, Option<Position>), TaskError> {
-    let limit = i64::from(job.spec.part_size);
-    let max_bytes = job.spec.part_max_bytes as u64;
-    let seq = held.task.parts_done;
-    let mut stream = copy_out::snapshot_page(conn, &output.selection, after, limit).await?;
-    let (mut parser, mut rows) = (CopyRows::default(), Vec::new());
-    let (mut file, mut last): (Option<part::OpenPart>, Option<Position>) = (None, None);
-    let mut full = false;
-    while let Some(chunk) = stream.try_next().await? {
-        if full {
-            continue; // the rest of the page is the next part's: read it to the end unused
-        }
-        parser.push(chunk, &mut rows)?;
-        for row in rows.drain(..) {
-            let part = match &mut file {
-                Some(part) if part.bytes + row.body.len() as u64 + 1 > max_bytes => {
-                    full = true;
-                    break;
-                }
-                Some(part) => part,
-                None => file.insert(part::open(context, job, held, &output.file_kind, seq).await?),
-            };
-            part.write_line(&row.body).await?;
-            last = Some(row.position);
-        }
-    }
-    if !(full || parser.ended()) {
-        return Err(TaskError::failed("the COPY of a page ended early"));
-    }
-    Ok((file, last))
-}
-
 /// Writes the task's next part: up to `part_size` lines (and `part_max_bytes`) from the rows
 /// after `after`, then checkpoints it. `false`: nothing was left. A filter may skip rows, so
 /// this reads page after page until the part is full or the range ends; the file is created at
@@ -255,48 +192,141 @@ async fn write_part(
     after: Position,
 ) -> Result<bool, TaskError> {
     let started = std::time::Instant::now();
-    let limit = i64::from(job.spec.part_size);
-    let max_bytes = job.spec.part_max_bytes as u64;
-    let seq = held.task.parts_done;
-    let mut file: Option<part::OpenPart> = None;
-    let mut last_written = None;
+    let mut part = PartInProgress {
+        file: None,
+        last: None,
+    };
     let mut page_after = after;
-    'pages: loop {
-        // Page reads have a pool of their own: the queue statements below never wait for a
-        // connection from the pool this one came from.
+    loop {
+        // Page reads have a pool of their own: the queue statements of a commit never wait for
+        // a connection from the pool this one came from.
         let mut conn = pages.connection(held).await?;
-        let mut rows = snapshot::snapshot_page(&mut conn, &output.selection, page_after, limit);
-        let mut scanned = 0;
-        while let Some(row) = rows.try_next().await? {
-            scanned += 1;
-            let position = Position {
-                seq: row.try_get("seq")?,
-                version_id: row.try_get("version_id")?,
-            };
-            page_after = position;
-            let Some(line) = render(output, &row)? else {
-                continue;
-            };
-            let part = match &mut file {
-                Some(part) => part,
-                None => file.insert(part::open(context, job, held, &output.file_kind, seq).await?),
-            };
-            let line = finish_line(output, line, &part.name, &job.spec.folder)?;
-            // One resource always fits; past that the byte cap ends the part early.
-            if part.lines > 0 && part.bytes + line.len() as u64 + 1 > max_bytes {
-                break 'pages;
+        let read =
+            copy_page_into_part(context, job, held, output, &mut conn, page_after, &mut part);
+        match read.await {
+            Err(e) => {
+                // It may have stopped in the middle of the COPY: never reuse that connection.
+                conn.close_on_drop();
+                return Err(e);
             }
-            part.write_line(line.as_bytes()).await?;
-            last_written = Some(position);
-            if i64::from(part.lines) == limit {
-                break 'pages;
-            }
-        }
-        if scanned < limit {
-            break; // the range is exhausted
+            Ok(PageRead::PartFull) => break,
+            Ok(PageRead::Scanned { rows, last }) => match last {
+                Some(last) if rows == i64::from(job.spec.part_size) => page_after = last,
+                _ => break, // the range is exhausted
+            },
         }
     }
-    commit(held, file.zip(last_written), started).await
+    commit(held, part.file.zip(part.last), started).await
+}
+
+/// The part being written and its last row.
+struct PartInProgress {
+    file: Option<part::OpenPart>,
+    last: Option<Position>,
+}
+
+/// How a page ended: the part filled (the rest of the page is the next part's), or every row
+/// of the page was read (how many, and the last).
+enum PageRead {
+    PartFull,
+    Scanned { rows: i64, last: Option<Position> },
+}
+
+/// Reads one page through `COPY … TO STDOUT (FORMAT binary)` to its end, writing its rows into
+/// the part until it holds `part_size` rows or reaching `part_max_bytes` would be next. Rows
+/// that go out as stored are written as their bytes came, never decoded.
+async fn copy_page_into_part(
+    context: &Context,
+    job: &Job,
+    held: &HeldTask,
+    output: &Output<'_>,
+    conn: &mut sqlx::PgConnection,
+    after: Position,
+    part: &mut PartInProgress,
+) -> Result<PageRead, TaskError> {
+    let limit = i64::from(job.spec.part_size);
+    let mut stream = copy_out::snapshot_page(conn, &output.selection, after, limit).await?;
+    let (mut parser, mut rows) = (CopyRows::default(), Vec::new());
+    let (mut scanned, mut last_scanned, mut full) = (0, None, false);
+    while let Some(chunk) = stream.try_next().await? {
+        if full {
+            continue; // read to the end unused
+        }
+        parser.push(chunk, &mut rows)?;
+        for row in rows.drain(..) {
+            scanned += 1;
+            last_scanned = Some(row.position);
+            let taken = if output.streams_stored_text() {
+                take_line(context, job, held, output, part, &row.text).await?
+            } else {
+                let text = std::str::from_utf8(&row.text)
+                    .map_err(|_| TaskError::failed("a stored resource is not UTF-8"))?;
+                let Some(line) = render(output, text)? else {
+                    continue;
+                };
+                let file = open_part(context, job, held, output, part).await?;
+                let line = finish_line(output, line, &file.name, &job.spec.folder)?;
+                take_line(context, job, held, output, part, line.as_bytes()).await?
+            };
+            if !taken {
+                full = true;
+                break;
+            }
+            part.last = Some(row.position);
+            if part
+                .file
+                .as_ref()
+                .is_some_and(|f| i64::from(f.lines) == limit)
+            {
+                full = true;
+                break;
+            }
+        }
+    }
+    if !(full || parser.ended()) {
+        return Err(TaskError::failed("the COPY of a page ended early"));
+    }
+    Ok(if full {
+        PageRead::PartFull
+    } else {
+        PageRead::Scanned {
+            rows: scanned,
+            last: last_scanned,
+        }
+    })
+}
+
+/// The part's file, created at its first line.
+async fn open_part<'p>(
+    context: &Context,
+    job: &Job,
+    held: &HeldTask,
+    output: &Output<'_>,
+    part: &'p mut PartInProgress,
+) -> Result<&'p mut part::OpenPart, TaskError> {
+    if part.file.is_none() {
+        let seq = held.task.parts_done;
+        part.file = Some(part::open(context, job, held, &output.file_kind, seq).await?);
+    }
+    Ok(part.file.as_mut().expect("opened above"))
+}
+
+/// Writes `line` into the part unless it would take the part past `part_max_bytes` (one line
+/// always fits); whether it was written.
+async fn take_line(
+    context: &Context,
+    job: &Job,
+    held: &HeldTask,
+    output: &Output<'_>,
+    part: &mut PartInProgress,
+    line: &[u8],
+) -> Result<bool, TaskError> {
+    let file = open_part(context, job, held, output, part).await?;
+    if file.lines > 0 && file.bytes + line.len() as u64 + 1 > job.spec.part_max_bytes as u64 {
+        return Ok(false);
+    }
+    file.write_line(line).await?;
+    Ok(true)
 }
 
 /// Commits a part that got lines (with its last row), and moves the checkpoint past it.
@@ -321,26 +351,23 @@ async fn commit(
     Ok(true)
 }
 
-/// The line a row becomes, or None when `_typeFilter` leaves it out (the filter sees the
-/// stored resource). Stored text streams out untouched unless a filter, a deletion mark,
-/// de-identification or `_elements` needs the resource parsed.
-fn render<'r>(output: &Output, row: &'r PgRow) -> Result<Option<Cow<'r, str>>, TaskError> {
+/// The line a row's text becomes (a deletion's text is the deleted resource's id), or None
+/// when `_typeFilter` leaves it out (the filter sees the stored resource).
+fn render<'r>(output: &Output, text: &'r str) -> Result<Option<Cow<'r, str>>, TaskError> {
     let selection = &output.selection;
     if selection.rows == Rows::Deleted {
-        let id: &str = row.try_get("id")?;
         return Ok(Some(Cow::Owned(bulk::deletion_bundle(
             selection.resource_type,
-            id,
+            text,
         ))));
     }
-    let stored: &str = row.try_get("body")?;
     if let Some(filter) = &output.filter {
-        let resource: Value = serde_json::from_str(stored)?;
+        let resource: Value = serde_json::from_str(text)?;
         if !filter.matches(&resource) {
             return Ok(None);
         }
     }
-    let mut line = Cow::Borrowed(stored);
+    let mut line = Cow::Borrowed(text);
     if selection.rows == Rows::LastState {
         line = Cow::Owned(bulk::mark_deleted(&line)?);
     }
