@@ -532,3 +532,30 @@ fn recent_hashes_are_the_hashes_and_stay_few_and_short() {
     assert!(kept.len() <= 4096, "{} kept", kept.len());
     assert!(kept.keys().all(|k| k.len() <= 128));
 }
+
+#[test]
+fn dates_of_people_over_89_go_whole_from_their_90th_birthday_on() {
+    use chrono::Datelike;
+    let today = chrono::Utc::now().date_naive();
+    if today.month() == 2 && today.day() == 29 {
+        return; // 90 years ago has no such day
+    }
+    let born = |years: i32, days: i64| {
+        let birthday = today
+            .with_year(today.year() - years)
+            .expect("not 29 February");
+        (birthday + chrono::Duration::days(days))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    // 90 today, 90 yesterday: over 89. 90 tomorrow, 89: not.
+    for (date, over) in [
+        (born(90, 0), true),
+        (born(90, -1), true),
+        (born(90, 1), false),
+        (born(89, 0), false),
+    ] {
+        let redacted = methods::redacted_date(&date, true, false);
+        assert_eq!(redacted.is_none(), over, "{date}");
+    }
+}

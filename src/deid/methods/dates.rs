@@ -1,4 +1,12 @@
-//! The tool's date shift and its time-of-day pattern, worked out without its per-call costs.
+//! The tool's date shift and its time-of-day pattern, and the Safe Harbor age cut-off, worked
+//! out without their per-call costs.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use chrono::Datelike;
 
 /// The tool's date shift of `prefix` + `key`, a number of days in [-50, 50]: a hash of the
 /// prefix and the key, byte by byte, modulo 101. The key's part is worked out once for every
@@ -68,4 +76,33 @@ pub fn time_prefix(rest: &str) -> Option<&str> {
         _ => return None,
     }
     Some(&rest[..i])
+}
+
+/// Today 90 years ago (UTC) as (year, month, day): whoever was born on or before it is over 89.
+/// Asked for every date the rules touch, so it is worked out once a day.
+pub fn ninety_years_ago() -> (i32, u32, u32) {
+    // The day since the epoch (plus one, so that 0 is none yet) over the packed date.
+    static CACHED: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let day = now / 86_400 + 1;
+    let cached = CACHED.load(Ordering::Relaxed);
+    let packed = if cached >> 32 == day {
+        cached & u64::from(u32::MAX)
+    } else {
+        let today = chrono::DateTime::from_timestamp(i64::try_from(now).unwrap_or(0), 0)
+            .unwrap_or_default()
+            .date_naive();
+        let year = u64::try_from(today.year() - 90).unwrap_or(0);
+        let packed = year << 9 | u64::from(today.month()) << 5 | u64::from(today.day());
+        CACHED.store(day << 32 | packed, Ordering::Relaxed);
+        packed
+    };
+    let field = |shift: u32, bits: u64| u32::try_from(packed >> shift & bits).unwrap_or(0);
+    (
+        i32::try_from(packed >> 9).unwrap_or(0),
+        field(5, 15),
+        field(0, 31),
+    )
 }

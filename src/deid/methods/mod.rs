@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use aws_lc_rs::{cipher, hmac};
 use base64::Engine as _;
-use chrono::{Datelike, Duration, NaiveDate, Utc};
+use chrono::{Datelike, Duration, NaiveDate};
 use regex::Regex;
 use serde_json::Value;
 
@@ -134,10 +134,8 @@ fn date_parts(value: &str, with_time: bool) -> Option<DateParts> {
 
 /// Would a person born on this date be over 89 today (HIPAA Safe Harbor)?
 fn over_age_threshold(parts: &DateParts) -> bool {
-    let today = Utc::now().date_naive();
-    let (month, day) = (parts.month.unwrap_or(1), parts.day.unwrap_or(1));
-    let before_birthday = today.month() < month || (today.month() == month && today.day() < day);
-    today.year() - parts.year - i32::from(before_birthday) > AGE_THRESHOLD
+    let born = (parts.year, parts.month.unwrap_or(1), parts.day.unwrap_or(1));
+    born <= dates::ninety_years_ago()
 }
 
 pub fn redact_date(tree: &mut Tree, id: NodeId, partial: bool, with_time: bool) -> Operations {
