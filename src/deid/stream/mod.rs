@@ -8,7 +8,7 @@
 //! `meta` that has some) returns `Fallback`, and the tree engine takes the resource: the
 //! bytes out are the same either way.
 
-use std::cell::OnceCell;
+use std::{borrow::Cow, cell::OnceCell};
 
 use smallvec::SmallVec;
 
@@ -351,7 +351,7 @@ impl<'a> Pass<'a> {
             let Scalar::Str { raw, escaped } = scalar else {
                 return Err(Fallback);
             };
-            let before = unescape(raw, escaped)?;
+            let before = unescape(raw, escaped)?.into_owned();
             let after = match &changed {
                 Some(new) => new.clone().unwrap_or_default(),
                 None => before.clone(),
@@ -431,7 +431,8 @@ impl<'a> Pass<'a> {
                     let bits = u64::from_be_bytes(draw[..8].try_into().expect("a 32-byte HMAC"));
                     (bits >> 11) as f64 / (1u64 << 53) as f64
                 };
-                let new = methods::perturbed(ty, value, how, uniform).map_err(|_| Fallback)?;
+                let new = methods::perturbed(ty, value.into_owned(), how, uniform)
+                    .map_err(|_| Fallback)?;
                 (Some(new), Operations::of(Operation::Perturb))
             }
             _ => return Ok(None),
@@ -582,11 +583,11 @@ impl<'a> Pass<'a> {
 }
 
 /// The text methods work on (empty strings are none), as the tree engine's `methods::text`.
-fn text(scalar: &Scalar) -> Step<Option<String>> {
-    Ok(match scalar {
+fn text<'a>(scalar: &Scalar<'a>) -> Step<Option<Cow<'a, str>>> {
+    Ok(match *scalar {
         Scalar::Str { raw: "", .. } => None,
-        Scalar::Str { raw, escaped } => Some(unescape(raw, *escaped)?),
-        Scalar::Number(n) => Some((*n).to_string()),
-        Scalar::Bool(b) => Some(methods::bool_text(*b).to_string()),
+        Scalar::Str { raw, escaped } => Some(unescape(raw, escaped)?),
+        Scalar::Number(n) => Some(Cow::Borrowed(n)),
+        Scalar::Bool(b) => Some(Cow::Borrowed(methods::bool_text(b))),
     })
 }

@@ -1,6 +1,8 @@
 //! Reading JSON for the single pass: bytes scanned in place, strings borrowed from the line
 //! (unescaped only where they have escapes), anything unusual a `Fallback`.
 
+use std::borrow::Cow;
+
 use super::{Fallback, Pass, Step};
 use crate::fhir::r4::RESOURCE_TYPES;
 
@@ -138,9 +140,11 @@ impl<'a> Pass<'a> {
     }
 }
 
-pub fn unescape(raw: &str, escaped: bool) -> Step<String> {
+pub fn unescape(raw: &str, escaped: bool) -> Step<Cow<'_, str>> {
     if !escaped {
-        return Ok(raw.to_string());
+        return Ok(Cow::Borrowed(raw));
     }
-    serde_json::from_str(&format!("\"{raw}\"")).map_err(|_| Fallback)
+    serde_json::from_str(&format!("\"{raw}\""))
+        .map(Cow::Owned)
+        .map_err(|_| Fallback)
 }
