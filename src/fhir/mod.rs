@@ -20,18 +20,23 @@ mod table_types;
 pub mod type_filter;
 pub mod validate;
 
-/// Is `name` an R4 resource type? (Asked for every reference de-identification hashes: most
-/// steps of the search are decided by the first byte, without a call to compare the rest.)
+/// Is `name` an R4 resource type? (Asked for every reference de-identification hashes.)
 pub fn is_resource_type(name: &str) -> bool {
-    let Some(&first) = name.as_bytes().first() else {
-        return false;
-    };
-    r4::RESOURCE_TYPES
-        .binary_search_by(|t| {
-            let t = t.as_bytes();
-            t[0].cmp(&first).then_with(|| t.cmp(name.as_bytes()))
+    search_sorted(r4::RESOURCE_TYPES, name, |t| t).is_some()
+}
+
+/// Where `key` is among `items`, sorted by `key_of`. Most steps of the search are decided by
+/// the first byte, without a call to compare the rest (which orders the same way: a different
+/// first byte decides it). The R4 tables are searched so for every JSON key and reference.
+pub fn search_sorted<T>(items: &[T], key: &str, key_of: impl Fn(&T) -> &str) -> Option<usize> {
+    let key = key.as_bytes();
+    let first = *key.first()?;
+    items
+        .binary_search_by(|item| {
+            let item = key_of(item).as_bytes();
+            item.first().cmp(&Some(&first)).then_with(|| item.cmp(key))
         })
-        .is_ok()
+        .ok()
 }
 
 /// Why request parameters (a kick-off's, a `_typeFilter` query's) are refused.

@@ -26,17 +26,7 @@ pub fn element(type_key: &str, key: &str) -> Option<&'static ElementType> {
 
 /// The element under `key` among a type's `elements` (see `elements_of`).
 pub fn find(elements: &'static [ElementType], key: &str) -> Option<&'static ElementType> {
-    let key = key.as_bytes();
-    let first = *key.first()?;
-    // Most steps of the search are decided by the first byte, without a call to compare the
-    // rest (which is the same order: a different first byte decides it).
-    let i = elements
-        .binary_search_by(|e| {
-            let e = e.key.as_bytes();
-            e.first().cmp(&Some(&first)).then_with(|| e.cmp(key))
-        })
-        .ok()?;
-    Some(&elements[i])
+    super::search_sorted(elements, key, |e| e.key).map(|i| &elements[i])
 }
 
 /// The elements of `type_key`, to look several keys up in.

@@ -248,6 +248,7 @@ async fn copy_page_into_part(
     let mut stream = copy_out::snapshot_page(conn, &output.selection, after, limit).await?;
     let (mut parser, mut rows) = (CopyRows::default(), Vec::new());
     let (mut scanned, mut last_scanned, mut full) = (0, None, false);
+    let as_stored = output.streams_stored_text();
     while let Some(chunk) = stream.try_next().await? {
         if full {
             continue; // read to the end unused
@@ -256,7 +257,7 @@ async fn copy_page_into_part(
         for row in rows.drain(..) {
             scanned += 1;
             last_scanned = Some(row.position);
-            let taken = if output.streams_stored_text() {
+            let taken = if as_stored {
                 take_line(context, job, held, output, part, &row.text).await?
             } else {
                 let text = std::str::from_utf8(&row.text)

@@ -609,9 +609,6 @@ async fn an_incremental_de_identified_export_lists_deletions_by_their_de_identif
     );
 }
 
-/// A configuration written after the kinds of rules of the tool's published sample that empty
-/// required elements: codes and texts of codings redacted, reference displays redacted and
-/// references hashed, values and dates of events redacted, extensions redacted.
 /// R4's con-4 on a Condition line: an abatement needs a clinical status of resolved,
 /// remission or inactive (from the condition-clinical system).
 fn breaks_con4(line: &str) -> Option<String> {
@@ -631,6 +628,9 @@ fn breaks_con4(line: &str) -> Option<String> {
     (r["resourceType"] == "Condition" && abated && !allowed).then(|| format!("con-4: {line}"))
 }
 
+/// A configuration written after the kinds of rules of the tool's published sample that empty
+/// required elements: codes and texts of codings redacted, reference displays redacted and
+/// references hashed, values and dates of events redacted, extensions redacted.
 fn emptying_config(tool_output: bool) -> Value {
     json!({
         "fhirVersion": "R4",

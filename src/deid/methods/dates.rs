@@ -78,8 +78,8 @@ pub fn time_prefix(rest: &str) -> Option<&str> {
     Some(&rest[..i])
 }
 
-/// Today 90 years ago (UTC) as (year, month, day): whoever was born on or before it is over 89.
-/// Asked for every date the rules touch, so it is worked out once a day.
+/// Today 90 years ago (UTC) as (year, month, day): whoever was born on or before it is over
+/// `AGE_THRESHOLD` (89). Asked for every date the rules touch, so it is worked out once a day.
 pub fn ninety_years_ago() -> (i32, u32, u32) {
     // The day since the epoch (plus one, so that 0 is none yet) over the packed date.
     static CACHED: AtomicU64 = AtomicU64::new(0);
@@ -94,7 +94,7 @@ pub fn ninety_years_ago() -> (i32, u32, u32) {
         let today = chrono::DateTime::from_timestamp(i64::try_from(now).unwrap_or(0), 0)
             .unwrap_or_default()
             .date_naive();
-        let year = u64::try_from(today.year() - 90).unwrap_or(0);
+        let year = u64::try_from(today.year() - (super::AGE_THRESHOLD + 1)).unwrap_or(0);
         let packed = year << 9 | u64::from(today.month()) << 5 | u64::from(today.day());
         CACHED.store(day << 32 | packed, Ordering::Relaxed);
         packed
